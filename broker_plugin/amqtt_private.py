@@ -1,0 +1,163 @@
+"""Every use of amqtt 0.12 internals, in one place, each checked by tests/test_amqtt_private.py.
+
+- `broker_of`: the Broker behind a plugin context (to find sibling plugins and sessions).
+- `harden`: defends against three amqtt bugs (DESIGN.md): a CONNECT with a wrong password
+  wiping the real client's session, a second CONNECT with the same client id leaving the
+  first connection open, and keep-alive never being enforced.
+- `SessionDelivery`: publishes straight to one device's session, instead of
+  `broadcast_message`, whose cost grows with every subscription filter on the broker.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+from amqtt.utils import gen_client_id
+
+from otacore.credentials import DeviceId, parse_username
+from otacore.topics import filters_matching
+
+log = logging.getLogger("ota.broker")
+_HARDENED = "_ota_hardened"
+
+
+class AmqttInternalsChanged(RuntimeError):
+    """amqtt moved a private detail we rely on; pin amqtt to 0.12.x or update this module."""
+
+
+def broker_of(context: Any) -> Broker:
+    broker = getattr(context, "_broker_instance", None)
+    if not isinstance(broker, Broker):
+        raise AmqttInternalsChanged("BrokerContext._broker_instance is gone; this amqtt is not 0.12.x")
+    return broker
+
+
+def check_internals(broker: Broker) -> None:
+    """Fail loudly at start, not quietly under load, when amqtt's internals moved."""
+    # plugins_manager is not set yet while plugins are built; it is looked up at call time.
+    needed = ("_sessions", "_subscriptions", "_authenticate", "_delete_session", "_initialize_client_session",
+              "config")
+    missing = [name for name in needed if not hasattr(broker, name)]
+    if missing or not hasattr(BrokerProtocolHandler, "init_from_connect") \
+            or not hasattr(BrokerProtocolHandler, "handle_read_timeout"):
+        raise AmqttInternalsChanged(f"amqtt Broker lacks {missing or 'handler hooks'}; pin amqtt to 0.12.x")
+
+
+def session_device(session: Session | None) -> DeviceId | None:
+    """The device a connected session authenticated as (its username is `{dn}&{pk}`)."""
+    return parse_username(session.username) if session is not None else None
+
+
+def harden(broker: Broker) -> None:
+    """Replace the broker's CONNECT handling with one that authenticates first (idempotent)."""
+    if getattr(broker, _HARDENED, False):
+        return
+    check_internals(broker)
+    broker._initialize_client_session = _hardened_initializer(broker)  # type: ignore[method-assign]
+    setattr(broker, _HARDENED, True)
+
+
+def _hardened_initializer(broker: Broker) -> Any:
+    async def initialize(reader: Any, writer: Any, remote_address: str, remote_port: int) -> tuple[Any, Session]:
+        try:
+            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, broker.plugins_manager)
+        except (AMQTTError, NoDataError) as exc:
+            raise AMQTTError(exc) from exc
+        except MQTTError as exc:
+            await writer.close()
+            raise
+        if session.clean_session and not session.client_id:
+            session.client_id = gen_client_id()
+        # Bug (1): amqtt resolves (and may wipe) the stored session for this client id
+        # before authenticating; we refuse bad credentials before touching anything.
+        if not await broker._authenticate(session, None):
+            log.warning("refused CONNECT from %s:%s (client id %r, username %r): not authorized",
+                        remote_address, remote_port, session.client_id, session.username)
+            await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
+            await writer.close()
+            raise AMQTTError("not authorized")
+        existing = broker._sessions.get(session.client_id)
+        if existing is not None and existing[0].transitions.is_connected():
+            # Bug (2): a second CONNECT with the same client id must close the first.
+            log.info("client id %r connected again; closing its previous connection", session.client_id)
+            await existing[1].handle_connection_closed()
+            await existing[1].stop()
+        if session.clean_session:
+            await broker._delete_session(session.client_id)
+            session.parent = 0
+        elif existing is not None:
+            stored = existing[0]
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username", "password"):
+                setattr(stored, name, getattr(session, name))
+            session, session.parent = stored, 1
+        else:
+            session.parent = 0
+        if session.keep_alive > 0:
+            # Bug (3): amqtt never closes a silent client. MQTT allows 1.5x keep-alive.
+            delay = broker.config.get("timeout-disconnect-delay", 0)
+            session.keep_alive = math.ceil(session.keep_alive * 1.5) + (delay if isinstance(delay, int) else 0)
+            handler.handle_read_timeout = lambda: _expire(handler, session)
+        return handler, session
+
+    return initialize
+
+
+def _expire(handler: BrokerProtocolHandler, session: Session) -> None:
+    log.info("client %r sent nothing for %ss; closing it (keep-alive)", session.client_id, session.keep_alive)
+    # handle_connection_closed ends the client loop as an abnormal disconnect: the will fires.
+    asyncio.ensure_future(handler.handle_connection_closed())
+
+
+class SessionDelivery:
+    """Publishes to one device's live session, honouring its subscriptions and their QoS."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._client_ids: dict[DeviceId, str] = {}
+        self._in_flight: set[asyncio.Task[Any]] = set()
+
+    def remember(self, device: DeviceId, client_id: str) -> None:
+        self._client_ids[device] = client_id
+
+    def live_session(self, device: DeviceId) -> tuple[Session, Any] | None:
+        client_id = self._client_ids.get(device)
+        entry = self._broker._sessions.get(client_id) if client_id is not None else None
+        if entry is None or entry[0].transitions.state != "connected" or session_device(entry[0]) != device:
+            return None
+        return entry
+
+    def subscribed_qos(self, session: Session, device: DeviceId, topic: str) -> int | None:
+        best = None
+        subscriptions = self._broker._subscriptions
+        for topic_filter in filters_matching(device, topic):
+            for subscriber, qos in subscriptions.get(topic_filter, ()):
+                if subscriber.client_id == session.client_id:
+                    best = qos if best is None else max(best, qos)
+        return best
+
+    async def send(self, device: DeviceId, topic: str, payload: bytes, qos: int) -> bool:
+        entry = self.live_session(device)
+        if entry is None:
+            return False
+        session, handler = entry
+        sub_qos = self.subscribed_qos(session, device, topic)
+        if sub_qos is None:
+            return False
+        # Not awaited: a QoS 1 publish waits for the PUBACK, and one slow device must not
+        # hold up the engine. The task is kept so it is not garbage-collected mid-flight.
+        task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, min(qos, sub_qos), retain=False))
+        self._in_flight.add(task)
+        task.add_done_callback(self._finished)
+        return True
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("delivery failed: %r", task.exception())

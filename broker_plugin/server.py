@@ -1,0 +1,135 @@
+"""`ota-server`: runs the amqtt broker with the OTA plugins from broker.yaml (CONFIG.md).
+
+A thin wrapper: it reads broker.yaml, applies the command-line overrides, checks the OTA
+settings and the catalog (a bad config is a one-line exit), and starts amqtt's Broker.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from otacore.catalog import load_catalog
+from otacore.config_files import BrokerConfigFile, read_broker_config
+from otacore.errors import ConfigError
+from otacore.settings import PLUGIN_PATH, split_host_port
+
+log = logging.getLogger("ota.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ota-server", description="OTA server: amqtt broker + OTA plugin + HTTP file server, in one process.")
+    parser.add_argument("--config", default="config/broker.yaml", help="broker.yaml (default: %(default)s)")
+    parser.add_argument("--mqtt-bind", metavar="HOST:PORT", help="MQTT listener address (overrides listeners.default.bind)")
+    parser.add_argument("--http-bind", metavar="HOST:PORT", help="file server address (overrides http.bind)")
+    parser.add_argument("--public-url", metavar="URL", help="base of download URLs in pushes (overrides http.public_url)")
+    parser.add_argument("--catalog", metavar="PATH", help="catalog file (overrides catalog)")
+    parser.add_argument("--data-dir", metavar="DIR", help="SQLite, diffs and secrets folder (overrides data_dir)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def apply_overrides(config: BrokerConfigFile, args: argparse.Namespace) -> dict[str, Any]:
+    """The amqtt config dict with flags applied and the OTA plugin's paths made absolute."""
+    broker = config.broker_dict()
+    options = config.plugin_options(broker)
+    if args.mqtt_bind:
+        split_host_port(args.mqtt_bind)
+        listeners = broker.setdefault("listeners", {})
+        listeners.setdefault("default", {"type": "tcp"})["bind"] = args.mqtt_bind
+    http = dict(options.get("http") or {})
+    if args.http_bind:
+        split_host_port(args.http_bind)
+        http["bind"] = args.http_bind
+    if args.public_url:
+        http["public_url"] = args.public_url
+    if http:
+        options["http"] = http
+    if args.catalog:
+        options["catalog"] = str(Path(args.catalog).resolve())
+    if args.data_dir:
+        options["data_dir"] = str(Path(args.data_dir).resolve())
+    options["base_dir"] = str(config.path.parent)
+    return broker
+
+
+async def serve(broker_config: dict[str, Any]) -> int:
+    from amqtt.broker import Broker  # imported late so `--help` and config errors stay fast
+
+    from .ota import OtaPlugin
+
+    from amqtt.errors import PluginError, PluginLoadError
+
+    try:
+        broker = Broker(broker_config)
+    except (PluginError, PluginLoadError, ValueError, TypeError) as exc:
+        cause = exc.__cause__ or exc
+        print(f"ota-server: cannot build the broker from its config: {cause}", file=sys.stderr)
+        return 1
+    plugin = broker.plugins_manager.get_plugin("OtaPlugin")
+    if not isinstance(plugin, OtaPlugin):
+        print(f"ota-server: {PLUGIN_PATH} is not in broker.yaml plugins; add it", file=sys.stderr)
+        return 2
+    await broker.start()
+    runtime = plugin.runtime
+    if runtime.startup_error is not None:
+        await broker.shutdown()
+        error = runtime.startup_error
+        message = error.one_line() if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
+        print(f"ota-server: {message}", file=sys.stderr)
+        return 1
+    for name, listener in broker.listeners_config.items():
+        if "bind" in listener:
+            log.info("MQTT listener %r on %s", name, listener["bind"])
+    log.info("ready; admin token in %s (or admin.token in broker.yaml)", runtime.settings.data_dir / "admin-token")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(runtime)))
+    await stop.wait()
+    log.info("shutting down")
+    await broker.shutdown()
+    return 0
+
+
+async def _reload(runtime: Any) -> None:
+    try:
+        loaded = await runtime.engine.reload()
+        log.info("SIGHUP: catalog reloaded (%d batches)", len(loaded.catalog.batches))
+    except ConfigError as exc:
+        log.error("SIGHUP: reload refused, nothing changed: %s", exc.one_line())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("amqtt", "transitions"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if args.log_level != "DEBUG" else logging.DEBUG)
+    try:
+        config = read_broker_config(Path(args.config))
+        broker_config = apply_overrides(config, args)
+        settings = config.settings(broker_config)
+        load_catalog(settings.catalog_path, settings)
+    except ConfigError as exc:
+        print(f"ota-server: {exc.one_line()}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"ota-server: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(broker_config))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        print(f"ota-server: cannot listen: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""aiohttp sidecar: package downloads, the SagooIoT-style device HTTP API, the admin API."""

@@ -1,0 +1,265 @@
+"""The HTTP side of the OTA server: translates requests into engine calls (PROTOCOL.md 4-5)."""
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict
+
+from otacore.codec import PayloadError, decode_json, parse_step
+from otacore.catalog import DEFAULT_MODULE
+from otacore.credentials import DeviceId, check_http_login
+from otacore.engine import OtaEngine, Refused
+from otacore.errors import ConfigError
+from otacore.signed_urls import UrlRejected
+from otacore.status import batch_devices, batch_summaries
+
+log = logging.getLogger("ota.http")
+
+ENGINE = web.AppKey("engine", OtaEngine)
+ADMIN_TOKEN = web.AppKey("admin_token", str)
+MAX_DEVICE_BODY = 64 * 1024
+
+
+def create_app(engine: OtaEngine, admin_token: str) -> web.Application:
+    app = web.Application(client_max_size=MAX_DEVICE_BODY)
+    app[ENGINE], app[ADMIN_TOKEN] = engine, admin_token
+    app.router.add_route("GET", "/files/{key}/{name}", download)  # GET also answers HEAD
+    app.router.add_get("/base-api/api/v1/get_ota_info", get_ota_info)
+    app.router.add_post("/base-api/api/v1/write_ota_info", write_ota_info)
+    app.router.add_get("/admin/api/status", admin_status)
+    app.router.add_get("/admin/api/batches/{name}", admin_batch)
+    app.router.add_get("/admin/api/jobs/{job_id}", admin_job)
+    app.router.add_post("/admin/api/reload", admin_reload)
+    app.router.add_get("/healthz", healthz)
+    app.on_response_prepare.append(_set_package_etag)
+    return app
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"code": status, "message": message}, status=status)
+
+
+def _is_admin(request: web.Request) -> bool:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                             request.app[ADMIN_TOKEN].encode())
+
+
+# -- downloads --------------------------------------------------------------------------
+class PackageResponse(web.FileResponse):
+    """A FileResponse whose ETag is the file's SHA-256 (strong), not aiohttp's mtime-size tag,
+    that answers the request as rewritten by `download` and reports the bytes it sent."""
+
+    def __init__(self, path: Any, etag: str, rewritten: web.Request,
+                 on_sent: Callable[[int], Awaitable[None]] | None, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.package_etag = etag
+        self._rewritten, self._on_sent = rewritten, on_sent
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        writer = await super().prepare(self._rewritten)  # FileResponse sends the body here
+        if self._on_sent is not None and request.method == "GET" and self.status in (200, 206):
+            await self._on_sent(self.content_length or 0)
+        return writer
+
+
+async def _set_package_etag(request: web.Request, response: web.StreamResponse) -> None:
+    if isinstance(response, PackageResponse) and response.status in (200, 206, 304):
+        response.headers["ETag"] = response.package_etag
+
+
+def _etag_matches(header: str, etag: str, *, weak: bool) -> bool:
+    for candidate in (part.strip() for part in header.split(",")):
+        if candidate == "*":
+            return True
+        if candidate.startswith("W/"):
+            if weak and candidate[2:] == etag:
+                return True
+        elif candidate == etag:
+            return True
+    return False
+
+
+async def download(request: web.Request) -> web.StreamResponse:
+    """GET/HEAD a package file: signed URL (or admin token), Range, If-Range, offset/length."""
+    engine = request.app[ENGINE]
+    key = request.match_info["key"]
+    job_id = None
+    if _is_admin(request):
+        file = engine.files.by_key(key) if engine.files else None
+        if file is None:
+            return _error(404, f"no package file {key!r}")
+    else:
+        try:
+            device, job_id = engine.check_url(request.path, dict(request.query))
+            file = await engine.authorize_download(device, job_id, key)
+        except UrlRejected as exc:
+            return _error(403, str(exc))
+        except Refused as exc:
+            return _error(exc.status, exc.message)
+    if request.match_info["name"] != file.name:
+        return _error(404, "file name does not match this URL")
+    etag = f'"{file.digest.sha256}"'
+    headers = CIMultiDict(request.headers)
+    # aiohttp compares its own mtime-based tag; we answer the hash-based tag ourselves.
+    if (match := headers.pop("If-Match", None)) is not None and not _etag_matches(match, etag, weak=False):
+        return web.Response(status=412)
+    if (none_match := headers.pop("If-None-Match", None)) is not None:
+        if _etag_matches(none_match, etag, weak=True):
+            return web.Response(status=304, headers={"ETag": etag})
+        headers.pop("If-Modified-Since", None)
+    if_range = headers.get("If-Range")
+    if if_range is not None and (if_range.startswith('"') or if_range.startswith("W/")):
+        del headers["If-Range"]
+        if if_range != etag:  # If-Range needs a strong match; otherwise send the whole file
+            headers.pop("Range", None)
+    if "offset" in request.query or "length" in request.query:
+        try:
+            offset = int(request.query.get("offset", "0"))
+            length = int(request.query["length"]) if "length" in request.query else None
+        except ValueError:
+            return _error(400, "offset and length must be whole numbers")
+        if offset < 0 or (length is not None and length < 1):
+            return _error(400, "offset must be >= 0 and length >= 1")
+        headers["Range"] = f"bytes={offset}-{'' if length is None else offset + length - 1}"
+    on_sent = None if job_id is None else partial(engine.count_served, job_id)
+    return PackageResponse(file.path, etag, request.clone(headers=headers), on_sent,
+                           headers={"Cache-Control": "private, no-transform"})
+
+
+# -- device HTTP API (SagooIoT) ---------------------------------------------------------
+def _device_login(request: web.Request) -> DeviceId | web.Response:
+    header = request.headers.get("Authorization", "")
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return _error(401, "HTTP Basic auth required: user {deviceName}&{productKey}, password = device secret")
+    try:
+        username, _, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return _error(401, "malformed Basic credentials")
+    engine = request.app[ENGINE]
+    device = check_http_login(engine.catalog, username, password, engine.settings.allow_plain_secret) \
+        if engine.catalog else None
+    if device is None:
+        return _error(401, "unknown device or wrong secret")
+    return device
+
+
+def _same_device(device: DeviceId, product_key: Any, device_key: Any) -> web.Response | None:
+    if product_key is None or device_key is None:
+        return _error(400, "productKey and deviceKey are required")
+    if (str(product_key), str(device_key)) != (device.product_key, device.device_name):
+        return _error(403, "productKey/deviceKey differ from the authenticated device")
+    return None
+
+
+def _module(value: Any) -> str:
+    return str(value) if value not in (None, "") else DEFAULT_MODULE
+
+
+async def get_ota_info(request: web.Request) -> web.Response:
+    device = _device_login(request)
+    if isinstance(device, web.Response):
+        return device
+    query = request.query
+    if (mismatch := _same_device(device, query.get("productKey"), query.get("deviceKey"))) is not None:
+        return mismatch
+    module = _module(query.get("module"))
+    engine = request.app[ENGINE]
+    version = query.get("version")
+    if version:
+        if len(version) > 64:
+            return _error(400, "version is too long")
+        await engine.on_version(device, module, version, deliver=False)
+    return web.json_response({"code": 0, "message": "", "data": await engine.offer(device, module)})
+
+
+async def write_ota_info(request: web.Request) -> web.Response:
+    device = _device_login(request)
+    if isinstance(device, web.Response):
+        return device
+    try:
+        body = decode_json(await request.read())
+        step = parse_step(body.get("step"))
+    except web.HTTPRequestEntityTooLarge:
+        return _error(400, f"body over {MAX_DEVICE_BODY} bytes")
+    except PayloadError as exc:
+        return _error(400, str(exc))
+    if (mismatch := _same_device(device, body.get("productKey"), body.get("deviceKey"))) is not None:
+        return mismatch
+    desc = body.get("desc")
+    desc_text = "" if desc is None or isinstance(desc, (dict, list)) else str(desc)[:128]
+    await request.app[ENGINE].on_progress(device, _module(body.get("module")), step, desc_text)
+    return web.json_response({"code": 0, "message": ""})
+
+
+# -- admin API ---------------------------------------------------------------------------
+def _admin_only(request: web.Request) -> web.Response | None:
+    if not _is_admin(request):
+        return _error(401, "admin token required: Authorization: Bearer <token from data_dir/admin-token>")
+    return None
+
+
+async def admin_status(request: web.Request) -> web.Response:
+    if (denied := _admin_only(request)) is not None:
+        return denied
+    engine = request.app[ENGINE]
+    return web.json_response({"batches": await batch_summaries(engine.store, engine.catalog)})
+
+
+async def admin_batch(request: web.Request) -> web.Response:
+    if (denied := _admin_only(request)) is not None:
+        return denied
+    engine = request.app[ENGINE]
+    name = request.match_info["name"]
+    summaries = [s for s in await batch_summaries(engine.store, engine.catalog) if s["name"] == name]
+    if not summaries:
+        return _error(404, f"no batch named {name!r}")
+    return web.json_response({"batch": summaries[0], "devices": await batch_devices(engine.store, name)})
+
+
+async def admin_job(request: web.Request) -> web.Response:
+    if (denied := _admin_only(request)) is not None:
+        return denied
+    engine = request.app[ENGINE]
+    try:
+        job = await engine.store.job(int(request.match_info["job_id"]))
+    except ValueError:
+        job = None
+    if job is None:
+        return _error(404, "no such job")
+    history = [{"at": at, "from": old, "to": new, "progress": progress, "reason": reason}
+               for at, old, new, progress, reason in await engine.store.history(job.id)]
+    return web.json_response({"job": {"id": job.id, "batch": job.batch, "device": str(job.device),
+                                      "state": job.state, "progress": job.progress}, "history": history})
+
+
+async def admin_reload(request: web.Request) -> web.Response:
+    if (denied := _admin_only(request)) is not None:
+        return denied
+    engine = request.app[ENGINE]
+    try:
+        loaded = await engine.reload()
+    except ConfigError as exc:
+        log.warning("reload refused: %s", exc.one_line())
+        return web.json_response({"code": 400, "message": "catalog has errors; nothing changed",
+                                  "errors": [str(issue) for issue in exc.issues]}, status=400)
+    catalog = loaded.catalog
+    log.info("catalog reloaded: %d products, %d packages, %d batches",
+             len(catalog.products), len(catalog.packages), len(catalog.batches))
+    return web.json_response({"code": 0, "message": "reloaded", "products": len(catalog.products),
+                              "packages": len(catalog.packages), "batches": len(catalog.batches)})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text=json.dumps({"ok": True}), content_type="application/json")

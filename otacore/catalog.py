@@ -1,0 +1,455 @@
+"""The catalog (ota.yaml): products, modules, devices, packages and batches, fully validated.
+
+`load_catalog` either returns a Catalog that is safe to run, or raises ConfigError listing
+every problem with file, line and key. It checks files exist and fit the limits but does
+not hash them (package_files.py does that, once, with a cache).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, ConfigIssue
+from .settings import Settings
+from .versions import VERSION_PATTERN as _VERSION_PATTERN, is_version
+from .yamlmarks import MarkedList, MarkedMap, YamlSyntaxError, load_marked
+
+DEFAULT_MODULE = "default"
+PRODUCT_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
+MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+PACKAGE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+BATCH_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+SIGN_METHODS = {"md5": "MD5", "sha256": "SHA256"}
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    alias: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    secret: str | None = None
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Product:
+    key: str
+    name: str
+    secret: str | None
+    modules: dict[str, Module]
+    devices: dict[str, Device]
+
+    def device_secret(self, device_name: str) -> str | None:
+        """The listed secret, else the one derived from the product secret, else None."""
+        device = self.devices.get(device_name)
+        if device is not None and device.secret:
+            return device.secret
+        if self.secret and DEVICE_NAME_RE.match(device_name):
+            return derive_device_secret(self.secret, device_name)
+        return None
+
+    def has_device(self, device_name: str) -> bool:
+        return self.device_secret(device_name) is not None
+
+
+@dataclass(frozen=True)
+class Package:
+    id: str
+    name: str
+    product: str
+    module: str
+    version: str
+    type: str  # full | diff
+    file: Path
+    sign_method: str  # MD5 | SHA256
+    verify: bool = False
+    base_version: str | None = None
+    description: str = ""
+    notice: str | None = None
+    ext_data: dict[str, Any] = field(default_factory=dict)
+    diff_from: tuple[str, ...] = ()
+
+    @property
+    def is_diff(self) -> bool:
+        return self.type == "diff"
+
+
+@dataclass(frozen=True)
+class Batch:
+    name: str
+    package: str
+    type: str  # verify | upgrade
+    protocol: str  # http | https | mqtt
+    mode: str  # static | dynamic
+    push: bool
+    devices: tuple[str, ...] | None = None
+    src_versions: tuple[str, ...] | None = None
+    position: int = 0  # index in the file: later batches win over earlier ones
+
+    def immutable_fields(self) -> dict[str, str]:
+        """What a started batch may not change across reloads (CONFIG.md)."""
+        return {"package": self.package, "type": self.type, "protocol": self.protocol, "mode": self.mode}
+
+
+@dataclass(frozen=True)
+class Catalog:
+    path: Path
+    packages_dir: Path
+    products: dict[str, Product]
+    packages: dict[str, Package]
+    batches: dict[str, Batch]
+
+    def full_package(self, product: str, module: str, version: str) -> Package | None:
+        for package in self.packages.values():
+            if (package.product, package.module, package.version, package.type) == (product, module, version, "full"):
+                return package
+        return None
+
+    def device_secret(self, product_key: str, device_name: str) -> str | None:
+        product = self.products.get(product_key)
+        return product.device_secret(device_name) if product else None
+
+
+def derive_device_secret(product_secret: str, device_name: str) -> str:
+    """PROTOCOL.md section 1: hex(HMAC-SHA256(productSecret, deviceName))."""
+    return hmac.new(product_secret.encode(), device_name.encode(), hashlib.sha256).hexdigest()
+
+
+class _Checker:
+    """Collects issues while reading one YAML document."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.issues: list[ConfigIssue] = []
+
+    def add(self, line: int, key: str, message: str) -> None:
+        self.issues.append(ConfigIssue(self.path, line, key, message))
+
+    def mapping(self, value: Any, line: int, key: str) -> MarkedMap | None:
+        if isinstance(value, MarkedMap):
+            return value
+        self.add(line, key, f"must be a mapping of keys, got {_kind(value)}")
+        return None
+
+    def items(self, parent: MarkedMap, name: str, required: bool = False) -> list[tuple[int, str, MarkedMap]]:
+        """The list under `parent[name]` as (line, key path, mapping) for each valid item."""
+        if name not in parent or parent[name] is None:
+            if required:
+                self.add(parent.line, name, "is required")
+            return []
+        value = parent[name]
+        if not isinstance(value, MarkedList):
+            self.add(parent.line_of(name), name, f"must be a list, got {_kind(value)}")
+            return []
+        result = []
+        for index, item in enumerate(value):
+            key = f"{name}[{index}]"
+            mapping = self.mapping(item, value.line_of(index), key)
+            if mapping is not None:
+                result.append((value.line_of(index), key, mapping))
+        return result
+
+    def known_keys(self, item: MarkedMap, key: str, allowed: set[str]) -> None:
+        for name in item:
+            if name not in allowed:
+                self.add(item.line_of(name), f"{key}.{name}",
+                         f"unknown key; expected one of {', '.join(sorted(allowed))}")
+
+    def text(self, item: MarkedMap, key: str, name: str, *, required: bool = False,
+             pattern: re.Pattern[str] | None = None, rule: str = "", default: str | None = None) -> str | None:
+        if name not in item or item[name] is None:
+            if required:
+                self.add(item.line, f"{key}.{name}", "is required")
+            return default
+        value = item[name]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            self.add(item.line_of(name), f"{key}.{name}", f"must be text, got {_kind(value)}")
+            return default
+        if pattern is not None and not pattern.match(value):
+            self.add(item.line_of(name), f"{key}.{name}", f"{value!r} is not valid: {rule}")
+            return default
+        return value
+
+    def flag(self, item: MarkedMap, key: str, name: str, default: bool) -> bool:
+        value = item.get(name, default)
+        if not isinstance(value, bool):
+            self.add(item.line_of(name), f"{key}.{name}", f"must be true or false, got {value!r}")
+            return default
+        return value
+
+    def text_list(self, item: MarkedMap, key: str, name: str) -> list[tuple[int, str]] | None:
+        if name not in item or item[name] is None:
+            return None
+        value = item[name]
+        if not isinstance(value, MarkedList):
+            self.add(item.line_of(name), f"{key}.{name}", f"must be a list, got {_kind(value)}")
+            return None
+        result = []
+        for index, entry in enumerate(value):
+            if isinstance(entry, bool) or not isinstance(entry, (str, int, float)):
+                self.add(value.line_of(index), f"{key}.{name}[{index}]", f"must be text, got {_kind(entry)}")
+                continue
+            result.append((value.line_of(index), str(entry)))
+        return result
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", MarkedMap: "a mapping", list: "a list", MarkedList: "a list",
+            bool: "true/false", int: "a number", float: "a number", str: "text"}.get(type(value), type(value).__name__)
+
+
+VERSION_RULE = "write three dot-separated numbers like 2.0.0"
+
+
+def load_catalog(path: Path, settings: Settings) -> Catalog:
+    """Read and validate the catalog at `path`; ConfigError lists every problem found."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([ConfigIssue(path, 0, "", "catalog file not found; pass --catalog or set `catalog` in broker.yaml")])
+    try:
+        document = load_marked(path)
+    except YamlSyntaxError as exc:
+        raise ConfigError([ConfigIssue(path, exc.line, "", f"{exc.problem}; fix the YAML syntax")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigIssue(path, 0, "", f"cannot read the catalog: {exc}")]) from None
+    check = _Checker(path)
+    if document is None:
+        document = MarkedMap()
+        document.line, document.key_lines = 1, {}
+    root = check.mapping(document, 1, "")
+    if root is None:
+        raise ConfigError(check.issues)
+    check.known_keys(root, "", {"packages_dir", "products", "packages", "batches"})
+    packages_dir = (path.parent / (check.text(root, "", "packages_dir") or "packages")).resolve()
+    if not packages_dir.is_dir():
+        check.add(root.line_of("packages_dir"), "packages_dir", f"{packages_dir} is not a folder; create it or fix the path")
+
+    products = _read_products(check, root)
+    packages = _read_packages(check, root, products, packages_dir, settings)
+    batches = _read_batches(check, root, products, packages, settings)
+    if check.issues:
+        raise ConfigError(check.issues)
+    return Catalog(path=path, packages_dir=packages_dir, products=products, packages=packages, batches=batches)
+
+
+def _read_products(check: _Checker, root: MarkedMap) -> dict[str, Product]:
+    products: dict[str, Product] = {}
+    for line, key, item in check.items(root, "products", required=True):
+        check.known_keys(item, key, {"key", "name", "secret", "modules", "devices", "description"})
+        product_key = check.text(item, key, "key", required=True, pattern=PRODUCT_KEY_RE,
+                                 rule="1-64 of A-Z a-z 0-9 _ -")
+        name = check.text(item, key, "name", default=product_key) or ""
+        secret = check.text(item, key, "secret")
+        modules = {DEFAULT_MODULE: Module(DEFAULT_MODULE, "default module")}
+        for mline, mkey, module in check.items(item, "modules"):
+            mkey = f"{key}.{mkey}"
+            check.known_keys(module, mkey, {"name", "alias", "description"})
+            module_name = check.text(module, mkey, "name", required=True, pattern=MODULE_NAME_RE,
+                                     rule="1-64 of A-Z a-z 0-9 . _ -")
+            if module_name is None:
+                continue
+            if module_name in modules and module_name != DEFAULT_MODULE:
+                check.add(mline, f"{mkey}.name", f"module {module_name!r} is listed twice")
+            modules[module_name] = Module(module_name, check.text(module, mkey, "alias") or "",
+                                          check.text(module, mkey, "description") or "")
+        devices: dict[str, Device] = {}
+        for dline, dkey, device in check.items(item, "devices"):
+            dkey = f"{key}.{dkey}"
+            check.known_keys(device, dkey, {"name", "secret", "tags", "description"})
+            device_name = check.text(device, dkey, "name", required=True, pattern=DEVICE_NAME_RE,
+                                     rule="1-64 of A-Z a-z 0-9 _ . : @ -")
+            device_secret = check.text(device, dkey, "secret")
+            tags = check.text_list(device, dkey, "tags") or []
+            if device_name is None:
+                continue
+            if device_name in devices:
+                check.add(dline, f"{dkey}.name", f"device {device_name!r} is listed twice in this product")
+            if not device_secret and not secret:
+                check.add(dline, dkey, f"device {device_name!r} has no secret and product has no `secret` to derive one from; add either")
+            devices[device_name] = Device(device_name, device_secret, tuple(tag for _, tag in tags))
+        if not devices and not secret:
+            check.add(line, key, "a product needs `devices` or a `secret` (to derive device secrets)")
+        if product_key is None:
+            continue
+        if product_key in products:
+            check.add(item.line_of("key"), f"{key}.key", f"product {product_key!r} is defined twice")
+        products[product_key] = Product(product_key, name, secret, modules, devices)
+    return products
+
+
+def _read_packages(check: _Checker, root: MarkedMap, products: dict[str, Product],
+                   packages_dir: Path, settings: Settings) -> dict[str, Package]:
+    packages: dict[str, Package] = {}
+    lines: dict[str, tuple[int, str, MarkedMap]] = {}
+    allowed = {"id", "name", "product", "module", "version", "type", "file", "base_version", "sign_method",
+               "verify", "description", "notice", "ext_data", "diff_from"}
+    for line, key, item in check.items(root, "packages"):
+        check.known_keys(item, key, allowed)
+        package_id = check.text(item, key, "id", required=True, pattern=PACKAGE_ID_RE, rule="1-128 of A-Z a-z 0-9 . _ -")
+        product_key = check.text(item, key, "product", required=True)
+        module = check.text(item, key, "module", default=DEFAULT_MODULE) or DEFAULT_MODULE
+        version = check.text(item, key, "version", required=True, pattern=_VERSION_PATTERN, rule=VERSION_RULE)
+        kind = check.text(item, key, "type", default="full")
+        if kind not in ("full", "diff"):
+            check.add(item.line_of("type"), f"{key}.type", f"{kind!r} is not a package type; use full or diff")
+        sign = check.text(item, key, "sign_method", default="MD5") or "MD5"
+        if sign.lower() not in SIGN_METHODS:
+            check.add(item.line_of("sign_method"), f"{key}.sign_method", f"{sign!r} is not supported; use SHA256 or MD5")
+        product = products.get(product_key or "")
+        if product_key and product is None:
+            check.add(item.line_of("product"), f"{key}.product", f"unknown product {product_key!r}; define it under products")
+        if product is not None and module not in product.modules:
+            check.add(item.line_of("module"), f"{key}.module",
+                      f"product {product.key!r} has no module {module!r}; add it under the product's modules")
+        file_path = _check_package_file(check, item, key, packages_dir, settings)
+        base_version = check.text(item, key, "base_version", pattern=_VERSION_PATTERN, rule=VERSION_RULE)
+        if kind == "diff" and base_version is None and "base_version" not in item:
+            check.add(line, f"{key}.base_version", "a diff package needs base_version (the version the patch applies to)")
+        if kind == "full" and "base_version" in item:
+            check.add(item.line_of("base_version"), f"{key}.base_version", "only diff packages have a base_version")
+        diff_from = [v for _, v in (check.text_list(item, key, "diff_from") or [])]
+        if kind == "diff" and diff_from:
+            check.add(item.line_of("diff_from"), f"{key}.diff_from", "only full packages can list diff_from")
+        ext_data = item.get("ext_data") or {}
+        if not isinstance(ext_data, dict) or any(not isinstance(k, str) for k in ext_data):
+            check.add(item.line_of("ext_data"), f"{key}.ext_data", "must be a mapping of text keys to values")
+            ext_data = {}
+        notice = check.text(item, key, "notice")
+        if package_id is None or version is None or product_key is None or file_path is None:
+            continue
+        if package_id in packages:
+            check.add(item.line_of("id"), f"{key}.id", f"package id {package_id!r} is used twice")
+            continue
+        packages[package_id] = Package(
+            id=package_id, name=check.text(item, key, "name", default=package_id) or package_id,
+            product=product_key, module=module, version=version, type=kind or "full", file=file_path,
+            sign_method=SIGN_METHODS.get(sign.lower(), "MD5"), verify=check.flag(item, key, "verify", False),
+            base_version=base_version, description=check.text(item, key, "description") or "",
+            notice=notice, ext_data=dict(ext_data), diff_from=tuple(diff_from))
+        lines[package_id] = (line, key, item)
+
+    seen_full: dict[tuple[str, str, str], str] = {}
+    for package in packages.values():
+        line, key, item = lines[package.id]
+        if package.type == "full":
+            ident = (package.product, package.module, package.version)
+            if ident in seen_full:
+                check.add(item.line_of("version"), f"{key}.version",
+                          f"{package.version} of module {package.module!r} already has full package {seen_full[ident]!r}")
+            seen_full[ident] = package.id
+    for package in packages.values():
+        line, key, item = lines[package.id]
+        if package.is_diff and package.base_version:
+            if package.base_version == package.version:
+                check.add(item.line_of("base_version"), f"{key}.base_version", "must differ from version")
+            elif (package.product, package.module, package.base_version) not in seen_full:
+                check.add(item.line_of("base_version"), f"{key}.base_version",
+                          f"no full package of module {package.module!r} has version {package.base_version}; "
+                          "add it so the server can state the patched image's size and hash")
+        for index, old in enumerate(package.diff_from):
+            where = f"{key}.diff_from[{index}]"
+            if not is_version(old):
+                check.add(item.line_of("diff_from"), where, f"{old!r} is not valid: {VERSION_RULE}")
+            elif old == package.version:
+                check.add(item.line_of("diff_from"), where, "a package cannot be a diff from its own version")
+            elif (package.product, package.module, old) not in seen_full:
+                check.add(item.line_of("diff_from"), where,
+                          f"no full package of module {package.module!r} has version {old}; add it or drop {old}")
+    return packages
+
+
+def _check_package_file(check: _Checker, item: MarkedMap, key: str, packages_dir: Path,
+                        settings: Settings) -> Path | None:
+    name = check.text(item, key, "file", required=True)
+    if name is None:
+        return None
+    line = item.line_of("file")
+    candidate = (packages_dir / name).resolve()
+    if Path(name).is_absolute() or not candidate.is_relative_to(packages_dir):
+        check.add(line, f"{key}.file", f"{name!r} leaves packages_dir; name a file inside {packages_dir}")
+        return None
+    if not any(name.lower().endswith(ending) for ending in settings.extensions):
+        check.add(line, f"{key}.file", f"{name!r} has an ending that is not allowed; allowed: {' '.join(settings.extensions)}")
+        return None
+    if not candidate.is_file():
+        check.add(line, f"{key}.file", f"{candidate} does not exist; copy the file into packages_dir")
+        return None
+    size = candidate.stat().st_size
+    if size == 0:
+        check.add(line, f"{key}.file", f"{candidate} is empty")
+        return None
+    if size > settings.max_file_bytes:
+        check.add(line, f"{key}.file", f"{size} bytes is over limits.max_file_mb ({settings.max_file_mb} MB)")
+        return None
+    return candidate
+
+
+def _read_batches(check: _Checker, root: MarkedMap, products: dict[str, Product],
+                  packages: dict[str, Package], settings: Settings) -> dict[str, Batch]:
+    batches: dict[str, Batch] = {}
+    allowed = {"name", "package", "type", "devices", "src_versions", "protocol", "mode", "push", "description"}
+    for position, (line, key, item) in enumerate(check.items(root, "batches")):
+        check.known_keys(item, key, allowed)
+        name = check.text(item, key, "name", required=True, pattern=BATCH_NAME_RE, rule="1-128 of A-Z a-z 0-9 . _ -")
+        package_id = check.text(item, key, "package", required=True)
+        package = packages.get(package_id or "")
+        if package_id and package is None:
+            check.add(item.line_of("package"), f"{key}.package", f"unknown package {package_id!r}; define it under packages")
+        kind = check.text(item, key, "type", default="upgrade")
+        if kind not in ("verify", "upgrade"):
+            check.add(item.line_of("type"), f"{key}.type", f"{kind!r} is not a batch type; use verify or upgrade")
+        protocol = check.text(item, key, "protocol", default="http")
+        if protocol not in ("http", "https", "mqtt"):
+            check.add(item.line_of("protocol"), f"{key}.protocol", f"{protocol!r} is not a protocol; use http, https or mqtt")
+        elif protocol == "https" and not settings.tls_enabled:
+            check.add(item.line_of("protocol"), f"{key}.protocol",
+                      "https needs http.tls (certfile, keyfile) in broker.yaml; set it or use http")
+        mode = check.text(item, key, "mode", default="static")
+        if mode not in ("static", "dynamic"):
+            check.add(item.line_of("mode"), f"{key}.mode", f"{mode!r} is not a mode; use static or dynamic")
+        push = check.flag(item, key, "push", True)
+        devices = check.text_list(item, key, "devices")
+        if kind == "verify" and not devices:
+            check.add(item.line_of("devices"), f"{key}.devices", "a verify batch must list the devices it tries the package on")
+        product = products.get(package.product) if package else None
+        for dline, device_name in devices or []:
+            if product is not None and not product.has_device(device_name):
+                check.add(dline, f"{key}.devices", f"device {device_name!r} does not belong to product {product.key!r}")
+        if devices and len({d for _, d in devices}) != len(devices):
+            check.add(item.line_of("devices"), f"{key}.devices", "lists a device twice")
+        src_versions = check.text_list(item, key, "src_versions")
+        for vline, version in src_versions or []:
+            if not is_version(version):
+                check.add(vline, f"{key}.src_versions", f"{version!r} is not valid: {VERSION_RULE}")
+            elif package is not None and version == package.version:
+                check.add(vline, f"{key}.src_versions", f"{version} is the package's own version")
+        if package is not None and package.is_diff and src_versions and \
+                any(v != package.base_version for _, v in src_versions):
+            check.add(item.line_of("src_versions"), f"{key}.src_versions",
+                      f"a diff package only applies to its base_version {package.base_version}")
+        if name is None or package is None:
+            continue
+        if name in batches:
+            check.add(item.line_of("name"), f"{key}.name", f"batch name {name!r} is used twice")
+            continue
+        batches[name] = Batch(
+            name=name, package=package.id, type=kind or "upgrade", protocol=protocol or "http",
+            mode=mode or "static", push=push,
+            devices=tuple(d for _, d in devices) if devices else None,
+            src_versions=tuple(v for _, v in src_versions) if src_versions else None,
+            position=position)
+    return batches

@@ -1,0 +1,164 @@
+"""`otactl`: validate the catalog, reload the running server, show upgrade progress."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .config_files import load_settings
+from .engine import prepare_catalog
+from .errors import ConfigError
+from .secrets_store import admin_token
+from .settings import Settings
+from .status import batch_devices, batch_summaries
+from .store import Store
+
+SERVER_INFO = "server.json"
+DB_NAME = "ota.sqlite3"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="otactl", description="Manage the OTA server: validate, reload, status.")
+    parser.add_argument("--config", default="config/broker.yaml", help="broker.yaml (default: %(default)s)")
+    parser.add_argument("--catalog", metavar="PATH", help="catalog file (overrides broker.yaml)")
+    parser.add_argument("--data-dir", metavar="DIR", help="the server's data_dir (overrides broker.yaml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("validate", help="check the catalog; print every error, or a summary")
+    commands.add_parser("reload", help="validate, then make the running server load the catalog")
+    status = commands.add_parser("status", help="progress per batch, or per device of one batch")
+    status.add_argument("batch", nargs="?", help="show this batch's devices")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def cmd_validate(settings: Settings) -> int:
+    try:
+        loaded = prepare_catalog(settings)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue)
+        print(f"{len(exc.issues)} error(s); nothing was loaded", file=sys.stderr)
+        return 1
+    catalog = loaded.catalog
+    devices = sum(len(p.devices) for p in catalog.products.values())
+    print(f"{catalog.path}: OK: {len(catalog.products)} products, {devices} listed devices, "
+          f"{len(catalog.packages)} packages, {len(catalog.batches)} batches")
+    for batch in catalog.batches.values():
+        package = catalog.packages[batch.package]
+        print(f"  batch {batch.name}: {batch.type} {package.id} ({package.version}) via {batch.protocol}, "
+              f"{batch.mode}, push {'on' if batch.push else 'off'}")
+    return 0
+
+
+def _admin_request(settings: Settings, method: str, path: str) -> tuple[int, dict[str, Any]]:
+    info_path = settings.data_dir / SERVER_INFO
+    try:
+        base = json.loads(info_path.read_text(encoding="utf-8"))["http_url"]
+    except (FileNotFoundError, ValueError, KeyError):
+        raise SystemExit(f"otactl: no running server found ({info_path} missing); start ota-server with "
+                         "the same --config/--data-dir") from None
+    request = urllib.request.Request(f"{base}{path}", method=method, headers={
+        "Authorization": f"Bearer {admin_token(settings.data_dir, settings.admin_token)}"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 - our own server
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"otactl: cannot reach the server at {base}: {exc.reason}") from None
+
+
+def cmd_reload(settings: Settings) -> int:
+    if cmd_validate(settings) != 0:
+        return 1
+    status, body = _admin_request(settings, "POST", "/admin/api/reload")
+    if status != 200:
+        for error in body.get("errors", [body.get("message", "reload failed")]):
+            print(error)
+        return 1
+    print(f"reloaded: {body['products']} products, {body['packages']} packages, {body['batches']} batches")
+    return 0
+
+
+async def _status(settings: Settings, batch: str | None) -> dict[str, Any]:
+    db = settings.data_dir / DB_NAME
+    if not db.exists():
+        raise SystemExit(f"otactl: no database at {db}; has the server run with this data_dir?")
+    try:
+        catalog = prepare_catalog(settings).catalog
+    except ConfigError:
+        catalog = None
+    store = await Store.open(db)
+    try:
+        summaries = await batch_summaries(store, catalog)
+        if batch is None:
+            return {"batches": summaries}
+        found = [s for s in summaries if s["name"] == batch]
+        if not found:
+            raise SystemExit(f"otactl: no batch named {batch!r}; `otactl status` lists them")
+        return {"batch": found[0], "devices": await batch_devices(store, batch)}
+    finally:
+        await store.close()
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def _counts(summary: dict[str, Any]) -> str:
+    parts = [f"{state} {n}" for state, n in summary["counts"].items()]
+    if summary["waiting_report"]:
+        parts.append(f"waiting_report {summary['waiting_report']}")
+    return ", ".join(parts) or "no devices yet"
+
+
+def cmd_status(settings: Settings, batch: str | None, as_json: bool) -> int:
+    report = asyncio.run(_status(settings, batch))
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    if batch is None:
+        rows = [["BATCH", "PACKAGE", "STATE", "DONE", "DEVICES"]]
+        for s in report["batches"]:
+            rows.append([s["name"], s["package"], s["state"], f"{s['done_percent']}%", _counts(s)])
+        print(_table(rows))
+        return 0
+    s = report["batch"]
+    print(f"batch {s['name']}: {s['type']} {s['package']} via {s['protocol']}, {s['mode']}, "
+          f"state {s['state']}, package {s['package_status']}; {s['done_percent']}% done "
+          f"({s['succeeded_percent']}% succeeded) of {s['total']}")
+    rows = [["DEVICE", "STATE", "FROM", "TO", "PROGRESS", "SERVED", "UPDATED", "LAST MESSAGE"]]
+    for d in report["devices"]:
+        updated = time.strftime("%H:%M:%S", time.localtime(d["updated_at"])) if d.get("updated_at") else "-"
+        message = d.get("message") or ""
+        if d.get("code") is not None:
+            message = f"[{d['code']}] {message}"
+        rows.append([d["device"], d["state"], d.get("from", "-"), d.get("to", "-"), f"{d['progress']}%",
+                     f"{d['served_percent']}%", updated, message])
+    print(_table(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(Path(args.config), catalog=args.catalog, data_dir=args.data_dir)
+    except ConfigError as exc:
+        print(f"otactl: {exc.one_line()}", file=sys.stderr)
+        return 1
+    if args.command == "validate":
+        return cmd_validate(settings)
+    if args.command == "reload":
+        return cmd_reload(settings)
+    return cmd_status(settings, args.batch, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

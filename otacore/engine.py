@@ -1,0 +1,391 @@
+"""The OTA engine: reacts to what devices report, runs batches and jobs, decides what each
+device should get now. Adapters (MQTT plugin, HTTP app) call it and deliver its answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .catalog import DEFAULT_MODULE, Batch, Catalog, Package, load_catalog
+from .codec import BlockRequest, encode_block_reply, encode_json
+from .credentials import DeviceId
+from .eligibility import batch_priority, candidate_batches, device_in_scope, version_qualifies
+from .errors import ConfigError, ConfigIssue
+from .keyed_locks import KeyedLocks
+from .package_files import DownloadFile, PackageFiles
+from .settings import Settings
+from .signed_urls import sign_url, verify_url
+from .store import Job, Store
+from .topics import upgrade_topic
+
+log = logging.getLogger("ota.engine")
+
+
+class Notifier(Protocol):
+    async def send(self, device: DeviceId, topic: str, payload: bytes, qos: int) -> bool:
+        """Deliver to the device's live session if it is subscribed; False when it is not online."""
+
+
+class Refused(Exception):
+    """A request the engine turns down; `status` is the HTTP-style code to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass(frozen=True)
+class LoadedCatalog:
+    catalog: Catalog
+    files: PackageFiles
+
+
+def prepare_catalog(settings: Settings, catalog_path: Path | None = None) -> LoadedCatalog:
+    """Load, validate and prepare files for a catalog (blocking; run in a thread)."""
+    catalog = load_catalog(catalog_path or settings.catalog_path, settings)
+    files = PackageFiles(settings.data_dir)
+    files.prepare(catalog)
+    return LoadedCatalog(catalog, files)
+
+
+class OtaEngine:
+    """Owns the live catalog, the store, and every job transition."""
+
+    def __init__(self, settings: Settings, store: Store, notifier: Notifier, url_key: bytes) -> None:
+        self.settings = settings
+        self.store = store
+        self.notifier = notifier
+        self._url_key = url_key
+        self.catalog: Catalog | None = None
+        self.files: PackageFiles | None = None
+        self.running: set[str] = set()
+        self._device_locks = KeyedLocks()
+        self._reload_lock = asyncio.Lock()
+        self._push_ids = itertools.count(int(time.time() * 1000))
+
+    # -- catalog: start and reload -----------------------------------------------------
+    async def reload(self, catalog_path: Path | None = None) -> LoadedCatalog:
+        """Validate the whole new catalog, then apply it; on any error nothing changes."""
+        async with self._reload_lock:
+            loaded = await asyncio.to_thread(prepare_catalog, self.settings, catalog_path)
+            issues = await self._reload_issues(loaded.catalog)
+            if issues:
+                raise ConfigError(issues)
+            self.catalog, self.files = loaded.catalog, loaded.files
+            await self._apply_batches()
+            return loaded
+
+    async def _reload_issues(self, catalog: Catalog) -> list[ConfigIssue]:
+        issues = []
+        for name, row in (await self.store.batches()).items():
+            batch = catalog.batches.get(name)
+            if batch is None:
+                continue
+            if row.state == "canceled":
+                issues.append(ConfigIssue(catalog.path, 0, f"batches[{name}]",
+                                          "this batch was removed and canceled earlier; give it a new name"))
+                continue
+            changed = [k for k, v in batch.immutable_fields().items() if row.fingerprint.get(k) != v]
+            if changed and row.started_at is not None:
+                was = ", ".join(f"{k}={row.fingerprint.get(k)}" for k in changed)
+                issues.append(ConfigIssue(catalog.path, 0, f"batches[{name}].{changed[0]}",
+                                          f"cannot change {', '.join(changed)} of a started batch (was {was}); "
+                                          "create a new batch instead"))
+        return issues
+
+    async def _apply_batches(self) -> None:
+        catalog = self.catalog
+        assert catalog is not None
+        rows = await self.store.batches()
+        statuses = await self.store.package_statuses()
+        for name, row in rows.items():
+            if name not in catalog.batches and row.state in ("running", "waiting_verification"):
+                await self._cancel_batch(name, "batch removed from the catalog")
+        for batch in sorted(catalog.batches.values(), key=batch_priority, reverse=True):
+            row = rows.get(batch.name)
+            package = catalog.packages[batch.package]
+            if row is not None and row.state in ("running", "completed"):
+                if row.state == "running":
+                    self.running.add(batch.name)
+                    await self._sync_listed_targets(batch, package)
+                continue
+            waiting = batch.type == "upgrade" and package.verify and statuses.get(package.id) != "verified"
+            if waiting:
+                if row is None:
+                    await self.store.save_batch(batch.name, package.id, batch.immutable_fields(),
+                                                "waiting_verification", "package not verified yet")
+                continue
+            await self._start_batch(batch, package)
+
+    async def _start_batch(self, batch: Batch, package: Package) -> None:
+        await self.store.save_batch(batch.name, package.id, batch.immutable_fields(), "running", "started")
+        self.running.add(batch.name)
+        log.info("batch %s started (%s %s, %s, push %s)", batch.name, package.id, batch.protocol, batch.mode,
+                 "on" if batch.push else "off")
+        known = await self.store.reported_versions(package.product, package.module)
+        if batch.devices is not None:
+            names = list(batch.devices)
+        else:
+            names = [n for n, v in known.items() if version_qualifies(batch, package, v)]
+        if batch.mode == "static":
+            await self.store.add_targets(batch.name, [DeviceId(package.product, n) for n in names])
+        for name in names:
+            if name in known:
+                device = DeviceId(package.product, name)
+                async with self._device_locks.hold(device):
+                    if await self.store.open_job(device, package.module) is None:
+                        await self._consider(device, package.module, known[name], deliver=True)
+
+    async def _sync_listed_targets(self, batch: Batch, package: Package) -> None:
+        """A reload may add devices to a running static batch's list."""
+        if batch.mode == "static" and batch.devices is not None:
+            await self.store.add_targets(batch.name, [DeviceId(package.product, n) for n in batch.devices])
+
+    async def _cancel_batch(self, name: str, reason: str) -> None:
+        self.running.discard(name)
+        for job in await self.store.jobs(name, open_only=True):
+            await self.store.transition(job, "canceled", reason)
+        await self.store.save_batch(name, "", {}, "canceled", reason)
+        log.info("batch %s canceled: %s", name, reason)
+
+    # -- what a device should get ------------------------------------------------------
+    async def _consider(self, device: DeviceId, module: str, version: str, *, deliver: bool) -> Job | None:
+        """Give a device with no open job for `module` a job from the best batch that wants it."""
+        catalog, files = self.catalog, self.files
+        assert catalog is not None and files is not None
+        for batch in candidate_batches(catalog, self.running, device, module, version):
+            if batch.mode == "static" and not await self.store.is_target(batch.name, device):
+                continue
+            if await self.store.has_job_in_batch(batch.name, device):
+                continue
+            package = catalog.packages[batch.package]
+            download = files.download_for(package, version)
+            job = await self.store.create_job(batch.name, device, module, package.id, version, package.version,
+                                              download.key, download.digest.size,
+                                              reason=f"reported {version}; batch {batch.name} targets it")
+            if job is None:
+                return await self.store.open_job(device, module)
+            log.info("job %d: %s %s -> %s in batch %s", job.id, device, version, package.version, batch.name)
+            if deliver and batch.push:
+                await self._push(job, batch)
+            return job
+        return None
+
+    async def _push(self, job: Job, batch: Batch) -> None:
+        message = {"code": "1000", "id": next(self._push_ids), "message": "success", "data": self._offer_data(job)}
+        delivered = await self.notifier.send(job.device, upgrade_topic(job.device), encode_json(message), 1)
+        if delivered and job.state == "queued":
+            await self.store.transition(job, "notified", "upgrade pushed")
+        elif not delivered:
+            log.debug("job %d: %s is not online and subscribed; push waits for its next report", job.id, job.device)
+
+    def _offer_data(self, job: Job) -> dict[str, Any]:
+        """The `data` of a push / firmware-get reply / get_ota_info answer for this job."""
+        catalog, files = self.catalog, self.files
+        assert catalog is not None and files is not None
+        package = catalog.packages[job.package_id]
+        batch = catalog.batches[job.batch]
+        download = files.by_key(job.file_key) or files.download_for(package, job.from_version)
+        sign = download.digest.sign(package.sign_method)
+        data: dict[str, Any] = {"size": download.digest.size, "version": package.version}
+        if batch.protocol == "mqtt":
+            data.update({"dProtocol": "mqtt", "streamId": job.id, "streamFileId": 1})
+        else:
+            base = self.settings.public_url
+            if batch.protocol == "https" and base.startswith("http://"):
+                base = "https://" + base[len("http://"):]
+            data["url"] = sign_url(self._url_key, base, download.key, download.name, job.device, job.id,
+                                   self.settings.url_ttl_seconds)
+        data["sign"] = sign
+        data["signMethod"] = "Md5" if package.sign_method == "MD5" else "SHA256"
+        if package.sign_method == "MD5":
+            data["md5"] = sign
+        if package.module != DEFAULT_MODULE:
+            data["module"] = package.module
+        if download.is_diff:
+            data["isDiff"] = 1
+        ext: dict[str, Any] = dict(package.ext_data)
+        if package.notice:
+            ext["_package_udi"] = json.dumps({"ota_notice": package.notice}, ensure_ascii=False)
+        if download.is_diff:
+            ext["_target_size"] = download.target.size
+            ext["_target_sign"] = download.target.sign(package.sign_method)
+        if ext:
+            data["extData"] = ext
+        return data
+
+    async def offer(self, device: DeviceId, module: str) -> dict[str, Any]:
+        """What this device should get now, handed out on request (firmware/get, HTTP): the
+        open job's data, or a new job from the best batch for its last reported version."""
+        async with self._device_locks.hold(device):
+            job = await self.store.open_job(device, module)
+            if job is None:
+                version = await self.store.reported_version(device, module)
+                if version is None:
+                    return {}
+                job = await self._consider(device, module, version, deliver=False)
+                if job is None:
+                    return {}
+            if job.state == "installed":
+                return {}
+            if job.state == "queued":
+                job = await self.store.transition(job, "notified", "upgrade info handed out on request")
+            return self._offer_data(job)
+
+    # -- what devices report -----------------------------------------------------------
+    async def on_version(self, device: DeviceId, module: str, version: str, *, deliver: bool = True) -> None:
+        async with self._device_locks.hold(device):
+            await self.store.record_version(device, module, version)
+            job = await self.store.open_job(device, module)
+            if job is None:
+                await self._consider(device, module, version, deliver=deliver)
+                return
+            if version == job.target_version:
+                job = await self.store.transition(job, "succeeded", f"device reported target version {version}",
+                                                  progress=100)
+                log.info("job %d: %s upgraded to %s", job.id, device, version)
+                await self._after_final(job)
+            elif job.state == "installed":
+                job = await self.store.transition(
+                    job, "failed", f"device reported {version} after installing {job.target_version}: "
+                    "the new image did not boot", message=f"reported {version} after install")
+                await self._after_final(job)
+            else:
+                await self._version_during_job(job, version, deliver)
+
+    async def _version_during_job(self, job: Job, version: str, deliver: bool) -> None:
+        """A device with an open job reported a version again, typically after a reboot."""
+        catalog, files = self.catalog, self.files
+        assert catalog is not None and files is not None
+        batch = catalog.batches.get(job.batch)
+        package = catalog.packages.get(job.package_id)
+        if batch is None or package is None or job.batch not in self.running or \
+                not version_qualifies(batch, package, version):
+            job = await self.store.transition(job, "canceled", f"device now reports {version}, which batch "
+                                              f"{job.batch} does not target")
+            await self._after_final(job)
+            await self._consider(job.device, job.module, version, deliver=deliver)
+            return
+        if version != job.from_version:
+            download = files.download_for(package, version)
+            job = await self.store.transition(job, job.state, f"device now reports {version}",
+                                              from_version=version, file_key=download.key,
+                                              file_size=download.digest.size)
+        if deliver and batch.push:
+            await self._push(job, batch)
+
+    async def on_progress(self, device: DeviceId, module: str, step: int, desc: str) -> None:
+        async with self._device_locks.hold(device):
+            job = await self.store.open_job(device, module)
+            if job is None:
+                log.info("progress %d from %s module %s ignored: no open job", step, device, module)
+                return
+            if step < 0:
+                job = await self.store.transition(job, "failed", f"device reported step {step}: {desc}",
+                                                  code=step, message=desc)
+                log.info("job %d: %s failed with step %d (%s)", job.id, device, step, desc)
+                await self._after_final(job)
+            elif step == 100:
+                await self.store.transition(job, "installed", "device reported 100: installed, rebooting",
+                                            progress=100, message=desc)
+            elif job.state == "installed":
+                log.info("progress %d from %s after install ignored", step, device)
+            else:
+                await self.store.transition(job, "in_progress", f"device reported {step}%", progress=step,
+                                            message=desc)
+
+    async def _after_final(self, job: Job) -> None:
+        """A verify batch decides its package's status once each listed device is done."""
+        catalog = self.catalog
+        assert catalog is not None
+        batch = catalog.batches.get(job.batch)
+        if batch is None or batch.type != "verify" or batch.devices is None:
+            return
+        jobs = {j.device.device_name: j for j in await self.store.jobs(batch.name)}
+        if any(j.state in ("failed", "canceled") for j in jobs.values()):
+            status = "verify_failed"
+        elif all(name in jobs and jobs[name].state == "succeeded" for name in batch.devices):
+            status = "verified"
+        else:
+            return
+        if status == "verify_failed" and job.state == "canceled":
+            return
+        await self.store.set_package_status(batch.package, status)
+        await self.store.save_batch(batch.name, batch.package, batch.immutable_fields(), "completed", status)
+        self.running.discard(batch.name)
+        log.info("package %s is %s (verify batch %s)", batch.package, status, batch.name)
+        if status == "verified":
+            # start waiting upgrade batches outside this device's lock: they take device locks.
+            asyncio.get_running_loop().create_task(self._start_waiting(batch.package))
+
+    async def _start_waiting(self, package_id: str) -> None:
+        catalog = self.catalog
+        assert catalog is not None
+        rows = await self.store.batches()
+        for batch in sorted(catalog.batches.values(), key=batch_priority, reverse=True):
+            row = rows.get(batch.name)
+            if batch.package == package_id and row is not None and row.state == "waiting_verification":
+                await self._start_batch(batch, catalog.packages[package_id])
+
+    # -- downloads ---------------------------------------------------------------------
+    def file_token(self, job_id: int) -> str:
+        return hmac.new(self._url_key, f"stream:{job_id}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def check_url(self, path: str, query: dict[str, str]) -> tuple[DeviceId, int]:
+        """The (device, job id) a signed download URL was issued for; UrlRejected if forged or expired."""
+        return verify_url(self._url_key, path, query)
+
+    async def authorize_download(self, device: DeviceId, job_id: int, file_key: str) -> DownloadFile:
+        """The file a signed URL may fetch: the job must be this device's, open, and for this file."""
+        job = await self.store.job(job_id)
+        if job is None or job.device != device or job.file_key != file_key:
+            raise Refused(403, "this URL is not valid for that device and file")
+        if not job.is_open:
+            raise Refused(403, f"job {job_id} is {job.state}; ask the server for a new URL")
+        download = self.files.by_key(file_key) if self.files else None
+        if download is None:
+            raise Refused(404, "file no longer in the catalog")
+        return download
+
+    async def count_served(self, job_id: int, count: int) -> None:
+        if count > 0:
+            await self.store.add_bytes_served(job_id, count)
+
+    async def block(self, device: DeviceId, request: BlockRequest) -> bytes:
+        """Answer a block request (PROTOCOL.md 3e) with the binary reply frame."""
+        def error(code: int, message: str) -> bytes:
+            return encode_block_reply({"id": request.id, "code": code, "msg": message}, None)
+
+        job = await self.store.job(request.stream_id)
+        download = self.files.by_key(job.file_key) if job is not None and self.files else None
+        if job is None or download is None or request.file_id != 1:
+            return error(404, f"unknown stream {request.stream_id}/{request.file_id}")
+        if job.device != device:
+            return error(403, "stream not assigned to this device")
+        if not job.is_open:
+            return error(403, f"stream closed: job is {job.state}")
+        token = self.file_token(job.id)
+        if request.file_token is not None and not hmac.compare_digest(request.file_token, token):
+            return error(403, "fileToken does not match this stream")
+        size = download.digest.size
+        if request.offset >= size:
+            return error(400, f"offset {request.offset} is at or past the end ({size} bytes)")
+        block = await asyncio.to_thread(_read_block, download.path, request.offset, request.size)
+        await self.store.add_bytes_served(job.id, len(block))
+        header = {"id": request.id, "code": 200, "msg": "success",
+                  "data": {"fileToken": token, "fileLength": size, "bSize": len(block), "bOffset": request.offset}}
+        return encode_block_reply(header, block)
+
+
+def _read_block(path: Path, offset: int, size: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)

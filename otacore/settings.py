@@ -1,0 +1,161 @@
+"""The OTA plugin's settings from broker.yaml (CONFIG.md), validated, with paths resolved."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError, ConfigIssue
+
+DEFAULT_EXTENSIONS = (".bin", ".dav", ".tar", ".gz", ".zip", ".gzip", ".apk", ".tar.gz", ".tar.xz", ".pack")
+PLUGIN_PATH = "broker_plugin.ota.OtaPlugin"
+
+_KNOWN = {
+    "catalog": None, "data_dir": None, "url_ttl_seconds": None,
+    "http": {"bind", "public_url", "tls"},
+    "limits": {"max_file_mb", "extensions"},
+    "auth": {"allow_plain_secret"},
+    "admin": {"token"},
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    catalog_path: Path
+    data_dir: Path
+    http_host: str = "0.0.0.0"
+    http_port: int = 8080
+    public_url: str = "http://localhost:8080"
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    url_ttl_seconds: int = 86400
+    max_file_mb: int = 1000
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    allow_plain_secret: bool = True
+    admin_token: str | None = None
+    source: Path = field(default=Path("broker.yaml"))
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_certfile is not None
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_file_mb * 1024 * 1024
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """`HOST:PORT` or `[v6]:PORT` -> (host, port); ValueError with the reason."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: Any = None) -> Settings:
+    """Build Settings from the OTA plugin's option mapping in broker.yaml at `source`.
+
+    Relative paths resolve against broker.yaml's folder; `data_dir` defaults to `var/` at
+    the repo root (the parent of config/), the catalog to `ota.yaml` beside broker.yaml.
+    """
+    options = dict(options or {})
+    base = source.parent
+    issues: list[ConfigIssue] = []
+
+    def line_of(key: str) -> int:
+        return lines.line_of(key) if lines is not None and hasattr(lines, "line_of") else 0
+
+    def bad(key: str, message: str) -> None:
+        top = key.split(".")[0]
+        issues.append(ConfigIssue(source, line_of(top), f"{PLUGIN_PATH}.{key}", message))
+
+    for key, value in options.items():
+        if key not in _KNOWN:
+            bad(key, f"unknown key; known keys are {', '.join(sorted(_KNOWN))}")
+        elif _KNOWN[key] is not None:
+            if not isinstance(value, dict):
+                bad(key, "must be a mapping")
+                continue
+            for sub in value:
+                if sub not in _KNOWN[key]:
+                    bad(f"{key}.{sub}", f"unknown key; known keys are {', '.join(sorted(_KNOWN[key]))}")
+
+    def sub(section: str, key: str, default: Any) -> Any:
+        value = options.get(section)
+        return value.get(key, default) if isinstance(value, dict) else default
+
+    def path(value: Any, key: str, default: Path) -> Path:
+        if value is None:
+            return default
+        if not isinstance(value, str) or not value:
+            bad(key, "must be a path string")
+            return default
+        return (base / value).resolve()
+
+    catalog = path(options.get("catalog"), "catalog", base / "ota.yaml")
+    data_dir = path(options.get("data_dir"), "data_dir", (base.parent / "var").resolve())
+
+    http_host, http_port = "0.0.0.0", 8080
+    bind = sub("http", "bind", None)
+    if bind is not None:
+        try:
+            http_host, http_port = split_host_port(str(bind))
+        except ValueError as exc:
+            bad("http.bind", str(exc))
+    public_url = sub("http", "public_url", "http://localhost:8080")
+    if not isinstance(public_url, str) or urlsplit(public_url).scheme not in ("http", "https") \
+            or not urlsplit(public_url).netloc:
+        bad("http.public_url", f"{public_url!r} is not an absolute http(s) URL like http://host:8080")
+        public_url = "http://localhost:8080"
+
+    certfile = keyfile = None
+    tls = sub("http", "tls", None)
+    if tls is not None:
+        if not isinstance(tls, dict) or not tls.get("certfile") or not tls.get("keyfile"):
+            bad("http.tls", "needs both certfile and keyfile (scripts/dev-cert makes a pair)")
+        else:
+            certfile = path(tls["certfile"], "http.tls.certfile", base)
+            keyfile = path(tls["keyfile"], "http.tls.keyfile", base)
+            for name, file in (("certfile", certfile), ("keyfile", keyfile)):
+                if not file.is_file():
+                    bad(f"http.tls.{name}", f"{file} does not exist")
+
+    ttl = options.get("url_ttl_seconds", 86400)
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 60:
+        bad("url_ttl_seconds", "must be a whole number of seconds, at least 60")
+        ttl = 86400
+    max_mb = sub("limits", "max_file_mb", 1000)
+    if not isinstance(max_mb, int) or isinstance(max_mb, bool) or max_mb < 1:
+        bad("limits.max_file_mb", "must be a whole number of MB, at least 1")
+        max_mb = 1000
+    extensions = sub("limits", "extensions", None)
+    if extensions is None:
+        ext_tuple = DEFAULT_EXTENSIONS
+    elif isinstance(extensions, str):
+        ext_tuple = tuple(e.lower() for e in extensions.split())
+    elif isinstance(extensions, list) and all(isinstance(e, str) for e in extensions):
+        ext_tuple = tuple(e.lower() for e in extensions)
+    else:
+        bad("limits.extensions", "must be a list of endings like [.bin, .tar.gz]")
+        ext_tuple = DEFAULT_EXTENSIONS
+    if any(not e.startswith(".") for e in ext_tuple):
+        bad("limits.extensions", "each ending starts with a dot, like .bin")
+    allow_plain = sub("auth", "allow_plain_secret", True)
+    if not isinstance(allow_plain, bool):
+        bad("auth.allow_plain_secret", "must be true or false")
+        allow_plain = True
+    token = sub("admin", "token", None)
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        bad("admin.token", "must be a string of at least 16 characters (or leave it out to generate one)")
+        token = None
+
+    if issues:
+        raise ConfigError(issues)
+    return Settings(
+        catalog_path=catalog, data_dir=data_dir, http_host=http_host, http_port=http_port,
+        public_url=public_url.rstrip("/"), tls_certfile=certfile, tls_keyfile=keyfile,
+        url_ttl_seconds=ttl, max_file_mb=max_mb, extensions=ext_tuple,
+        allow_plain_secret=allow_plain, admin_token=token, source=source,
+    )

@@ -1,0 +1,65 @@
+"""Progress reports for admins: per batch counts and percent done, per device state and progress."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .catalog import Catalog
+from .store import ALL_STATES, FINAL_STATES, Store
+
+
+async def batch_summaries(store: Store, catalog: Catalog | None) -> list[dict[str, Any]]:
+    rows = await store.batches()
+    statuses = await store.package_statuses()
+    jobs = await store.jobs()
+    by_batch: dict[str, Counter[str]] = {}
+    for job in jobs:
+        by_batch.setdefault(job.batch, Counter())[job.state] += 1
+    names = list(catalog.batches) if catalog else []
+    names += [name for name in rows if name not in names]
+    summaries = []
+    for name in names:
+        row = rows.get(name)
+        batch = catalog.batches.get(name) if catalog else None
+        counts = by_batch.get(name, Counter())
+        waiting = 0
+        if batch is not None and batch.mode == "static":
+            jobbed = {j.device.device_name for j in jobs if j.batch == name}
+            waiting = len((await store.targets(name)) - jobbed)
+        total = sum(counts.values()) + waiting
+        finished = sum(counts[state] for state in FINAL_STATES)
+        package_id = batch.package if batch else (row.package_id if row else "")
+        summaries.append({
+            "name": name, "package": package_id,
+            "type": batch.type if batch else "", "protocol": batch.protocol if batch else "",
+            "mode": batch.mode if batch else "", "push": batch.push if batch else None,
+            "state": row.state if row else "not started", "reason": row.reason if row else "",
+            "package_status": statuses.get(package_id) or _unverified_status(catalog, package_id),
+            "counts": {state: counts[state] for state in ALL_STATES if counts[state]},
+            "waiting_report": waiting, "total": total,
+            "done_percent": round(100 * finished / total) if total else 0,
+            "succeeded_percent": round(100 * counts["succeeded"] / total) if total else 0,
+        })
+    return summaries
+
+
+async def batch_devices(store: Store, batch: str) -> list[dict[str, Any]]:
+    devices = []
+    jobs = await store.jobs(batch)
+    for job in jobs:
+        devices.append({
+            "device": job.device.device_name, "product": job.device.product_key, "module": job.module,
+            "job": job.id, "state": job.state, "from": job.from_version, "to": job.target_version,
+            "progress": job.progress, "served_percent": job.served_percent, "code": job.code,
+            "message": job.message, "updated_at": job.updated_at,
+        })
+    jobbed = {job.device.device_name for job in jobs}
+    for name in sorted((await store.targets(batch)) - jobbed):
+        devices.append({"device": name, "state": "waiting_report", "progress": 0, "served_percent": 0,
+                        "message": "in the batch; no qualifying version reported yet"})
+    return devices
+
+
+def _unverified_status(catalog: Catalog | None, package_id: str) -> str:
+    package = catalog.packages.get(package_id) if catalog else None
+    return "unverified" if package is not None and package.verify else "no verification required"

@@ -1,0 +1,278 @@
+"""Everything that happens at run time, in SQLite: reported versions, batches, jobs and their history.
+
+One connection per process (aiosqlite), WAL mode so `otactl status` can read while the
+server writes. Every job transition is one transaction: the row and its history event.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .credentials import DeviceId
+
+OPEN_STATES = ("queued", "notified", "in_progress", "installed")
+FINAL_STATES = ("succeeded", "failed", "canceled")
+ALL_STATES = OPEN_STATES + FINAL_STATES
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS device_versions (
+    product_key TEXT NOT NULL, device_name TEXT NOT NULL, module TEXT NOT NULL,
+    version TEXT NOT NULL, reported_at REAL NOT NULL,
+    PRIMARY KEY (product_key, device_name, module));
+CREATE TABLE IF NOT EXISTS batches (
+    name TEXT PRIMARY KEY, package_id TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, ended_at REAL, reason TEXT NOT NULL DEFAULT '');
+CREATE TABLE IF NOT EXISTS batch_targets (
+    batch TEXT NOT NULL, product_key TEXT NOT NULL, device_name TEXT NOT NULL,
+    PRIMARY KEY (batch, product_key, device_name));
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, batch TEXT NOT NULL,
+    product_key TEXT NOT NULL, device_name TEXT NOT NULL, module TEXT NOT NULL,
+    package_id TEXT NOT NULL, from_version TEXT NOT NULL, target_version TEXT NOT NULL,
+    state TEXT NOT NULL, progress INTEGER NOT NULL DEFAULT 0, code INTEGER,
+    message TEXT NOT NULL DEFAULT '', file_key TEXT NOT NULL DEFAULT '', file_size INTEGER NOT NULL DEFAULT 0,
+    bytes_served INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_open_per_module ON jobs (product_key, device_name, module)
+    WHERE state IN ('queued', 'notified', 'in_progress', 'installed');
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_per_batch_device ON jobs (batch, product_key, device_name);
+CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs (batch, state);
+CREATE TABLE IF NOT EXISTS job_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL REFERENCES jobs(id),
+    at REAL NOT NULL, from_state TEXT, to_state TEXT NOT NULL, progress INTEGER, reason TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id);
+CREATE TABLE IF NOT EXISTS package_status (
+    package_id TEXT PRIMARY KEY, status TEXT NOT NULL, updated_at REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    batch: str
+    device: DeviceId
+    module: str
+    package_id: str
+    from_version: str
+    target_version: str
+    state: str
+    progress: int
+    code: int | None
+    message: str
+    file_key: str
+    file_size: int
+    bytes_served: int
+    created_at: float
+    updated_at: float
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in OPEN_STATES
+
+    @property
+    def served_percent(self) -> int:
+        return min(100, self.bytes_served * 100 // self.file_size) if self.file_size else 0
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    name: str
+    package_id: str
+    fingerprint: dict[str, str]
+    state: str
+    created_at: float
+    started_at: float | None
+    ended_at: float | None
+    reason: str
+
+
+_JOB_COLUMNS = ("id, batch, product_key, device_name, module, package_id, from_version, target_version, state, "
+                "progress, code, message, file_key, file_size, bytes_served, created_at, updated_at")
+
+
+def _job(row: Any) -> Job:
+    return Job(row[0], row[1], DeviceId(row[2], row[3]), *row[4:])
+
+
+class Store:
+    """Async access to the run-time database. Open with `await Store.open(path)`."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+        # aiosqlite shares one connection between tasks: a write transaction must not
+        # interleave with another task's statements, or one commit would take both.
+        self._write = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> "Store":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA busy_timeout=5000")
+        await db.executescript(SCHEMA)
+        await db.commit()
+        return cls(db)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # -- reported versions -------------------------------------------------------------
+    async def record_version(self, device: DeviceId, module: str, version: str) -> None:
+        async with self._write:
+            await self._db.execute(
+                "INSERT INTO device_versions VALUES (?, ?, ?, ?, ?) ON CONFLICT (product_key, device_name, module) "
+                "DO UPDATE SET version = excluded.version, reported_at = excluded.reported_at",
+                (device.product_key, device.device_name, module, version, time.time()))
+            await self._db.commit()
+
+    async def reported_version(self, device: DeviceId, module: str) -> str | None:
+        async with self._db.execute(
+                "SELECT version FROM device_versions WHERE product_key = ? AND device_name = ? AND module = ?",
+                (device.product_key, device.device_name, module)) as cursor:
+            row = await cursor.fetchone()
+        return row[0] if row else None
+
+    async def reported_versions(self, product_key: str, module: str) -> dict[str, str]:
+        async with self._db.execute(
+                "SELECT device_name, version FROM device_versions WHERE product_key = ? AND module = ?",
+                (product_key, module)) as cursor:
+            return {name: version async for name, version in cursor}
+
+    # -- batches -----------------------------------------------------------------------
+    async def batches(self) -> dict[str, BatchRow]:
+        async with self._db.execute("SELECT name, package_id, fingerprint, state, created_at, started_at, "
+                                    "ended_at, reason FROM batches") as cursor:
+            return {row[0]: BatchRow(row[0], row[1], json.loads(row[2]), *row[3:]) async for row in cursor}
+
+    async def save_batch(self, name: str, package_id: str, fingerprint: dict[str, str], state: str,
+                         reason: str = "") -> None:
+        now = time.time()
+        started = now if state == "running" else None
+        ended = now if state in ("canceled", "completed") else None
+        async with self._write:
+            await self._db.execute(
+                "INSERT INTO batches (name, package_id, fingerprint, state, created_at, started_at, ended_at, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET state = excluded.state, "
+                "started_at = COALESCE(batches.started_at, excluded.started_at), "
+                "ended_at = excluded.ended_at, reason = excluded.reason",
+                (name, package_id, json.dumps(fingerprint, sort_keys=True), state, now, started, ended, reason))
+            await self._db.commit()
+
+    async def add_targets(self, batch: str, devices: list[DeviceId]) -> None:
+        async with self._write:
+            await self._db.executemany(
+                "INSERT OR IGNORE INTO batch_targets VALUES (?, ?, ?)",
+                [(batch, d.product_key, d.device_name) for d in devices])
+            await self._db.commit()
+
+    async def targets(self, batch: str) -> set[str]:
+        async with self._db.execute("SELECT device_name FROM batch_targets WHERE batch = ?", (batch,)) as cursor:
+            return {row[0] async for row in cursor}
+
+    async def is_target(self, batch: str, device: DeviceId) -> bool:
+        async with self._db.execute("SELECT 1 FROM batch_targets WHERE batch = ? AND product_key = ? AND "
+                                    "device_name = ?", (batch, device.product_key, device.device_name)) as cursor:
+            return await cursor.fetchone() is not None
+
+    # -- packages ----------------------------------------------------------------------
+    async def package_statuses(self) -> dict[str, str]:
+        async with self._db.execute("SELECT package_id, status FROM package_status") as cursor:
+            return {row[0]: row[1] async for row in cursor}
+
+    async def set_package_status(self, package_id: str, status: str) -> None:
+        async with self._write:
+            await self._db.execute(
+                "INSERT INTO package_status VALUES (?, ?, ?) ON CONFLICT (package_id) "
+                "DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
+                (package_id, status, time.time()))
+            await self._db.commit()
+
+    # -- jobs --------------------------------------------------------------------------
+    async def create_job(self, batch: str, device: DeviceId, module: str, package_id: str, from_version: str,
+                         target_version: str, file_key: str, file_size: int, state: str = "queued",
+                         reason: str = "targeted") -> Job | None:
+        """Insert a job and its first event; None when the device already has an open job
+        for the module or already had a job in this batch (the unique indexes decide)."""
+        now = time.time()
+        async with self._write:
+            try:
+                cursor = await self._db.execute(
+                    "INSERT INTO jobs (batch, product_key, device_name, module, package_id, from_version, "
+                    "target_version, state, progress, file_key, file_size, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (batch, device.product_key, device.device_name, module, package_id, from_version,
+                     target_version, state, 100 if state == "succeeded" else 0, file_key, file_size, now, now))
+            except aiosqlite.IntegrityError:
+                await self._db.rollback()
+                return None
+            job_id = cursor.lastrowid
+            await self._db.execute("INSERT INTO job_events (job_id, at, from_state, to_state, progress, reason) "
+                                   "VALUES (?, ?, NULL, ?, 0, ?)", (job_id, now, state, reason))
+            await self._db.commit()
+        return await self.job(job_id)
+
+    async def transition(self, job: Job, to_state: str, reason: str, *, progress: int | None = None,
+                         code: int | None = None, message: str | None = None,
+                         from_version: str | None = None, file_key: str | None = None,
+                         file_size: int | None = None) -> Job:
+        """Move `job` to `to_state` (or update it in place) and record why, in one transaction."""
+        now = time.time()
+        fields: dict[str, Any] = {"state": to_state, "updated_at": now}
+        for name, value in (("progress", progress), ("code", code), ("message", message),
+                            ("from_version", from_version), ("file_key", file_key), ("file_size", file_size)):
+            if value is not None:
+                fields[name] = value
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        async with self._write:
+            await self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job.id))
+            await self._db.execute("INSERT INTO job_events (job_id, at, from_state, to_state, progress, reason) "
+                                   "VALUES (?, ?, ?, ?, ?, ?)",
+                                   (job.id, now, job.state, to_state, fields.get("progress", job.progress), reason))
+            await self._db.commit()
+        updated = await self.job(job.id)
+        assert updated is not None
+        return updated
+
+    async def add_bytes_served(self, job_id: int, count: int) -> None:
+        async with self._write:
+            await self._db.execute("UPDATE jobs SET bytes_served = bytes_served + ? WHERE id = ?", (count, job_id))
+            await self._db.commit()
+
+    async def job(self, job_id: int) -> Job | None:
+        async with self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)) as cursor:
+            row = await cursor.fetchone()
+        return _job(row) if row else None
+
+    async def open_job(self, device: DeviceId, module: str) -> Job | None:
+        async with self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE product_key = ? AND device_name = ? AND module = ? "
+                f"AND state IN {OPEN_STATES}", (device.product_key, device.device_name, module)) as cursor:
+            row = await cursor.fetchone()
+        return _job(row) if row else None
+
+    async def has_job_in_batch(self, batch: str, device: DeviceId) -> bool:
+        async with self._db.execute("SELECT 1 FROM jobs WHERE batch = ? AND product_key = ? AND device_name = ?",
+                                    (batch, device.product_key, device.device_name)) as cursor:
+            return await cursor.fetchone() is not None
+
+    async def jobs(self, batch: str | None = None, open_only: bool = False) -> list[Job]:
+        where, args = [], []
+        if batch is not None:
+            where.append("batch = ?")
+            args.append(batch)
+        if open_only:
+            where.append(f"state IN {OPEN_STATES}")
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id"
+        async with self._db.execute(sql, args) as cursor:
+            return [_job(row) async for row in cursor]
+
+    async def history(self, job_id: int) -> list[tuple[float, str | None, str, int | None, str]]:
+        async with self._db.execute("SELECT at, from_state, to_state, progress, reason FROM job_events "
+                                    "WHERE job_id = ? ORDER BY id", (job_id,)) as cursor:
+            return [tuple(row) async for row in cursor]
