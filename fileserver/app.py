@@ -32,7 +32,7 @@ MAX_DEVICE_BODY = 64 * 1024
 def create_app(engine: OtaEngine, admin_token: str) -> web.Application:
     app = web.Application(client_max_size=MAX_DEVICE_BODY)
     app[ENGINE], app[ADMIN_TOKEN] = engine, admin_token
-    app.router.add_route("GET", "/files/{key}/{name}", download)  # GET also answers HEAD
+    app.router.add_get("/files/{key}/{name}", download)  # also answers HEAD
     app.router.add_get("/base-api/api/v1/get_ota_info", get_ota_info)
     app.router.add_post("/base-api/api/v1/write_ota_info", write_ota_info)
     app.router.add_get("/admin/api/status", admin_status)

@@ -1,0 +1,144 @@
+"""Device auth, topic ACL, and the amqtt bugs DESIGN.md says we must defend against."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import struct
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from harness import Device, OtaServer, device_secret, write_catalog
+from conftest import UPGRADE_BATCH
+
+
+def linkkit_login(name: str, method: str, digest, timestamp: str | None = "1795728922"):  # type: ignore[no-untyped-def]
+    params = f"securemode=3,signmethod={method},ext=1,_ss=1,lan=Python,_v=1.2.13"
+    fields = {"clientId": f"a1Test&{name}", "deviceName": name, "productKey": "a1Test"}
+    if timestamp:
+        params += f",timestamp={timestamp}"
+        fields["timestamp"] = timestamp
+    content = "".join(k + fields[k] for k in sorted(fields))
+    password = hmac.new(device_secret(name).encode(), content.encode(), digest).hexdigest()
+    return f"a1Test&{name}|{params}|", password
+
+
+@pytest.mark.parametrize("method,digest", [("hmacsha1", hashlib.sha1), ("hmacmd5", hashlib.md5),
+                                           ("hmacsha256", hashlib.sha256)])
+async def test_signed_passwords_of_aliyun_sdks_are_accepted(server: OtaServer, method: str, digest) -> None:  # type: ignore[no-untyped-def]
+    client_id, password = linkkit_login("signed-1", method, digest)
+    async with aiomqtt.Client("127.0.0.1", server.mqtt_port, identifier=client_id,
+                              username="signed-1&a1Test", password=password):
+        pass
+
+
+@pytest.mark.parametrize("username,password", [
+    ("dev-x&a1Test", "wrong-secret"),
+    ("dev-x&a1Unknown", "whatever"),
+    ("no-ampersand", "x"),
+    ("dev-x&a1Test", ""),
+])
+async def test_bad_credentials_get_not_authorized(server: OtaServer, username: str, password: str) -> None:
+    with pytest.raises(aiomqtt.MqttError, match="[Nn]ot authorized|Bad user"):
+        async with aiomqtt.Client("127.0.0.1", server.mqtt_port, identifier="x", username=username,
+                                  password=password):
+            pass
+
+
+async def test_plain_secret_can_be_switched_off(tmp_path: Path) -> None:
+    write_catalog(tmp_path, UPGRADE_BATCH)
+    server = await OtaServer(tmp_path, options={"auth": {"allow_plain_secret": False}}).start()
+    try:
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client("127.0.0.1", server.mqtt_port, identifier="p", username="p-1&a1Test",
+                                      password=device_secret("p-1")):
+                pass
+        client_id, password = linkkit_login("p-1", "hmacsha256", hashlib.sha256)
+        async with aiomqtt.Client("127.0.0.1", server.mqtt_port, identifier=client_id,
+                                  username="p-1&a1Test", password=password):
+            pass
+    finally:
+        await server.stop()
+
+
+async def test_device_cannot_subscribe_outside_its_namespace(server: OtaServer) -> None:
+    async with Device(server, "acl-1") as device:
+        client = device._client
+        assert client is not None
+        for topic in ("/ota/device/upgrade/a1Test/acl-2", "#", "/sys/a1Test/+/thing/#", "/a1Test/acl-2/x"):
+            granted = await client.subscribe(topic, qos=1)
+            assert [getattr(code, "value", code) for code in granted] == [128], topic
+        granted = await client.subscribe("/a1Test/acl-1/#", qos=1)
+        assert [getattr(code, "value", code) for code in granted] == [1]
+
+
+async def test_reports_on_another_devices_topic_are_ignored(server: OtaServer) -> None:
+    async with Device(server, "acl-3") as attacker:
+        await attacker.publish("/ota/device/inform/a1Test/acl-4", {"id": "1", "params": {"version": "1.0.0"}})
+        await asyncio.sleep(0.3)
+    assert await server.job_state("acl-4") is None
+
+
+async def test_upstream_ota_topics_are_not_routed(server: OtaServer) -> None:
+    async with Device(server, "acl-5") as device, \
+            Device(server, "acl-5", client_id="acl-5-monitor") as monitor:
+        await monitor.subscribe("/ota/device/+/a1Test/acl-5")
+        await monitor.subscribe("/a1Test/acl-5/#")
+        await device.progress("5", "not routed")
+        await device.publish("/a1Test/acl-5/telemetry", {"t": 1})
+        assert (await monitor.receive("/telemetry")) == b'{"t": 1}'
+        assert monitor.inbox.empty()
+
+
+async def test_wrong_password_with_a_live_client_id_changes_nothing(server: OtaServer) -> None:
+    # amqtt bug (1): this CONNECT used to wipe the real client's subscriptions first.
+    async with Device(server, "victim") as victim:
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client("127.0.0.1", server.mqtt_port, identifier="victim",
+                                      username="victim&a1Test", password="guess"):
+                pass
+        await victim.inform("1.0.0")
+        assert (await victim.next_push())["data"]["version"] == "1.1.0"
+
+
+async def test_second_connect_with_same_client_id_closes_the_first(server: OtaServer) -> None:
+    # amqtt bug (2): the first connection used to stay open beside the second.
+    async with Device(server, "twin") as first:
+        assert first._reader is not None
+        async with Device(server, "twin") as second:
+            await asyncio.wait([first._reader], timeout=3)
+            assert first.disconnected
+            await second.inform("1.0.0")
+            assert (await second.next_push())["data"]["version"] == "1.1.0"
+
+
+def _mqtt_string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack(">H", len(raw)) + raw
+
+
+def _connect_packet(client_id: str, username: str, password: str, keepalive: int, will_topic: str) -> bytes:
+    flags = 0x80 | 0x40 | 0x04 | 0x02  # username, password, will (QoS 0), clean session
+    variable = _mqtt_string("MQTT") + bytes([4, flags]) + struct.pack(">H", keepalive)
+    payload = _mqtt_string(client_id) + _mqtt_string(will_topic) + _mqtt_string("gone") + \
+        _mqtt_string(username) + _mqtt_string(password)
+    body = variable + payload
+    assert len(body) < 128
+    return bytes([0x10, len(body)]) + body
+
+
+async def test_silent_client_is_dropped_after_keepalive_and_its_will_fires(server: OtaServer) -> None:
+    # amqtt bug (3): keep-alive was never enforced, so dead devices stayed online.
+    will_topic = "/a1Test/ka-1/status"
+    async with Device(server, "ka-1", client_id="ka-1-watch") as watcher:
+        await watcher.subscribe(will_topic)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
+        writer.write(_connect_packet("ka-1", "ka-1&a1Test", device_secret("ka-1"), 1, will_topic))
+        await writer.drain()
+        assert (await reader.readexactly(4))[3] == 0  # CONNACK accepted
+        closed = await asyncio.wait_for(reader.read(), 6)  # silent: the server must hang up
+        assert closed == b""
+        assert await watcher.receive("/status", timeout=3) == b"gone"
+        writer.close()

@@ -1,0 +1,101 @@
+"""HTTP package downloads (PROTOCOL.md 5): signed URLs, Range, HEAD, 416, ETag, offset/length."""
+from __future__ import annotations
+
+import hashlib
+import time
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+import pytest
+
+from harness import Device, OtaServer
+from otacore.credentials import DeviceId
+from otacore.signed_urls import sign_url
+
+
+@pytest.fixture
+async def url(server: OtaServer) -> str:
+    async with Device(server, "dl-1") as device:
+        await device.inform("1.0.0")
+        return (await device.next_push())["data"]["url"]
+
+
+def with_query(url: str, **changes: str) -> str:
+    parts = urlsplit(url)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    query.update(changes)
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+async def fetch(method: str, url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession() as session, session.request(method, url, headers=headers) as response:
+        return response.status, {k.lower(): v for k, v in response.headers.items()}, await response.read()
+
+
+async def test_get_whole_file_with_strong_etag(server: OtaServer, url: str) -> None:
+    status, headers, body = await fetch("GET", url)
+    assert status == 200 and headers["accept-ranges"] == "bytes" and "last-modified" in headers
+    assert headers["etag"] == f'"{hashlib.sha256(body).hexdigest()}"'
+
+
+async def test_head_gives_size_without_body(server: OtaServer, url: str) -> None:
+    status, headers, body = await fetch("HEAD", url)
+    assert status == 200 and int(headers["content-length"]) == 160_000 and body == b""
+
+
+async def test_range_resume_and_unsatisfiable(server: OtaServer, url: str) -> None:
+    status, headers, body = await fetch("GET", url, Range="bytes=159990-")
+    assert status == 206 and headers["content-range"] == "bytes 159990-159999/160000" and len(body) == 10
+    status, headers, _ = await fetch("GET", url, Range="bytes=160000-")
+    assert status == 416 and headers["content-range"] == "bytes */160000"
+
+
+async def test_offset_and_length_query_slice(server: OtaServer, url: str) -> None:
+    _, _, whole = await fetch("GET", url)
+    status, headers, body = await fetch("GET", with_query(url, offset="1000", length="24"))
+    assert status == 206 and body == whole[1000:1024]
+    status, _, _ = await fetch("GET", with_query(url, offset="-5"))
+    assert status == 400
+
+
+async def test_if_range_and_if_none_match(server: OtaServer, url: str) -> None:
+    _, headers, whole = await fetch("GET", url)
+    etag = headers["etag"]
+    status, _, body = await fetch("GET", url, Range="bytes=0-9", **{"If-Range": etag})
+    assert status == 206 and body == whole[:10]
+    status, _, body = await fetch("GET", url, Range="bytes=0-9", **{"If-Range": '"stale"'})
+    assert status == 200 and body == whole
+    status, _, _ = await fetch("GET", url, **{"If-None-Match": etag})
+    assert status == 304
+
+
+async def test_altered_foreign_and_expired_urls_are_403(server: OtaServer, url: str) -> None:
+    query = parse_qs(urlsplit(url).query)
+    sig = query["sig"][0]
+    altered = with_query(url, sig=("0" if sig[0] != "0" else "1") + sig[1:])
+    for bad in (altered, with_query(url, dn="dl-2"), with_query(url, exp=str(int(time.time()) + 999_999)),
+                url.replace("fw-1.1.0.bin?", "fw-1.0.0.bin?"), url.split("?")[0]):
+        status, _, _ = await fetch("GET", bad)
+        assert status in (403, 404), bad
+    # A URL signed an hour ago with a one-minute lifetime: valid signature, but expired.
+    engine = server.engine
+    job = (await engine.store.jobs())[0]
+    old = sign_url(engine._url_key, server.http_url, job.file_key, "fw-1.1.0.bin", DeviceId("a1Test", "dl-1"),
+                   job.id, 60, now=time.time() - 3600)
+    status, _, body = await fetch("GET", old)
+    assert status == 403 and b"expired" in body
+
+
+async def test_admin_token_downloads_without_signature(server: OtaServer) -> None:
+    plain = f"{server.http_url}/files/fw-1.0.0/fw-1.0.0.bin"
+    status, _, _ = await fetch("GET", plain)
+    assert status == 403
+    status, _, body = await fetch("GET", plain, Authorization=f"Bearer {server.admin_token}")
+    assert status == 200 and len(body) == 150_000
+
+
+async def test_bytes_served_are_counted_per_job(server: OtaServer, url: str) -> None:
+    await fetch("GET", url, Range="bytes=0-999")
+    await fetch("HEAD", url)
+    job = (await server.engine.store.jobs())[0]
+    assert job.bytes_served == 1000
