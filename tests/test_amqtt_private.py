@@ -1,0 +1,44 @@
+"""The amqtt internals broker_plugin/amqtt_private.py relies on: fail loudly if they move."""
+from __future__ import annotations
+
+import inspect
+from importlib.metadata import version
+
+from amqtt.broker import Broker
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import Session
+
+from broker_plugin.amqtt_private import check_internals
+from harness import Device, OtaServer
+
+
+def test_amqtt_is_the_pinned_series() -> None:
+    assert version("amqtt").startswith("0.12."), "amqtt_private.py was written against amqtt 0.12.x"
+
+
+def test_private_details_we_use_exist() -> None:
+    source = inspect.getsource(Broker._client_connected)
+    assert "self._initialize_client_session(" in source  # our hardened replacement is called here
+    assert list(inspect.signature(Broker._initialize_client_session).parameters) == \
+        ["self", "reader", "writer", "remote_address", "remote_port"]
+    assert "self.handle_read_timeout()" in inspect.getsource(BrokerProtocolHandler._reader_loop)
+    assert "mqtt_publish" in dir(BrokerProtocolHandler)
+    assert {"client_id", "username", "transitions", "keep_alive", "clean_session"} <= set(vars(Session()))
+
+
+async def test_running_broker_passes_the_startup_check(server: OtaServer) -> None:
+    assert server.broker is not None
+    check_internals(server.broker)
+    assert server.broker._initialize_client_session.__qualname__.startswith("_hardened_initializer")
+
+
+async def test_direct_delivery_reaches_only_a_subscribed_live_session(server: OtaServer) -> None:
+    from otacore.credentials import DeviceId
+    delivery = server.plugin.runtime.delivery
+    device = DeviceId("a1Test", "direct-1")
+    assert not await delivery.send(device, "/a1Test/direct-1/x", b"offline", 1)
+    async with Device(server, "direct-1") as client:
+        assert not await delivery.send(device, "/a1Test/direct-1/x", b"not subscribed", 1)
+        await client.subscribe("/a1Test/direct-1/#")
+        assert await delivery.send(device, "/a1Test/direct-1/x", b"hello", 1)
+        assert await client.receive("/x") == b"hello"

@@ -1,0 +1,171 @@
+"""Batch lifecycle: verification gating, priorities, reload rules, diff packages, modules."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import aiohttp
+import bsdiff4
+import pytest
+
+from harness import BASE_CATALOG, Device, OtaServer, write_catalog
+from otacore.errors import ConfigError
+
+VERIFIED_PACKAGE = """
+  - {id: fw-2.0.0, product: a1Test, version: 2.0.0, file: fw-1.1.0.bin, sign_method: SHA256, verify: true}
+"""
+
+
+async def test_upgrade_waits_for_verification_then_starts(tmp_path: Path) -> None:
+    write_catalog(tmp_path, """
+    - {name: verify-2, package: fw-2.0.0, type: verify, devices: [tester], protocol: http, mode: static}
+    - {name: fleet-2, package: fw-2.0.0, type: upgrade, protocol: http, mode: dynamic}
+    """, base=BASE_CATALOG.rstrip() + VERIFIED_PACKAGE)
+    server = await OtaServer(tmp_path).start()
+    try:
+        rows = await server.engine.store.batches()
+        assert rows["fleet-2"].state == "waiting_verification"
+        async with Device(server, "fleet-a") as fleet:
+            await fleet.inform("1.0.0")
+            await fleet.expect_nothing(0.3)  # unverified: the fleet waits
+            async with Device(server, "tester") as tester:
+                await tester.inform("1.0.0")
+                assert (await tester.next_push())["data"]["version"] == "2.0.0"
+                await tester.progress(100)
+                await tester.inform("2.0.0")
+                await server.wait_state("tester", "succeeded")
+            assert (await fleet.next_push())["data"]["version"] == "2.0.0"  # started on its own
+        assert (await server.engine.store.package_statuses())["fw-2.0.0"] == "verified"
+    finally:
+        await server.stop()
+
+
+async def test_verify_failure_marks_the_package(tmp_path: Path) -> None:
+    write_catalog(tmp_path, """
+    - {name: verify-2, package: fw-2.0.0, type: verify, devices: [tester], protocol: http, mode: static}
+    """, base=BASE_CATALOG.rstrip() + VERIFIED_PACKAGE)
+    server = await OtaServer(tmp_path).start()
+    try:
+        async with Device(server, "tester") as tester:
+            await tester.inform("1.0.0")
+            await tester.next_push()
+            await tester.progress(-4, "flash failed")
+            await server.wait_state("tester", "failed")
+        assert (await server.engine.store.package_statuses())["fw-2.0.0"] == "verify_failed"
+    finally:
+        await server.stop()
+
+
+async def test_verify_batch_wins_over_a_later_upgrade_batch(tmp_path: Path) -> None:
+    write_catalog(tmp_path, """
+    - {name: verify-1.1, package: fw-1.1.0, type: verify, devices: [pick-me], protocol: http, mode: static}
+    - {name: fleet-1.1, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic}
+    """)
+    server = await OtaServer(tmp_path).start()
+    try:
+        async with Device(server, "pick-me") as device:
+            await device.inform("1.0.0")
+            await device.next_push()
+        jobs = await server.engine.store.jobs()
+        assert [(j.batch, j.device.device_name) for j in jobs] == [("verify-1.1", "pick-me")]
+    finally:
+        await server.stop()
+
+
+async def test_src_versions_filter(tmp_path: Path) -> None:
+    write_catalog(tmp_path, """
+    - {name: only-0.9, package: fw-1.1.0, type: upgrade, src_versions: [0.9.0], protocol: http, mode: dynamic}
+    """)
+    server = await OtaServer(tmp_path).start()
+    try:
+        async with Device(server, "s-1") as on_1_0, Device(server, "s-2") as on_0_9:
+            await on_1_0.inform("1.0.0")
+            await on_0_9.inform("0.9.0")
+            assert (await on_0_9.next_push())["data"]["version"] == "1.1.0"
+            await on_1_0.expect_nothing(0.3)
+    finally:
+        await server.stop()
+
+
+async def test_bad_reload_changes_nothing_and_removal_cancels(tmp_path: Path) -> None:
+    write_catalog(tmp_path, """
+    - {name: up, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic}
+    """)
+    server = await OtaServer(tmp_path).start()
+    try:
+        async with Device(server, "r-1") as device:
+            await device.inform("1.0.0")
+            await device.next_push()
+        (tmp_path / "ota.yaml").write_text("products: [", encoding="utf-8")
+        with pytest.raises(ConfigError):
+            await server.engine.reload()
+        write_catalog(tmp_path, """
+        - {name: up, package: fw-1.1.0, type: upgrade, protocol: mqtt, mode: dynamic}
+        """)
+        with pytest.raises(ConfigError, match="cannot change protocol"):
+            await server.engine.reload()
+        assert server.engine.catalog.batches["up"].protocol == "http"  # nothing changed
+        assert await server.job_state("r-1") == "notified"
+        write_catalog(tmp_path, "")
+        await server.engine.reload()
+        assert await server.job_state("r-1") == "canceled"
+        assert (await server.engine.store.batches())["up"].state == "canceled"
+    finally:
+        await server.stop()
+
+
+async def test_admin_reload_api(server: OtaServer) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{server.http_url}/admin/api/reload") as response:
+            assert response.status == 401
+        (server.root / "ota.yaml").write_text("packages_dir: packages\nproducts: []\nbogus: 1\n", encoding="utf-8")
+        headers = {"Authorization": f"Bearer {server.admin_token}"}
+        async with http.post(f"{server.http_url}/admin/api/reload", headers=headers) as response:
+            body = await response.json()
+            assert response.status == 400 and any("bogus" in e and ":3:" in e for e in body["errors"])
+        async with http.get(f"{server.http_url}/admin/api/status", headers=headers) as response:
+            assert (await response.json())["batches"][0]["name"] == "up-1.1.0"
+
+
+async def test_diff_from_sends_a_patch_that_rebuilds_the_image(tmp_path: Path) -> None:
+    base = BASE_CATALOG.replace("sign_method: MD5}", "sign_method: MD5, diff_from: [1.0.0]}")
+    write_catalog(tmp_path, """
+    - {name: up, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic}
+    """, base=base)
+    server = await OtaServer(tmp_path).start()
+    try:
+        async with Device(server, "d-1") as device:
+            await device.inform("1.0.0")
+            data = (await device.next_push())["data"]
+        async with aiohttp.ClientSession() as http, http.get(data["url"]) as response:
+            patch = await response.read()
+        assert data["isDiff"] == 1 and hashlib.md5(patch).hexdigest() == data["sign"] == data["md5"]
+        old = (tmp_path / "packages" / "fw-1.0.0.bin").read_bytes()
+        image = bsdiff4.patch(old, patch)
+        assert image == (tmp_path / "packages" / "fw-1.1.0.bin").read_bytes()
+        assert data["extData"]["_target_size"] == len(image)
+        assert data["extData"]["_target_sign"] == hashlib.md5(image).hexdigest()
+    finally:
+        await server.stop()
+
+
+async def test_module_upgrade_reports_module(tmp_path: Path) -> None:
+    extra = """
+  - {id: mcu-2.0.0, product: a1Test, module: MCU, version: 2.0.0, file: fw-1.0.0.bin, sign_method: SHA256}
+"""
+    write_catalog(tmp_path, """
+    - {name: mcu, package: mcu-2.0.0, type: upgrade, protocol: http, mode: dynamic}
+    """, base=BASE_CATALOG.rstrip() + extra)
+    server = await OtaServer(tmp_path).start()
+    try:
+        async with Device(server, "mod-1") as device:
+            await device.inform("1.0.0")  # default module: not this batch
+            await device.expect_nothing(0.3)
+            await device.inform("1.5.0", module="MCU")
+            data = (await device.next_push())["data"]
+            assert data["module"] == "MCU" and data["signMethod"] == "SHA256" and "md5" not in data
+            await device.progress(100, module="MCU")
+            await device.inform("2.0.0", module="MCU")
+            await server.wait_state("mod-1", "succeeded")
+    finally:
+        await server.stop()

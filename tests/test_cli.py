@@ -1,0 +1,155 @@
+"""`ota-server` and `otactl` as a user runs them: real processes, real files, loopback only."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import Device, OtaServer, free_port, write_catalog
+from conftest import UPGRADE_BATCH
+
+BIN = Path(sys.executable).parent
+
+
+def broker_yaml(root: Path, mqtt_port: int, http_port: int) -> Path:
+    path = root / "broker.yaml"
+    path.write_text(f"""
+listeners:
+  default: {{type: tcp, bind: 127.0.0.1:{mqtt_port}}}
+plugins:
+  broker_plugin.auth.DeviceAuthPlugin: {{}}
+  broker_plugin.acl.DeviceTopicPlugin: {{}}
+  broker_plugin.ota.OtaPlugin:
+    catalog: ota.yaml
+    data_dir: var
+    http: {{bind: 127.0.0.1:{http_port}, public_url: http://127.0.0.1:{http_port}}}
+""", encoding="utf-8")
+    return path
+
+
+def otactl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "otactl"), "--config", str(config), *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+class ServerProcess:
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([str(BIN / "ota-server"), "--config", str(self.config)],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        info = self.config.parent / "var" / "server.json"
+        deadline = time.time() + 20
+        while not info.exists():
+            if self.process.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"server did not start: {self.process.stdout.read() if self.process.stdout else ''}")
+            time.sleep(0.05)
+        time.sleep(0.2)  # server.json is written just before the MQTT listener opens
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+        (self.config.parent / "var" / "server.json").unlink(missing_ok=True)
+
+    def stop(self) -> str:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        output, _ = self.process.communicate(timeout=15)
+        return output
+
+
+def test_bad_catalog_is_a_one_line_exit(tmp_path: Path) -> None:
+    write_catalog(tmp_path, """
+    - {name: up, package: fw-9.9.9, type: upgrade, protocol: http, mode: dynamic}
+    """)
+    config = broker_yaml(tmp_path, free_port(), free_port())
+    result = subprocess.run([str(BIN / "ota-server"), "--config", str(config)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "ota.yaml:" in result.stderr and "batches[0].package" in result.stderr and "fw-9.9.9" in result.stderr
+
+
+def test_missing_config_and_bad_flags_exit_cleanly(tmp_path: Path) -> None:
+    result = subprocess.run([str(BIN / "ota-server"), "--config", str(tmp_path / "nope.yaml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "not found" in result.stderr and "Traceback" not in result.stderr
+    write_catalog(tmp_path)
+    config = broker_yaml(tmp_path, free_port(), free_port())
+    result = subprocess.run([str(BIN / "ota-server"), "--config", str(config), "--http-bind", "nonsense"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "HOST:PORT" in result.stderr
+
+
+def test_otactl_validate_reports_every_error_with_lines(tmp_path: Path) -> None:
+    write_catalog(tmp_path, """
+    - {name: up, package: fw-1.1.0, type: sideways, protocol: ftp, mode: dynamic}
+    """)
+    config = broker_yaml(tmp_path, free_port(), free_port())
+    result = otactl(config, "validate")
+    assert result.returncode == 1
+    assert "batches[0].type" in result.stdout and "batches[0].protocol" in result.stdout
+    assert f"{tmp_path / 'ota.yaml'}:" in result.stdout
+    write_catalog(tmp_path, UPGRADE_BATCH)
+    result = otactl(config, "validate")
+    assert result.returncode == 0 and "OK: 1 products" in result.stdout
+
+
+async def test_kill_9_mid_upgrade_then_status_and_reload(tmp_path: Path) -> None:
+    write_catalog(tmp_path, UPGRADE_BATCH)
+    mqtt_port, http_port = free_port(), free_port()
+    config = broker_yaml(tmp_path, mqtt_port, http_port)
+    process = ServerProcess(config)
+    await asyncio.to_thread(process.start)
+    client_view = OtaServer(tmp_path, mqtt_port=mqtt_port, http_port=http_port)
+    try:
+        async with Device(client_view, "k-1") as device:
+            await device.inform("1.0.0")
+            await device.next_push()
+            await device.progress(60, "downloading")
+            await asyncio.sleep(0.3)
+        await asyncio.to_thread(process.kill)  # no shutdown: a crash
+        await asyncio.to_thread(process.start)
+        status = await asyncio.to_thread(otactl, config, "status", "up-1.1.0")
+        assert status.returncode == 0, status.stderr
+        line = next(l for l in status.stdout.splitlines() if l.startswith("k-1"))
+        assert "in_progress" in line and "60%" in line and "downloading" in line
+        async with Device(client_view, "k-1") as device:
+            await device.progress(100, "installed")
+            await device.inform("1.1.0")
+            await asyncio.sleep(0.3)
+        summary = await asyncio.to_thread(otactl, config, "status")
+        assert "up-1.1.0" in summary.stdout and "100%" in summary.stdout and "succeeded 1" in summary.stdout
+        reload = await asyncio.to_thread(otactl, config, "reload")
+        assert reload.returncode == 0 and "reloaded" in reload.stdout
+    finally:
+        output = await asyncio.to_thread(process.stop)
+    assert "Traceback" not in output
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX only")
+async def test_sighup_reloads(tmp_path: Path) -> None:
+    write_catalog(tmp_path)
+    config = broker_yaml(tmp_path, free_port(), free_port())
+    process = ServerProcess(config)
+    await asyncio.to_thread(process.start)
+    try:
+        write_catalog(tmp_path, UPGRADE_BATCH)
+        assert process.process is not None
+        os.kill(process.process.pid, signal.SIGHUP)
+        await asyncio.sleep(1.0)
+        status = await asyncio.to_thread(otactl, config, "status")
+        assert "up-1.1.0" in status.stdout and "running" in status.stdout
+    finally:
+        output = await asyncio.to_thread(process.stop)
+    assert "catalog reloaded" in output
