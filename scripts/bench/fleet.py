@@ -1,0 +1,137 @@
+"""Benchmark: upgrade a fleet of simulated devices end to end over loopback.
+
+Starts `ota-server` as its own process (so its memory is measured alone) on free
+127.0.0.1 ports with a temporary catalog: one product, firmware 1.0.0 -> 1.1.0, a pushed
+dynamic batch. Then N devices from scripts/device_sim.py connect, report 1.0.0, take the
+push, download over HTTP with Range, report progress and the new version. Prints a table:
+wall time, pushes per second, upgraded/failed, and the server's peak RSS (VmHWM).
+
+    .venv/bin/python scripts/bench/fleet.py --devices 1000
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import device_sim  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_config(root: Path, mqtt_port: int, http_port: int, size: int, protocol: str) -> Path:
+    packages = root / "packages"
+    packages.mkdir()
+    rng = random.Random(7)
+    (packages / "fw-1.0.0.bin").write_bytes(rng.randbytes(size))
+    (packages / "fw-1.1.0.bin").write_bytes(rng.randbytes(size))
+    (root / "ota.yaml").write_text(f"""
+packages_dir: packages
+products:
+  - {{key: a1Bench, name: Bench, secret: bench-secret}}
+packages:
+  - {{id: fw-1.0.0, product: a1Bench, version: 1.0.0, file: fw-1.0.0.bin, sign_method: SHA256}}
+  - {{id: fw-1.1.0, product: a1Bench, version: 1.1.0, file: fw-1.1.0.bin, sign_method: SHA256}}
+batches:
+  - {{name: bench, package: fw-1.1.0, type: upgrade, protocol: {protocol}, mode: dynamic, push: true}}
+""", encoding="utf-8")
+    config = root / "broker.yaml"
+    config.write_text(f"""
+listeners:
+  default: {{type: tcp, bind: 127.0.0.1:{mqtt_port}, max_connections: 50000}}
+plugins:
+  broker_plugin.auth.DeviceAuthPlugin: {{}}
+  broker_plugin.acl.DeviceTopicPlugin: {{}}
+  broker_plugin.ota.OtaPlugin:
+    catalog: ota.yaml
+    data_dir: var
+    http: {{bind: 127.0.0.1:{http_port}, public_url: http://127.0.0.1:{http_port}}}
+""", encoding="utf-8")
+    return config
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_ready(root: Path, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.time() + 30
+    while not (root / "var" / "server.json").exists():
+        if process.poll() is not None or time.time() > deadline:
+            raise SystemExit("ota-server did not start")
+        time.sleep(0.05)
+    time.sleep(0.3)
+
+
+async def run(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="ota-bench-") as tmp:
+        root = Path(tmp)
+        mqtt_port, http_port = free_port(), free_port()
+        config = write_config(root, mqtt_port, http_port, args.size, args.protocol)
+        server = subprocess.Popen([sys.executable, "-m", "broker_plugin.server", "--config", str(config),
+                                   "--log-level", "WARNING"], cwd=ROOT)
+        try:
+            wait_ready(root, server)
+            idle_rss = peak_rss_mib(server.pid)
+            cfgs = [device_sim.DeviceConfig(device_name=f"bench-{i:05d}", product_key="a1Bench",
+                                            product_secret="bench-secret", mqtt_port=mqtt_port,
+                                            chunk=args.chunk, timeout=args.timeout)
+                    for i in range(args.devices)]
+            started = time.perf_counter()
+            results = await device_sim.run_fleet(cfgs, args.concurrency)
+            wall = time.perf_counter() - started
+            peak = peak_rss_mib(server.pid)
+        finally:
+            server.terminate()
+            server.wait(30)
+    upgraded = sum(r.outcome == "upgraded" for r in results)
+    failed = len(results) - upgraded
+    per_device = sorted(r.seconds for r in results)
+    rows = [
+        ("devices", f"{args.devices}"), ("package size", f"{args.size} B"), ("protocol", args.protocol),
+        ("concurrency", f"{args.concurrency}"), ("upgraded / failed", f"{upgraded} / {failed}"),
+        ("wall time", f"{wall:.1f} s"), ("pushes per second", f"{upgraded / wall:.0f}"),
+        ("device time p50 / p99", f"{per_device[len(per_device) // 2]:.2f} s / "
+                                  f"{per_device[int(len(per_device) * 0.99) - 1]:.2f} s"),
+        ("server RSS idle / peak", f"{idle_rss:.0f} MiB / {peak:.0f} MiB"),
+        ("cpu", f"{os.cpu_count()} cores"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name.ljust(width)}  {value}")
+    for result in results:
+        if result.outcome != "upgraded":
+            print(f"  {result.device_name}: {result.outcome} {result.reason}")
+            break
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=200, help="devices connecting at once")
+    parser.add_argument("--size", type=int, default=256 * 1024, help="package size in bytes")
+    parser.add_argument("--chunk", type=int, default=65536, help="bytes per Range request or MQTT block")
+    parser.add_argument("--protocol", choices=["http", "mqtt"], default="http")
+    parser.add_argument("--timeout", type=float, default=300.0, help="per device")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
