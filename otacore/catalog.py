@@ -19,11 +19,14 @@ from .versions import VERSION_PATTERN as _VERSION_PATTERN, is_version
 from .yamlmarks import MarkedList, MarkedMap, YamlSyntaxError, load_marked
 
 DEFAULT_MODULE = "default"
-PRODUCT_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
-MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-PACKAGE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-BATCH_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+PRODUCT_KEY_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}\Z")
+MODULE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
+PACKAGE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+BATCH_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
+# `/sys/{pk}/{dn}` and `/ota/device/...` are protocol topics: a product with one of these
+# keys would own `/{pk}/{dn}/#` inside them, reaching other devices' topics.
+RESERVED_PRODUCT_KEYS = frozenset({"sys", "ota"})
 SIGN_METHODS = {"md5": "MD5", "sha256": "SHA256"}
 
 
@@ -125,6 +128,10 @@ def derive_device_secret(product_secret: str, device_name: str) -> str:
     return hmac.new(product_secret.encode(), device_name.encode(), hashlib.sha256).hexdigest()
 
 
+def _path(parent: str, name: Any) -> str:
+    return f"{parent}.{name}" if parent else str(name)
+
+
 class _Checker:
     """Collects issues while reading one YAML document."""
 
@@ -162,30 +169,30 @@ class _Checker:
     def known_keys(self, item: MarkedMap, key: str, allowed: set[str]) -> None:
         for name in item:
             if name not in allowed:
-                self.add(item.line_of(name), f"{key}.{name}",
+                self.add(item.line_of(name), _path(key, name),
                          f"unknown key; expected one of {', '.join(sorted(allowed))}")
 
     def text(self, item: MarkedMap, key: str, name: str, *, required: bool = False,
              pattern: re.Pattern[str] | None = None, rule: str = "", default: str | None = None) -> str | None:
         if name not in item or item[name] is None:
             if required:
-                self.add(item.line, f"{key}.{name}", "is required")
+                self.add(item.line, _path(key, name), "is required")
             return default
         value = item[name]
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)
         if not isinstance(value, str):
-            self.add(item.line_of(name), f"{key}.{name}", f"must be text, got {_kind(value)}")
+            self.add(item.line_of(name), _path(key, name), f"must be text, got {_kind(value)}")
             return default
         if pattern is not None and not pattern.match(value):
-            self.add(item.line_of(name), f"{key}.{name}", f"{value!r} is not valid: {rule}")
+            self.add(item.line_of(name), _path(key, name), f"{value!r} is not valid: {rule}")
             return default
         return value
 
     def flag(self, item: MarkedMap, key: str, name: str, default: bool) -> bool:
         value = item.get(name, default)
         if not isinstance(value, bool):
-            self.add(item.line_of(name), f"{key}.{name}", f"must be true or false, got {value!r}")
+            self.add(item.line_of(name), _path(key, name), f"must be true or false, got {value!r}")
             return default
         return value
 
@@ -194,7 +201,7 @@ class _Checker:
             return None
         value = item[name]
         if not isinstance(value, MarkedList):
-            self.add(item.line_of(name), f"{key}.{name}", f"must be a list, got {_kind(value)}")
+            self.add(item.line_of(name), _path(key, name), f"must be a list, got {_kind(value)}")
             return None
         result = []
         for index, entry in enumerate(value):
@@ -252,6 +259,10 @@ def _read_products(check: _Checker, root: MarkedMap) -> dict[str, Product]:
         check.known_keys(item, key, {"key", "name", "secret", "modules", "devices", "description"})
         product_key = check.text(item, key, "key", required=True, pattern=PRODUCT_KEY_RE,
                                  rule="1-64 of A-Z a-z 0-9 _ -")
+        if product_key in RESERVED_PRODUCT_KEYS:
+            check.add(item.line_of("key"), _path(key, "key"),
+                      f"{product_key!r} is reserved: its topics would overlap /{product_key}/...; choose another key")
+            product_key = None
         name = check.text(item, key, "name", default=product_key) or ""
         secret = check.text(item, key, "secret")
         modules = {DEFAULT_MODULE: Module(DEFAULT_MODULE, "default module")}
@@ -295,6 +306,7 @@ def _read_packages(check: _Checker, root: MarkedMap, products: dict[str, Product
                    packages_dir: Path, settings: Settings) -> dict[str, Package]:
     packages: dict[str, Package] = {}
     lines: dict[str, tuple[int, str, MarkedMap]] = {}
+    diff_lines: dict[str, list[int]] = {}
     allowed = {"id", "name", "product", "module", "version", "type", "file", "base_version", "sign_method",
                "verify", "description", "notice", "ext_data", "diff_from"}
     for line, key, item in check.items(root, "packages"):
@@ -321,7 +333,8 @@ def _read_packages(check: _Checker, root: MarkedMap, products: dict[str, Product
             check.add(line, f"{key}.base_version", "a diff package needs base_version (the version the patch applies to)")
         if kind == "full" and "base_version" in item:
             check.add(item.line_of("base_version"), f"{key}.base_version", "only diff packages have a base_version")
-        diff_from = [v for _, v in (check.text_list(item, key, "diff_from") or [])]
+        diff_from_lines = check.text_list(item, key, "diff_from") or []
+        diff_from = [v for _, v in diff_from_lines]
         if kind == "diff" and diff_from:
             check.add(item.line_of("diff_from"), f"{key}.diff_from", "only full packages can list diff_from")
         ext_data = item.get("ext_data") or {}
@@ -341,6 +354,7 @@ def _read_packages(check: _Checker, root: MarkedMap, products: dict[str, Product
             base_version=base_version, description=check.text(item, key, "description") or "",
             notice=notice, ext_data=dict(ext_data), diff_from=tuple(diff_from))
         lines[package_id] = (line, key, item)
+        diff_lines[package_id] = [dline for dline, _ in diff_from_lines]
 
     seen_full: dict[tuple[str, str, str], str] = {}
     for package in packages.values():
@@ -362,12 +376,13 @@ def _read_packages(check: _Checker, root: MarkedMap, products: dict[str, Product
                           "add it so the server can state the patched image's size and hash")
         for index, old in enumerate(package.diff_from):
             where = f"{key}.diff_from[{index}]"
+            old_line = diff_lines[package.id][index]
             if not is_version(old):
-                check.add(item.line_of("diff_from"), where, f"{old!r} is not valid: {VERSION_RULE}")
+                check.add(old_line, where, f"{old!r} is not valid: {VERSION_RULE}")
             elif old == package.version:
-                check.add(item.line_of("diff_from"), where, "a package cannot be a diff from its own version")
+                check.add(old_line, where, "a package cannot be a diff from its own version")
             elif (package.product, package.module, old) not in seen_full:
-                check.add(item.line_of("diff_from"), where,
+                check.add(old_line, where,
                           f"no full package of module {package.module!r} has version {old}; add it or drop {old}")
     return packages
 
@@ -390,7 +405,7 @@ def _check_package_file(check: _Checker, item: MarkedMap, key: str, packages_dir
         return None
     size = candidate.stat().st_size
     if size == 0:
-        check.add(line, f"{key}.file", f"{candidate} is empty")
+        check.add(line, f"{key}.file", f"{candidate} is empty; copy the real image into packages_dir")
         return None
     if size > settings.max_file_bytes:
         check.add(line, f"{key}.file", f"{size} bytes is over limits.max_file_mb ({settings.max_file_mb} MB)")
@@ -428,7 +443,8 @@ def _read_batches(check: _Checker, root: MarkedMap, products: dict[str, Product]
         product = products.get(package.product) if package else None
         for dline, device_name in devices or []:
             if product is not None and not product.has_device(device_name):
-                check.add(dline, f"{key}.devices", f"device {device_name!r} does not belong to product {product.key!r}")
+                check.add(dline, f"{key}.devices", f"device {device_name!r} does not belong to product {product.key!r}; "
+                                                     "list it under the product's devices")
         if devices and len({d for _, d in devices}) != len(devices):
             check.add(item.line_of("devices"), f"{key}.devices", "lists a device twice")
         src_versions = check.text_list(item, key, "src_versions")

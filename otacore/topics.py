@@ -47,7 +47,7 @@ def _fixed_prefix_len(levels: list[str], device: DeviceId) -> int:
     pk, dn = device.product_key, device.device_name
     if len(levels) >= 4 and levels[0] == "" and levels[1] == "sys" and levels[2:4] == [pk, dn]:
         return 4
-    if len(levels) >= 3 and levels[0] == "" and levels[1:3] == [pk, dn]:
+    if len(levels) >= 3 and levels[0] == "" and levels[1:3] == [pk, dn] and pk not in ("sys", "ota"):
         return 3
     return 0
 
