@@ -1,9 +1,11 @@
 """Every use of amqtt 0.12 internals, in one place, each checked by tests/test_amqtt_private.py.
 
 - `broker_of`: the Broker behind a plugin context (to find sibling plugins and sessions).
-- `harden`: defends against three amqtt bugs (DESIGN.md): a CONNECT with a wrong password
-  wiping the real client's session, a second CONNECT with the same client id leaving the
-  first connection open, and keep-alive never being enforced.
+- `harden`: defends against amqtt bugs: the three of DESIGN.md (a CONNECT with a wrong
+  password wiping the real client's session, a second CONNECT with the same client id
+  leaving the first connection open, keep-alive never enforced) and one found here: on
+  connect, amqtt sends a client the retained messages of every filter on the broker,
+  past the ACL. It also removes two per-connection costs that grow with the fleet.
 - `SessionDelivery`: publishes straight to one device's session, instead of
   `broadcast_message`, whose cost grows with every subscription filter on the broker.
 """
@@ -15,6 +17,7 @@ import math
 from typing import Any
 
 from amqtt.broker import Broker
+from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -42,8 +45,9 @@ def broker_of(context: Any) -> Broker:
 def check_internals(broker: Broker) -> None:
     """Fail loudly at start, not quietly under load, when amqtt's internals moved."""
     # plugins_manager is not set yet while plugins are built; it is looked up at call time.
-    needed = ("_sessions", "_subscriptions", "_authenticate", "_delete_session", "_initialize_client_session",
-              "config")
+    needed = ("_sessions", "_subscriptions", "_retained_messages", "_authenticate", "_delete_session",
+              "_initialize_client_session", "_publish_retained_messages_for_subscription", "_matches",
+              "_topic_filtering", "_get_handler", "config")
     missing = [name for name in needed if not hasattr(broker, name)]
     if missing or not hasattr(BrokerProtocolHandler, "init_from_connect") \
             or not hasattr(BrokerProtocolHandler, "handle_read_timeout"):
@@ -61,6 +65,10 @@ def harden(broker: Broker) -> None:
         return
     check_internals(broker)
     broker._initialize_client_session = _hardened_initializer(broker)  # type: ignore[method-assign]
+    broker._publish_retained_messages_for_subscription = _retained_for_own_filters(broker)  # type: ignore[method-assign]
+    # amqtt logs `repr(self._subscriptions)` on every SUBSCRIBE, at any log level: with a
+    # fleet that is every session's repr, per subscribe. Same dict, cheap repr.
+    broker._subscriptions = _SubscriptionTable(broker._subscriptions)
     setattr(broker, _HARDENED, True)
 
 
@@ -107,6 +115,35 @@ def _hardened_initializer(broker: Broker) -> Any:
         return handler, session
 
     return initialize
+
+
+class _SubscriptionTable(dict):
+    def __repr__(self) -> str:
+        return f"<{len(self)} subscription filters>"
+
+
+def _retained_for_own_filters(broker: Broker) -> Any:
+    """Retained messages for a filter the session itself holds, allowed by the ACL.
+
+    amqtt calls this on connect for every filter on the broker (with anyone's filters) and
+    after each SUBSCRIBE; skipping filters the session does not hold closes the leak and
+    makes a connect O(filters) dictionary lookups instead of O(filters x retained) matches.
+    """
+    async def publish_retained(subscription: tuple[str, int], session: Session) -> None:
+        if not broker._retained_messages:
+            return
+        topic_filter = subscription[0]
+        held = [qos for holder, qos in broker._subscriptions.get(topic_filter, ()) if holder.client_id == session.client_id]
+        handler = broker._get_handler(session)
+        if not held or handler is None:
+            return
+        for topic, retained in list(broker._retained_messages.items()):
+            if broker._matches(topic, topic_filter) and \
+                    await broker._topic_filtering(session, topic=topic, action=Action.RECEIVE):
+                qos = min(held[0], retained.qos if retained.qos is not None else held[0])
+                await handler.mqtt_publish(retained.topic, retained.data, qos, retain=True)
+
+    return publish_retained
 
 
 def _expire(handler: BrokerProtocolHandler, session: Session) -> None:

@@ -6,6 +6,7 @@ server writes. Every job transition is one transaction: the row and its history 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -212,10 +213,12 @@ class Store:
                 await self._db.rollback()
                 return None
             job_id = cursor.lastrowid
+            assert job_id is not None
             await self._db.execute("INSERT INTO job_events (job_id, at, from_state, to_state, progress, reason) "
                                    "VALUES (?, ?, NULL, ?, 0, ?)", (job_id, now, state, reason))
             await self._db.commit()
-        return await self.job(job_id)
+        return Job(job_id, batch, device, module, package_id, from_version, target_version, state,
+                   100 if state == "succeeded" else 0, None, "", file_key, file_size, 0, now, now)
 
     async def transition(self, job: Job, to_state: str, reason: str, *, progress: int | None = None,
                          code: int | None = None, message: str | None = None,
@@ -235,9 +238,7 @@ class Store:
                                    "VALUES (?, ?, ?, ?, ?, ?)",
                                    (job.id, now, job.state, to_state, fields.get("progress", job.progress), reason))
             await self._db.commit()
-        updated = await self.job(job.id)
-        assert updated is not None
-        return updated
+        return dataclasses.replace(job, **fields)
 
     async def add_bytes_served(self, job_id: int, count: int) -> None:
         async with self._write:

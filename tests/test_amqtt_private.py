@@ -30,6 +30,8 @@ async def test_running_broker_passes_the_startup_check(server: OtaServer) -> Non
     assert server.broker is not None
     check_internals(server.broker)
     assert server.broker._initialize_client_session.__qualname__.startswith("_hardened_initializer")
+    # Broker.start() clears the subscription table in place; our cheap-repr table must survive it.
+    assert repr(server.broker._subscriptions).endswith("subscription filters>")
 
 
 async def test_direct_delivery_reaches_only_a_subscribed_live_session(server: OtaServer) -> None:

@@ -142,3 +142,18 @@ async def test_silent_client_is_dropped_after_keepalive_and_its_will_fires(serve
         assert closed == b""
         assert await watcher.receive("/status", timeout=3) == b"gone"
         writer.close()
+
+
+async def test_retained_messages_do_not_leak_to_other_devices_on_connect(server: OtaServer) -> None:
+    # amqtt 0.12 sends a connecting client the retained messages of *every* filter on the
+    # broker, past the ACL; a device must only get retained messages of its own filters.
+    async with Device(server, "ret-x", client_id="ret-x-watch") as watcher:
+        await watcher.subscribe("/a1Test/ret-x/#")
+        async with Device(server, "ret-x") as owner:
+            await owner._client.publish("/a1Test/ret-x/state", b"secret-state", qos=1, retain=True)  # type: ignore[union-attr]
+            assert await watcher.receive("/state") == b"secret-state"
+        async with Device(server, "ret-y") as other:
+            await other.expect_nothing(0.5)
+        async with Device(server, "ret-x", client_id="ret-x-late") as late:
+            await late.subscribe("/a1Test/ret-x/#")
+            assert await late.receive("/state") == b"secret-state"  # its own filter: still delivered

@@ -71,6 +71,11 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_ready(root: Path, process: subprocess.Popen[bytes]) -> None:
     deadline = time.time() + 30
     while not (root / "var" / "server.json").exists():
@@ -90,6 +95,8 @@ async def run(args: argparse.Namespace) -> None:
         try:
             wait_ready(root, server)
             idle_rss = peak_rss_mib(server.pid)
+            server_cpu_before = cpu_seconds(server.pid)
+            own_cpu_before = time.process_time()
             cfgs = [device_sim.DeviceConfig(device_name=f"bench-{i:05d}", product_key="a1Bench",
                                             product_secret="bench-secret", mqtt_port=mqtt_port,
                                             chunk=args.chunk, timeout=args.timeout)
@@ -98,6 +105,8 @@ async def run(args: argparse.Namespace) -> None:
             results = await device_sim.run_fleet(cfgs, args.concurrency)
             wall = time.perf_counter() - started
             peak = peak_rss_mib(server.pid)
+            server_cpu = cpu_seconds(server.pid) - server_cpu_before
+            sim_cpu = time.process_time() - own_cpu_before
         finally:
             server.terminate()
             server.wait(30)
@@ -111,7 +120,8 @@ async def run(args: argparse.Namespace) -> None:
         ("device time p50 / p99", f"{per_device[len(per_device) // 2]:.2f} s / "
                                   f"{per_device[int(len(per_device) * 0.99) - 1]:.2f} s"),
         ("server RSS idle / peak", f"{idle_rss:.0f} MiB / {peak:.0f} MiB"),
-        ("cpu", f"{os.cpu_count()} cores"),
+        ("CPU server / devices", f"{server_cpu:.1f} s / {sim_cpu:.1f} s"),
+        ("machine", f"{os.cpu_count()} cores"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
