@@ -78,7 +78,7 @@ def _hardened_initializer(broker: Broker) -> Any:
             handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, broker.plugins_manager)
         except (AMQTTError, NoDataError) as exc:
             raise AMQTTError(exc) from exc
-        except MQTTError as exc:
+        except MQTTError:
             await writer.close()
             raise
         if session.clean_session and not session.client_id:

@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import ssl
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web

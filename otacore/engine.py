@@ -17,13 +17,13 @@ from typing import Any, Protocol
 from .catalog import DEFAULT_MODULE, Batch, Catalog, Package, load_catalog
 from .codec import BlockRequest, encode_block_reply, encode_json
 from .credentials import DeviceId
-from .eligibility import batch_priority, candidate_batches, device_in_scope, version_qualifies
+from .eligibility import batch_priority, candidate_batches, version_qualifies
 from .errors import ConfigError, ConfigIssue
 from .keyed_locks import KeyedLocks
 from .package_files import DownloadFile, PackageFiles
 from .settings import Settings
 from .signed_urls import sign_url, verify_url
-from .store import Job, Store
+from .store import Job, NewJob, Store
 from .topics import upgrade_topic
 
 log = logging.getLogger("ota.engine")
@@ -137,12 +137,32 @@ class OtaEngine:
             names = [n for n, v in known.items() if version_qualifies(batch, package, v)]
         if batch.mode == "static":
             await self.store.add_targets(batch.name, [DeviceId(package.product, n) for n in names])
+        # One transaction for the whole fleet, then the pushes: a batch start is a storm.
+        wanted = []
         for name in names:
-            if name in known:
-                device = DeviceId(package.product, name)
-                async with self._device_locks.hold(device):
-                    if await self.store.open_job(device, package.module) is None:
-                        await self._consider(device, package.module, known[name], deliver=True)
+            version = known.get(name)
+            if version is None:
+                continue  # offline or never reported: it gets its job when it reports
+            device = DeviceId(package.product, name)
+            if batch.type == "verify" and version == package.version:
+                wanted.append(self._new_job(device, package, version, state="succeeded"))
+            elif version_qualifies(batch, package, version):
+                wanted.append(self._new_job(device, package, version))
+        jobs = await self.store.create_jobs(batch.name, wanted, f"batch {batch.name} started; device reported a "
+                                            "version it targets")
+        queued = [job for job in jobs if job.state == "queued"]
+        log.info("batch %s: %d jobs created", batch.name, len(jobs))
+        if batch.push:
+            delivered = [job for job in queued if await self._send_push(job)]
+            await self.store.transition_many(delivered, "notified", "upgrade pushed")
+        if len(queued) < len(jobs):
+            await self._after_final(next(job for job in jobs if job.state == "succeeded"))
+
+    def _new_job(self, device: DeviceId, package: Package, version: str, state: str = "queued") -> NewJob:
+        assert self.files is not None
+        download = self.files.download_for(package, version)
+        return NewJob(device, package.module, package.id, version, package.version, download.key,
+                      download.digest.size, state)
 
     async def _sync_listed_targets(self, batch: Batch, package: Package) -> None:
         """A reload may add devices to a running static batch's list."""
@@ -167,10 +187,8 @@ class OtaEngine:
             if await self.store.has_job_in_batch(batch.name, device):
                 continue
             package = catalog.packages[batch.package]
-            download = files.download_for(package, version)
-            job = await self.store.create_job(batch.name, device, module, package.id, version, package.version,
-                                              download.key, download.digest.size,
-                                              reason=f"reported {version}; batch {batch.name} targets it")
+            job = await self.store.create_job(batch.name, self._new_job(device, package, version),
+                                              f"reported {version}; batch {batch.name} targets it")
             if job is None:
                 return await self.store.open_job(device, module)
             log.info("job %d: %s %s -> %s in batch %s", job.id, device, version, package.version, batch.name)
@@ -180,12 +198,16 @@ class OtaEngine:
         return None
 
     async def _push(self, job: Job, batch: Batch) -> None:
+        if await self._send_push(job) and job.state == "queued":
+            await self.store.transition(job, "notified", "upgrade pushed")
+
+    async def _send_push(self, job: Job) -> bool:
+        """Send the upgrade push (b); False when the device is not online and subscribed."""
         message = {"code": "1000", "id": next(self._push_ids), "message": "success", "data": self._offer_data(job)}
         delivered = await self.notifier.send(job.device, upgrade_topic(job.device), encode_json(message), 1)
-        if delivered and job.state == "queued":
-            await self.store.transition(job, "notified", "upgrade pushed")
-        elif not delivered:
+        if not delivered:
             log.debug("job %d: %s is not online and subscribed; push waits for its next report", job.id, job.device)
+        return delivered
 
     def _offer_data(self, job: Job) -> dict[str, Any]:
         """The `data` of a push / firmware-get reply / get_ota_info answer for this job."""

@@ -81,6 +81,20 @@ class Job:
 
 
 @dataclass(frozen=True)
+class NewJob:
+    """A job about to be created: who, what, and the file it will download."""
+
+    device: DeviceId
+    module: str
+    package_id: str
+    from_version: str
+    target_version: str
+    file_key: str
+    file_size: int
+    state: str = "queued"
+
+
+@dataclass(frozen=True)
 class BatchRow:
     name: str
     package_id: str
@@ -195,50 +209,64 @@ class Store:
             await self._db.commit()
 
     # -- jobs --------------------------------------------------------------------------
-    async def create_job(self, batch: str, device: DeviceId, module: str, package_id: str, from_version: str,
-                         target_version: str, file_key: str, file_size: int, state: str = "queued",
-                         reason: str = "targeted") -> Job | None:
-        """Insert a job and its first event; None when the device already has an open job
-        for the module or already had a job in this batch (the unique indexes decide)."""
+    async def create_jobs(self, batch: str, new_jobs: list[NewJob], reason: str) -> list[Job]:
+        """Insert jobs and their first events in one transaction. A device that already has
+        an open job for the module, or already had a job in this batch, is skipped (the
+        unique indexes decide), so the result may be shorter than `new_jobs`."""
         now = time.time()
+        created = []
         async with self._write:
-            try:
+            for new in new_jobs:
+                progress = 100 if new.state == "succeeded" else 0
                 cursor = await self._db.execute(
-                    "INSERT INTO jobs (batch, product_key, device_name, module, package_id, from_version, "
+                    "INSERT OR IGNORE INTO jobs (batch, product_key, device_name, module, package_id, from_version, "
                     "target_version, state, progress, file_key, file_size, created_at, updated_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (batch, device.product_key, device.device_name, module, package_id, from_version,
-                     target_version, state, 100 if state == "succeeded" else 0, file_key, file_size, now, now))
-            except aiosqlite.IntegrityError:
-                await self._db.rollback()
-                return None
-            job_id = cursor.lastrowid
-            assert job_id is not None
-            await self._db.execute("INSERT INTO job_events (job_id, at, from_state, to_state, progress, reason) "
-                                   "VALUES (?, ?, NULL, ?, 0, ?)", (job_id, now, state, reason))
+                    (batch, new.device.product_key, new.device.device_name, new.module, new.package_id,
+                     new.from_version, new.target_version, new.state, progress, new.file_key, new.file_size,
+                     now, now))
+                if cursor.rowcount != 1 or cursor.lastrowid is None:
+                    continue
+                created.append(Job(cursor.lastrowid, batch, new.device, new.module, new.package_id, new.from_version,
+                                   new.target_version, new.state, progress, None, "", new.file_key, new.file_size,
+                                   0, now, now))
+            await self._db.executemany(
+                "INSERT INTO job_events (job_id, at, from_state, to_state, progress, reason) "
+                "VALUES (?, ?, NULL, ?, ?, ?)", [(job.id, now, job.state, job.progress, reason) for job in created])
             await self._db.commit()
-        return Job(job_id, batch, device, module, package_id, from_version, target_version, state,
-                   100 if state == "succeeded" else 0, None, "", file_key, file_size, 0, now, now)
+        return created
+
+    async def create_job(self, batch: str, new_job: NewJob, reason: str) -> Job | None:
+        created = await self.create_jobs(batch, [new_job], reason)
+        return created[0] if created else None
 
     async def transition(self, job: Job, to_state: str, reason: str, *, progress: int | None = None,
                          code: int | None = None, message: str | None = None,
                          from_version: str | None = None, file_key: str | None = None,
                          file_size: int | None = None) -> Job:
         """Move `job` to `to_state` (or update it in place) and record why, in one transaction."""
-        now = time.time()
-        fields: dict[str, Any] = {"state": to_state, "updated_at": now}
+        changes: dict[str, Any] = {}
         for name, value in (("progress", progress), ("code", code), ("message", message),
                             ("from_version", from_version), ("file_key", file_key), ("file_size", file_size)):
             if value is not None:
-                fields[name] = value
+                changes[name] = value
+        return (await self.transition_many([job], to_state, reason, **changes))[0]
+
+    async def transition_many(self, jobs: list[Job], to_state: str, reason: str, **changes: Any) -> list[Job]:
+        """The same transition for several jobs, in one transaction."""
+        if not jobs:
+            return []
+        now = time.time()
+        fields: dict[str, Any] = {"state": to_state, "updated_at": now, **changes}
         assignments = ", ".join(f"{name} = ?" for name in fields)
         async with self._write:
-            await self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job.id))
-            await self._db.execute("INSERT INTO job_events (job_id, at, from_state, to_state, progress, reason) "
-                                   "VALUES (?, ?, ?, ?, ?, ?)",
-                                   (job.id, now, job.state, to_state, fields.get("progress", job.progress), reason))
+            await self._db.executemany(f"UPDATE jobs SET {assignments} WHERE id = ?",
+                                       [(*fields.values(), job.id) for job in jobs])
+            await self._db.executemany(
+                "INSERT INTO job_events (job_id, at, from_state, to_state, progress, reason) VALUES (?, ?, ?, ?, ?, ?)",
+                [(job.id, now, job.state, to_state, fields.get("progress", job.progress), reason) for job in jobs])
             await self._db.commit()
-        return dataclasses.replace(job, **fields)
+        return [dataclasses.replace(job, **fields) for job in jobs]
 
     async def add_bytes_served(self, job_id: int, count: int) -> None:
         async with self._write:

@@ -86,6 +86,7 @@ class DeviceResult:
     step: int | None = None  # negative progress step reported, if any
     reason: str = ""
     expected: bool = False  # the outcome the config asked for
+    offer_at: float | None = None  # wall-clock time the push (or get_reply) arrived
 
     def summary(self) -> str:
         head = f"{self.device_name} {self.from_version}"
@@ -418,6 +419,7 @@ class Device:
         await self.link.open()
         await self.link.report_version(self.cfg.version)
         offer = await self._get_offer()
+        self.result.offer_at = time.time()
         self.result.to_version, self.result.protocol = offer.version, offer.protocol
         self._simulate(-1, "simulated upgrade failure")
         hasher = self._new_hasher(offer.sign_method)

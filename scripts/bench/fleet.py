@@ -1,10 +1,12 @@
 """Benchmark: upgrade a fleet of simulated devices end to end over loopback.
 
 Starts `ota-server` as its own process (so its memory is measured alone) on free
-127.0.0.1 ports with a temporary catalog: one product, firmware 1.0.0 -> 1.1.0, a pushed
-dynamic batch. Then N devices from scripts/device_sim.py connect, report 1.0.0, take the
-push, download over HTTP with Range, report progress and the new version. Prints a table:
-wall time, pushes per second, upgraded/failed, and the server's peak RSS (VmHWM).
+127.0.0.1 ports with a temporary catalog: one product, firmware 1.0.0 and 1.1.0, no batch
+yet. N devices from scripts/device_sim.py connect, report 1.0.0 and wait. Once all have
+reported, the bench adds a pushed dynamic batch and reloads (admin API): the server pushes
+to the whole online fleet at once; then each device downloads over HTTP with Range,
+reports progress, reboots and reports 1.1.0. Prints a table: wall time, pushes per second
+(server-side: first to last `notified` transition), upgraded/failed, CPU, peak RSS.
 
     .venv/bin/python scripts/bench/fleet.py --devices 1000
 """
@@ -12,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -33,21 +39,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_config(root: Path, mqtt_port: int, http_port: int, size: int, protocol: str) -> Path:
+def add_batch(root: Path, protocol: str) -> None:
+    with (root / "ota.yaml").open("a", encoding="utf-8") as catalog:
+        catalog.write(f"batches:\n  - {{name: bench, package: fw-1.1.0, type: upgrade, protocol: {protocol}, "
+                      "mode: dynamic, push: true}\n")
+
+
+def reload(root: Path) -> None:
+    info = json.loads((root / "var" / "server.json").read_text())
+    token = (root / "var" / "admin-token").read_text().strip()
+    request = urllib.request.Request(f"{info['http_url']}/admin/api/reload", method="POST",
+                                     headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=120) as response:  # noqa: S310 - loopback
+        assert response.status == 200
+
+
+def db_scalar(root: Path, sql: str) -> Any:
+    with sqlite3.connect(f"file:{root / 'var' / 'ota.sqlite3'}?mode=ro", uri=True, timeout=10) as db:
+        return db.execute(sql).fetchone()
+
+
+def write_config(root: Path, mqtt_port: int, http_port: int, size: int) -> Path:
     packages = root / "packages"
     packages.mkdir()
     rng = random.Random(7)
     (packages / "fw-1.0.0.bin").write_bytes(rng.randbytes(size))
     (packages / "fw-1.1.0.bin").write_bytes(rng.randbytes(size))
-    (root / "ota.yaml").write_text(f"""
+    (root / "ota.yaml").write_text("""
 packages_dir: packages
 products:
-  - {{key: a1Bench, name: Bench, secret: bench-secret}}
+  - {key: a1Bench, name: Bench, secret: bench-secret}
 packages:
-  - {{id: fw-1.0.0, product: a1Bench, version: 1.0.0, file: fw-1.0.0.bin, sign_method: SHA256}}
-  - {{id: fw-1.1.0, product: a1Bench, version: 1.1.0, file: fw-1.1.0.bin, sign_method: SHA256}}
-batches:
-  - {{name: bench, package: fw-1.1.0, type: upgrade, protocol: {protocol}, mode: dynamic, push: true}}
+  - {id: fw-1.0.0, product: a1Bench, version: 1.0.0, file: fw-1.0.0.bin, sign_method: SHA256}
+  - {id: fw-1.1.0, product: a1Bench, version: 1.1.0, file: fw-1.1.0.bin, sign_method: SHA256}
 """, encoding="utf-8")
     config = root / "broker.yaml"
     config.write_text(f"""
@@ -89,7 +113,7 @@ async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="ota-bench-") as tmp:
         root = Path(tmp)
         mqtt_port, http_port = free_port(), free_port()
-        config = write_config(root, mqtt_port, http_port, args.size, args.protocol)
+        config = write_config(root, mqtt_port, http_port, args.size)
         server = subprocess.Popen([sys.executable, "-m", "broker_plugin.server", "--config", str(config),
                                    "--log-level", "WARNING"], cwd=ROOT)
         try:
@@ -102,7 +126,16 @@ async def run(args: argparse.Namespace) -> None:
                                             chunk=args.chunk, timeout=args.timeout)
                     for i in range(args.devices)]
             started = time.perf_counter()
-            results = await device_sim.run_fleet(cfgs, args.concurrency)
+            fleet = asyncio.ensure_future(device_sim.run_fleet(cfgs, args.concurrency))
+            while db_scalar(root, "SELECT count(*) FROM device_versions")[0] < args.devices:
+                if fleet.done():
+                    break
+                await asyncio.sleep(0.2)
+            connected = time.perf_counter() - started
+            add_batch(root, args.protocol)
+            batch_started = time.time()
+            await asyncio.to_thread(reload, root)
+            results = await fleet
             wall = time.perf_counter() - started
             peak = peak_rss_mib(server.pid)
             server_cpu = cpu_seconds(server.pid) - server_cpu_before
@@ -113,10 +146,16 @@ async def run(args: argparse.Namespace) -> None:
     upgraded = sum(r.outcome == "upgraded" for r in results)
     failed = len(results) - upgraded
     per_device = sorted(r.seconds for r in results)
+    push_delays = sorted(r.offer_at - batch_started for r in results if r.offer_at is not None)
+    pushes = len(push_delays)
+    last_push = push_delays[-1] if push_delays else float("nan")
     rows = [
         ("devices", f"{args.devices}"), ("package size", f"{args.size} B"), ("protocol", args.protocol),
         ("concurrency", f"{args.concurrency}"), ("upgraded / failed", f"{upgraded} / {failed}"),
-        ("wall time", f"{wall:.1f} s"), ("pushes per second", f"{upgraded / wall:.0f}"),
+        ("wall time", f"{wall:.1f} s (all connected and reported after {connected:.1f} s)"),
+        ("pushes received", f"{pushes} within {last_push:.2f} s of the reload = {pushes / last_push:.0f} per second"),
+        ("push delay p50 / p99", f"{push_delays[pushes // 2]:.2f} s / {push_delays[int(pushes * 0.99) - 1]:.2f} s"),
+        ("upgrades per second", f"{upgraded / (wall - connected):.0f} (after the batch started)"),
         ("device time p50 / p99", f"{per_device[len(per_device) // 2]:.2f} s / "
                                   f"{per_device[int(len(per_device) * 0.99) - 1]:.2f} s"),
         ("server RSS idle / peak", f"{idle_rss:.0f} MiB / {peak:.0f} MiB"),
