@@ -46,17 +46,23 @@ class OtaRuntime:
         if settings.tls_certfile is not None:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(settings.tls_certfile, settings.tls_keyfile)
-        site = web.TCPSite(self._runner, settings.http_host, settings.http_port, ssl_context=tls)
-        await site.start()
+        separate_tls = tls is not None and settings.tls_port is not None
+        # With http.tls.bind, plain HTTP stays on http.bind and HTTPS gets its own address.
+        await web.TCPSite(self._runner, settings.http_host, settings.http_port,
+                          ssl_context=None if separate_tls else tls).start()
+        if separate_tls:
+            await web.TCPSite(self._runner, settings.tls_host, settings.tls_port, ssl_context=tls).start()
         host, port = self._runner.addresses[0][:2]
-        scheme = "https" if tls else "http"
+        scheme = "https" if tls is not None and not separate_tls else "http"
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         self.http_url = f"{scheme}://{connect_host if ':' not in connect_host else f'[{connect_host}]'}:{port}"
+        for address in self._runner.addresses:
+            log.info("OTA: file server listening on %s:%s", *address[:2])
         self._write_server_info()
         catalog = loaded.catalog
-        log.info("OTA: HTTP on %s://%s:%s (public URL %s); catalog %s: %d products, %d packages, %d batches",
-                 scheme, host, port, settings.public_url, catalog.path, len(catalog.products),
-                 len(catalog.packages), len(catalog.batches))
+        log.info("OTA: public URL %s; catalog %s: %d products, %d packages, %d batches",
+                 settings.public_url, catalog.path, len(catalog.products), len(catalog.packages),
+                 len(catalog.batches))
 
     def _write_server_info(self) -> None:
         """Tell `otactl` (same data_dir) where the admin API of this server listens."""

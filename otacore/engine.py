@@ -221,9 +221,7 @@ class OtaEngine:
         if batch.protocol == "mqtt":
             data.update({"dProtocol": "mqtt", "streamId": job.id, "streamFileId": 1})
         else:
-            base = self.settings.public_url
-            if batch.protocol == "https" and base.startswith("http://"):
-                base = "https://" + base[len("http://"):]
+            base = self.settings.base_url(batch.protocol)
             data["url"] = sign_url(self._url_key, base, download.key, download.name, job.device, job.id,
                                    self.settings.url_ttl_seconds)
         data["sign"] = sign

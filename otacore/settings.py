@@ -29,6 +29,10 @@ class Settings:
     public_url: str = "http://localhost:8080"
     tls_certfile: Path | None = None
     tls_keyfile: Path | None = None
+    # HTTPS on its own address beside plain HTTP; without it, http.bind itself speaks TLS.
+    tls_host: str | None = None
+    tls_port: int | None = None
+    tls_public_url: str | None = None
     url_ttl_seconds: int = 86400
     max_file_mb: int = 1000
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
@@ -39,6 +43,14 @@ class Settings:
     @property
     def tls_enabled(self) -> bool:
         return self.tls_certfile is not None
+
+    def base_url(self, protocol: str) -> str:
+        """Base of download URLs for a batch protocol (`http` or `https`)."""
+        if protocol != "https":
+            return self.public_url
+        if self.tls_public_url:
+            return self.tls_public_url
+        return "https://" + self.public_url.split("://", 1)[1]
 
     @property
     def max_file_bytes(self) -> int:
@@ -110,12 +122,24 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
         bad("http.public_url", f"{public_url!r} is not an absolute http(s) URL like http://host:8080")
         public_url = "http://localhost:8080"
 
-    certfile = keyfile = None
+    certfile = keyfile = tls_host = tls_port = tls_public_url = None
     tls = sub("http", "tls", None)
     if tls is not None:
         if not isinstance(tls, dict) or not tls.get("certfile") or not tls.get("keyfile"):
             bad("http.tls", "needs both certfile and keyfile (scripts/dev-cert makes a pair)")
         else:
+            for extra in set(tls) - {"certfile", "keyfile", "bind", "public_url"}:
+                bad(f"http.tls.{extra}", "unknown key; known keys are bind, certfile, keyfile, public_url")
+            if tls.get("bind") is not None:
+                try:
+                    tls_host, tls_port = split_host_port(str(tls["bind"]))
+                except ValueError as exc:
+                    bad("http.tls.bind", str(exc))
+            tls_public_url = tls.get("public_url")
+            if tls_public_url is not None and (not isinstance(tls_public_url, str)
+                                               or not tls_public_url.startswith("https://")):
+                bad("http.tls.public_url", f"{tls_public_url!r} is not an https:// URL")
+                tls_public_url = None
             certfile = path(tls["certfile"], "http.tls.certfile", base)
             keyfile = path(tls["keyfile"], "http.tls.keyfile", base)
             for name, file in (("certfile", certfile), ("keyfile", keyfile)):
@@ -156,6 +180,7 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
     return Settings(
         catalog_path=catalog, data_dir=data_dir, http_host=http_host, http_port=http_port,
         public_url=public_url.rstrip("/"), tls_certfile=certfile, tls_keyfile=keyfile,
+        tls_host=tls_host, tls_port=tls_port, tls_public_url=tls_public_url.rstrip("/") if tls_public_url else None,
         url_ttl_seconds=ttl, max_file_mb=max_mb, extensions=ext_tuple,
         allow_plain_secret=allow_plain, admin_token=token, source=source,
     )

@@ -153,3 +153,22 @@ async def test_sighup_reloads(tmp_path: Path) -> None:
     finally:
         output = await asyncio.to_thread(process.stop)
     assert "catalog reloaded" in output
+
+
+async def test_otactl_reaches_a_tls_only_server(tmp_path: Path) -> None:
+    subprocess.run([str(Path(__file__).resolve().parents[1] / "scripts" / "dev-cert"), str(tmp_path / "tls")],
+                   check=True, capture_output=True)
+    write_catalog(tmp_path, UPGRADE_BATCH)
+    http_port = free_port()
+    config = broker_yaml(tmp_path, free_port(), http_port)
+    text = config.read_text().replace(
+        f"public_url: http://127.0.0.1:{http_port}}}",
+        f"public_url: https://127.0.0.1:{http_port}, tls: {{certfile: tls/dev-cert.pem, keyfile: tls/dev-key.pem}}}}")
+    config.write_text(text)
+    process = ServerProcess(config)
+    await asyncio.to_thread(process.start)
+    try:
+        result = await asyncio.to_thread(otactl, config, "reload")
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        await asyncio.to_thread(process.stop)
