@@ -1,6 +1,7 @@
 """The OTA server's running parts inside one broker: settings, store, engine, HTTP sidecar."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ class OtaRuntime:
         self.http_url = ""
         self.startup_error: BaseException | None = None
         self._runner: web.AppRunner | None = None
+        self._timeouts: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -59,6 +61,7 @@ class OtaRuntime:
         for address in self._runner.addresses:
             log.info("OTA: file server listening on %s:%s", *address[:2])
         self._write_server_info()
+        self._timeouts = asyncio.get_running_loop().create_task(self.engine.run_timeouts())
         catalog = loaded.catalog
         log.info("OTA: public URL %s; catalog %s: %d products, %d packages, %d batches",
                  settings.public_url, catalog.path, len(catalog.products), len(catalog.packages),
@@ -73,6 +76,9 @@ class OtaRuntime:
         os.replace(tmp, path)
 
     async def stop(self) -> None:
+        if self._timeouts is not None:
+            self._timeouts.cancel()
+            self._timeouts = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -97,6 +97,7 @@ class Batch:
     push: bool
     devices: tuple[str, ...] | None = None
     src_versions: tuple[str, ...] | None = None
+    timeout_minutes: int | None = None  # a told device silent this long fails its job
     position: int = 0  # index in the file: later batches win over earlier ones
 
     def immutable_fields(self) -> dict[str, str]:
@@ -416,7 +417,8 @@ def _check_package_file(check: _Checker, item: MarkedMap, key: str, packages_dir
 def _read_batches(check: _Checker, root: MarkedMap, products: dict[str, Product],
                   packages: dict[str, Package], settings: Settings) -> dict[str, Batch]:
     batches: dict[str, Batch] = {}
-    allowed = {"name", "package", "type", "devices", "src_versions", "protocol", "mode", "push", "description"}
+    allowed = {"name", "package", "type", "devices", "src_versions", "protocol", "mode", "push", "description",
+               "timeout_minutes"}
     for position, (line, key, item) in enumerate(check.items(root, "batches")):
         check.known_keys(item, key, allowed)
         name = check.text(item, key, "name", required=True, pattern=BATCH_NAME_RE, rule="1-128 of A-Z a-z 0-9 . _ -")
@@ -437,6 +439,11 @@ def _read_batches(check: _Checker, root: MarkedMap, products: dict[str, Product]
         if mode not in ("static", "dynamic"):
             check.add(item.line_of("mode"), f"{key}.mode", f"{mode!r} is not a mode; use static or dynamic")
         push = check.flag(item, key, "push", True)
+        timeout = item.get("timeout_minutes")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1):
+            check.add(item.line_of("timeout_minutes"), f"{key}.timeout_minutes",
+                      f"{timeout!r} is not valid: a whole number of minutes, at least 1 (or leave it out)")
+            timeout = None
         devices = check.text_list(item, key, "devices")
         if kind == "verify" and not devices:
             check.add(item.line_of("devices"), f"{key}.devices", "a verify batch must list the devices it tries the package on")
@@ -467,5 +474,5 @@ def _read_batches(check: _Checker, root: MarkedMap, products: dict[str, Product]
             mode=mode or "static", push=push,
             devices=tuple(d for _, d in devices) if devices else None,
             src_versions=tuple(v for _, v in src_versions) if src_versions else None,
-            position=position)
+            timeout_minutes=timeout, position=position)
     return batches

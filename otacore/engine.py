@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from .catalog import DEFAULT_MODULE, Batch, Catalog, Package, load_catalog
 from .codec import BlockRequest, encode_block_reply, encode_json
 from .credentials import DeviceId
-from .eligibility import batch_priority, candidate_batches, version_qualifies
+from .eligibility import batch_priority, candidate_batches, device_in_scope, version_qualifies
 from .errors import ConfigError, ConfigIssue
 from .keyed_locks import KeyedLocks
 from .package_files import DownloadFile, PackageFiles
@@ -266,7 +266,8 @@ class OtaEngine:
             await self.store.record_version(device, module, version)
             job = await self.store.open_job(device, module)
             if job is None:
-                await self._consider(device, module, version, deliver=deliver)
+                if await self._consider(device, module, version, deliver=deliver) is None:
+                    await self._count_as_verified(device, module, version)
                 return
             if version == job.target_version:
                 job = await self.store.transition(job, "succeeded", f"device reported target version {version}",
@@ -280,6 +281,21 @@ class OtaEngine:
                 await self._after_final(job)
             else:
                 await self._version_during_job(job, version, deliver)
+
+    async def _count_as_verified(self, device: DeviceId, module: str, version: str) -> None:
+        """A device listed in a running verify batch that already runs the package's version
+        counts as succeeded there, so verification can complete."""
+        catalog = self.catalog
+        assert catalog is not None
+        for batch in catalog.batches.values():
+            package = catalog.packages[batch.package]
+            if batch.type != "verify" or batch.name not in self.running or package.version != version \
+                    or not device_in_scope(batch, package, device, module):
+                continue
+            job = await self.store.create_job(batch.name, self._new_job(device, package, version, "succeeded"),
+                                              f"reported {version}: already on the package version")
+            if job is not None:
+                await self._after_final(job)
 
     async def _version_during_job(self, job: Job, version: str, deliver: bool) -> None:
         """A device with an open job reported a version again, typically after a reboot."""
@@ -354,6 +370,41 @@ class OtaEngine:
             row = rows.get(batch.name)
             if batch.package == package_id and row is not None and row.state == "waiting_verification":
                 await self._start_batch(batch, catalog.packages[package_id])
+
+    # -- timeouts ----------------------------------------------------------------------
+    async def fail_stale_jobs(self, now: float | None = None) -> int:
+        """Fail jobs whose device went silent for longer than its batch's `timeout_minutes`.
+        Queued jobs never time out: their device has not been told yet."""
+        catalog = self.catalog
+        if catalog is None:
+            return 0
+        now = time.time() if now is None else now
+        failed = 0
+        for batch in catalog.batches.values():
+            if batch.timeout_minutes is None or batch.name not in self.running:
+                continue
+            for job in await self.store.stale_jobs(batch.name, now - batch.timeout_minutes * 60):
+                async with self._device_locks.hold(job.device):
+                    current = await self.store.job(job.id)
+                    if current is None or current.updated_at != job.updated_at:
+                        continue  # the device spoke meanwhile
+                    job = await self.store.transition(
+                        current, "failed", f"no report for {batch.timeout_minutes} min (timeout_minutes)",
+                        message=f"timed out in state {current.state}")
+                    failed += 1
+                    await self._after_final(job)
+        return failed
+
+    async def run_timeouts(self, every_seconds: float = 30.0) -> None:
+        """Background loop for `fail_stale_jobs`; the runtime starts and cancels it."""
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                count = await self.fail_stale_jobs()
+                if count:
+                    log.info("%d job(s) timed out", count)
+            except Exception:  # keep the loop alive; the next round retries
+                log.exception("timeout sweep failed")
 
     # -- downloads ---------------------------------------------------------------------
     def file_token(self, job_id: int) -> str:

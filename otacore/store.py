@@ -301,6 +301,13 @@ class Store:
         async with self._db.execute(sql, args) as cursor:
             return [_job(row) async for row in cursor]
 
+    async def stale_jobs(self, batch: str, updated_before: float) -> list[Job]:
+        """Jobs of `batch` that were told (or are under way) and have not changed since then."""
+        async with self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE batch = ? AND updated_at < ? "
+                "AND state IN ('notified', 'in_progress', 'installed')", (batch, updated_before)) as cursor:
+            return [_job(row) async for row in cursor]
+
     async def history(self, job_id: int) -> list[tuple[float, str | None, str, int | None, str]]:
         async with self._db.execute("SELECT at, from_state, to_state, progress, reason FROM job_events "
                                     "WHERE job_id = ? ORDER BY id", (job_id,)) as cursor:

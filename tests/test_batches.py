@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import aiohttp
@@ -167,5 +168,44 @@ async def test_module_upgrade_reports_module(tmp_path: Path) -> None:
             await device.progress(100, module="MCU")
             await device.inform("2.0.0", module="MCU")
             await server.wait_state("mod-1", "succeeded")
+    finally:
+        await server.stop()
+
+
+async def test_silent_device_times_out_but_queued_jobs_wait(tmp_path: Path) -> None:
+    write_catalog(tmp_path, """
+    - {name: up, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic, timeout_minutes: 10}
+    """)
+    server = await OtaServer(tmp_path).start()
+    try:
+        async with Device(server, "quiet") as device:
+            await device.inform("1.0.0")
+            await device.next_push()
+            await device.progress(30, "downloading")
+            await server.wait_state("quiet", "in_progress")
+        now = time.time()
+        assert await server.engine.fail_stale_jobs(now=now + 9 * 60) == 0
+        assert await server.engine.fail_stale_jobs(now=now + 11 * 60) == 1
+        job = (await server.engine.store.jobs())[0]
+        assert job.state == "failed" and "timed out in state in_progress" in job.message
+    finally:
+        await server.stop()
+
+
+async def test_listed_device_already_on_the_version_counts_for_verification(tmp_path: Path) -> None:
+    write_catalog(tmp_path, """
+    - {name: verify-2, package: fw-2.0.0, type: verify, devices: [t-1, t-2], protocol: http, mode: static}
+    """, base=BASE_CATALOG.rstrip() + VERIFIED_PACKAGE)
+    server = await OtaServer(tmp_path).start()
+    try:
+        async with Device(server, "t-1") as done_already, Device(server, "t-2") as tester:
+            await done_already.inform("2.0.0")
+            await tester.inform("1.0.0")
+            await tester.next_push()
+            await tester.progress(100)
+            await tester.inform("2.0.0")
+            await server.wait_state("t-2", "succeeded")
+        assert await server.job_state("t-1") == "succeeded"
+        assert (await server.engine.store.package_statuses())["fw-2.0.0"] == "verified"
     finally:
         await server.stop()
