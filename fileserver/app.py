@@ -22,6 +22,8 @@ from otacore.errors import ConfigError
 from otacore.signed_urls import UrlRejected
 from otacore.status import batch_devices, batch_summaries
 
+from .status_page import batch_page, batches_page
+
 log = logging.getLogger("ota.http")
 
 ENGINE = web.AppKey("engine", OtaEngine)
@@ -39,6 +41,8 @@ def create_app(engine: OtaEngine, admin_token: str) -> web.Application:
     app.router.add_get("/admin/api/batches/{name}", admin_batch)
     app.router.add_get("/admin/api/jobs/{job_id}", admin_job)
     app.router.add_post("/admin/api/reload", admin_reload)
+    app.router.add_get("/admin/", status_page)
+    app.router.add_get("/admin/batches/{name}", batch_status_page)
     app.router.add_get("/healthz", healthz)
     app.on_response_prepare.append(_set_package_etag)
     return app
@@ -49,10 +53,16 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def _is_admin(request: web.Request) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                             request.app[ADMIN_TOKEN].encode())
+    """Bearer token, or HTTP Basic with the token as password (so a browser can log in)."""
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            credentials = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(credentials.strip().encode(), request.app[ADMIN_TOKEN].encode())
 
 
 # -- downloads --------------------------------------------------------------------------
@@ -259,6 +269,31 @@ async def admin_reload(request: web.Request) -> web.Response:
              len(catalog.products), len(catalog.packages), len(catalog.batches))
     return web.json_response({"code": 0, "message": "reloaded", "products": len(catalog.products),
                               "packages": len(catalog.packages), "batches": len(catalog.batches)})
+
+
+def _browser_login() -> web.Response:
+    return web.Response(status=401, text="log in with any user name and the admin token as password\n",
+                        headers={"WWW-Authenticate": 'Basic realm="ota-server admin"'})
+
+
+async def status_page(request: web.Request) -> web.Response:
+    if not _is_admin(request):
+        return _browser_login()
+    engine = request.app[ENGINE]
+    summaries = await batch_summaries(engine.store, engine.catalog)
+    return web.Response(text=batches_page(summaries), content_type="text/html")
+
+
+async def batch_status_page(request: web.Request) -> web.Response:
+    if not _is_admin(request):
+        return _browser_login()
+    engine = request.app[ENGINE]
+    name = request.match_info["name"]
+    found = [s for s in await batch_summaries(engine.store, engine.catalog) if s["name"] == name]
+    if not found:
+        return web.Response(status=404, text=f"no batch named {name!r}\n")
+    devices = await batch_devices(engine.store, name)
+    return web.Response(text=batch_page(found[0], devices), content_type="text/html")
 
 
 async def healthz(request: web.Request) -> web.Response:

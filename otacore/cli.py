@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import ssl
 import sys
 import time
@@ -12,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from .catalog import load_catalog
 from .config_files import load_settings
 from .engine import prepare_catalog
 from .errors import ConfigError
@@ -35,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="progress per batch, or per device of one batch")
     status.add_argument("batch", nargs="?", help="show this batch's devices")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="redraw every SECONDS until Ctrl-C")
     return parser
 
 
@@ -98,9 +101,9 @@ async def _status(settings: Settings, batch: str | None) -> dict[str, Any]:
     if not db.exists():
         raise SystemExit(f"otactl: no database at {db}; has the server run with this data_dir?")
     try:
-        catalog = prepare_catalog(settings).catalog
+        catalog = load_catalog(settings.catalog_path, settings)
     except ConfigError:
-        catalog = None
+        catalog = None  # still show what the database knows
     store = await Store.open(db)
     try:
         summaries = await batch_summaries(store, catalog)
@@ -153,7 +156,26 @@ def cmd_status(settings: Settings, batch: str | None, as_json: bool) -> int:
     return 0
 
 
+def watch(show: Any, every: float) -> int:
+    try:
+        while True:
+            print("\033[H\033[J", end="")  # clear the terminal, like watch(1)
+            print(time.strftime("%H:%M:%S"), f"(every {every:g} s, Ctrl-C to stop)")
+            show()
+            time.sleep(max(every, 0.2))
+    except KeyboardInterrupt:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `otactl status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(Path(args.config), catalog=args.catalog, data_dir=args.data_dir)
@@ -164,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_validate(settings)
     if args.command == "reload":
         return cmd_reload(settings)
+    if args.watch:
+        return watch(lambda: cmd_status(settings, args.batch, args.json), args.watch)
     return cmd_status(settings, args.batch, args.json)
 
 

@@ -1,6 +1,7 @@
 """Batch lifecycle: verification gating, priorities, reload rules, diff packages, modules."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
 from pathlib import Path
@@ -209,3 +210,20 @@ async def test_listed_device_already_on_the_version_counts_for_verification(tmp_
         assert (await server.engine.store.package_statuses())["fw-2.0.0"] == "verified"
     finally:
         await server.stop()
+
+
+async def test_status_page_for_browsers(server: OtaServer) -> None:
+    async with Device(server, "page-1") as device:
+        await device.inform("1.0.0")
+        await device.next_push()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{server.http_url}/admin/") as response:
+            assert response.status == 401 and "Basic" in response.headers["WWW-Authenticate"]
+        auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{server.admin_token}".encode()).decode()}
+        async with http.get(f"{server.http_url}/admin/", headers=auth) as response:
+            assert response.status == 200 and "up-1.1.0" in await response.text()
+        async with http.get(f"{server.http_url}/admin/batches/up-1.1.0", headers=auth) as response:
+            page = await response.text()
+            assert response.status == 200 and "page-1" in page and "notified" in page
+        async with http.get(f"{server.http_url}/admin/batches/%3Cscript%3E", headers=auth) as response:
+            assert response.status == 404 and response.content_type == "text/plain"
