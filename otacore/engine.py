@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .block_cache import BlockCache
 from .catalog import DEFAULT_MODULE, Batch, Catalog, Package, load_catalog
 from .codec import BlockRequest, encode_block_reply, encode_json
 from .credentials import DeviceId
@@ -70,6 +71,7 @@ class OtaEngine:
         self._device_locks = KeyedLocks()
         self._reload_lock = asyncio.Lock()
         self._push_ids = itertools.count(int(time.time() * 1000))
+        self._blocks = BlockCache()
 
     # -- catalog: start and reload -----------------------------------------------------
     async def reload(self, catalog_path: Path | None = None) -> LoadedCatalog:
@@ -449,14 +451,8 @@ class OtaEngine:
         size = download.digest.size
         if request.offset >= size:
             return error(400, f"offset {request.offset} is at or past the end ({size} bytes)")
-        block = await asyncio.to_thread(_read_block, download.path, request.offset, request.size)
-        await self.store.add_bytes_served(job.id, len(block))
+        tail = await self._blocks.block_with_crc(download.path, request.offset, request.size)
+        await self.store.add_bytes_served(job.id, len(tail) - 2)
         header = {"id": request.id, "code": 200, "msg": "success",
-                  "data": {"fileToken": token, "fileLength": size, "bSize": len(block), "bOffset": request.offset}}
-        return encode_block_reply(header, block)
-
-
-def _read_block(path: Path, offset: int, size: int) -> bytes:
-    with path.open("rb") as handle:
-        handle.seek(offset)
-        return handle.read(size)
+                  "data": {"fileToken": token, "fileLength": size, "bSize": len(tail) - 2, "bOffset": request.offset}}
+        return encode_block_reply(header, None) + tail

@@ -149,7 +149,8 @@ class Device:
     async def __aenter__(self) -> "Device":
         self._client = aiomqtt.Client("127.0.0.1", self.server.mqtt_port, identifier=self.client_id,
                                       username=f"{self.name}&{self.pk}", password=self.secret,
-                                      keepalive=self.keepalive)
+                                      keepalive=self.keepalive,
+                                      socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         await self._client.__aenter__()
         for topic in (f"/ota/device/upgrade/{self.pk}/{self.name}",
                       f"/sys/{self.pk}/{self.name}/thing/ota/firmware/get_reply",

@@ -1,0 +1,43 @@
+"""Recently served MQTT blocks with their CRC, shared by every device of a fleet.
+
+Devices of one batch ask for the same (file, offset, size) blocks; reading the file and
+computing CRC-16 in Python once per block instead of once per device is the difference
+between the CPU going to CRC and going to the protocol.
+"""
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import OrderedDict
+from pathlib import Path
+
+from .codec import crc16_arc
+
+
+class BlockCache:
+    def __init__(self, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._blocks: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
+        self._bytes = 0
+
+    async def block_with_crc(self, path: Path, offset: int, size: int) -> bytes:
+        """The block's bytes followed by its little-endian CRC-16/ARC (the tail of a reply frame)."""
+        key = (str(path), path.stat().st_mtime_ns, offset, size)
+        cached = self._blocks.get(key)
+        if cached is not None:
+            self._blocks.move_to_end(key)
+            return cached
+        cached = await asyncio.to_thread(_read_with_crc, path, offset, size)
+        self._blocks[key] = cached
+        self._bytes += len(cached)
+        while self._bytes > self.max_bytes and self._blocks:
+            _, evicted = self._blocks.popitem(last=False)
+            self._bytes -= len(evicted)
+        return cached
+
+
+def _read_with_crc(path: Path, offset: int, size: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        block = handle.read(size)
+    return block + struct.pack("<H", crc16_arc(block))
