@@ -1,0 +1,48 @@
+"""Bad device input on every OTA topic gets an answer or a log line, and changes nothing."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+from harness import Device, OtaServer
+
+GARBAGE = [
+    b"", b"\x00\xff\xfe", b"{", b"[]", b"null", b'"text"', b"1e999",
+    json.dumps({"id": "1"}).encode(),
+    json.dumps({"id": "1", "params": "not-an-object"}).encode(),
+    json.dumps({"id": {"x": 1}, "params": {"version": ["1.0.0"]}}).encode(),
+    json.dumps({"id": "1", "params": {"version": "", "module": 7}}).encode(),
+    json.dumps({"id": "1", "params": {"step": "101"}}).encode(),
+    json.dumps({"id": "1", "params": {"step": "-9", "desc": "x"}}).encode(),
+    json.dumps({"id": "1", "params": {"step": True}}).encode(),
+    json.dumps({"id": "1", "params": {"version": "1.0.0" * 100}}).encode(),
+    json.dumps({"id": "1", "params": {"fileInfo": {"streamId": "x"}, "fileBlock": {"size": 1e9, "offset": -1}}}).encode(),
+    b"{" * 100_000,
+    random.Random(3).randbytes(2 * 1024 * 1024),
+]
+
+
+async def test_garbage_on_every_topic_changes_nothing(server: OtaServer) -> None:
+    async with Device(server, "junk") as device:
+        for suffix in ("/ota/device/inform/a1Test/junk", "/ota/device/progress/a1Test/junk",
+                       "/sys/a1Test/junk/thing/ota/firmware/get", "/sys/a1Test/junk/thing/file/download"):
+            for payload in GARBAGE:
+                await device.publish(suffix, payload)
+        replies = []
+        while not device.inbox.empty() or not replies:
+            try:
+                replies.append(await device.receive("_reply", timeout=1))
+            except TimeoutError:
+                break
+        assert any(b'"code":400' in r for r in replies) and not any(b'"url"' in r for r in replies)
+        await asyncio.sleep(0.3)  # "nothing changed" needs the hooks to have run
+        assert await server.engine.store.reported_version(device_id("junk"), "default") is None
+        assert await server.engine.store.jobs() == []
+        await device.inform("1.0.0")  # and the session still works
+        assert (await device.next_push())["data"]["version"] == "1.1.0"
+
+
+def device_id(name: str):  # type: ignore[no-untyped-def]
+    from otacore.credentials import DeviceId
+    return DeviceId("a1Test", name)
