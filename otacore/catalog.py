@@ -81,6 +81,7 @@ class Package:
     notice: str | None = None
     ext_data: dict[str, Any] = field(default_factory=dict)
     diff_from: tuple[str, ...] = ()
+    line: int = field(default=0, compare=False)  # where it stands in the catalog, for errors
 
     @property
     def is_diff(self) -> bool:
@@ -99,10 +100,7 @@ class Batch:
     src_versions: tuple[str, ...] | None = None
     timeout_minutes: int | None = None  # a told device silent this long fails its job
     position: int = 0  # index in the file: later batches win over earlier ones
-
-    def immutable_fields(self) -> dict[str, str]:
-        """What a started batch may not change across reloads (CONFIG.md)."""
-        return {"package": self.package, "type": self.type, "protocol": self.protocol, "mode": self.mode}
+    line: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -353,7 +351,7 @@ def _read_packages(check: _Checker, root: MarkedMap, products: dict[str, Product
             product=product_key, module=module, version=version, type=kind or "full", file=file_path,
             sign_method=SIGN_METHODS.get(sign.lower(), "MD5"), verify=check.flag(item, key, "verify", False),
             base_version=base_version, description=check.text(item, key, "description") or "",
-            notice=notice, ext_data=dict(ext_data), diff_from=tuple(diff_from))
+            notice=notice, ext_data=dict(ext_data), diff_from=tuple(diff_from), line=line)
         lines[package_id] = (line, key, item)
         diff_lines[package_id] = [dline for dline, _ in diff_from_lines]
 
@@ -474,5 +472,5 @@ def _read_batches(check: _Checker, root: MarkedMap, products: dict[str, Product]
             mode=mode or "static", push=push,
             devices=tuple(d for _, d in devices) if devices else None,
             src_versions=tuple(v for _, v in src_versions) if src_versions else None,
-            timeout_minutes=timeout, position=position)
+            timeout_minutes=timeout, position=position, line=line)
     return batches

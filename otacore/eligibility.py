@@ -24,6 +24,11 @@ def device_in_scope(batch: Batch, package: Package, device: DeviceId, module: st
     return batch.devices is None or device.device_name in batch.devices
 
 
+def wants(batch: Batch, package: Package, device: DeviceId, module: str, version: str) -> bool:
+    """Does this batch want this device, on this version of this module, now?"""
+    return device_in_scope(batch, package, device, module) and version_qualifies(batch, package, version)
+
+
 def batch_priority(batch: Batch) -> tuple[int, int]:
     """Higher wins: verify batches first, then the batch that stands later in the file."""
     return (1 if batch.type == "verify" else 0, batch.position)
@@ -37,7 +42,6 @@ def candidate_batches(catalog: Catalog, running: set[str], device: DeviceId, mod
     for batch in catalog.batches.values():
         if batch.name not in running:
             continue
-        package = catalog.packages[batch.package]
-        if device_in_scope(batch, package, device, module) and version_qualifies(batch, package, version):
+        if wants(batch, catalog.packages[batch.package], device, module, version):
             found.append(batch)
     return sorted(found, key=batch_priority, reverse=True)

@@ -12,16 +12,18 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from .block_cache import BlockCache
 from .catalog import DEFAULT_MODULE, Batch, Catalog, Package, load_catalog
 from .codec import BlockRequest, encode_block_reply, encode_json
 from .credentials import DeviceId
-from .eligibility import batch_priority, candidate_batches, device_in_scope, version_qualifies
-from .errors import ConfigError, ConfigIssue
+from .eligibility import batch_priority, candidate_batches, device_in_scope, version_qualifies, wants
+from .errors import ConfigError
 from .keyed_locks import KeyedLocks
 from .package_files import DownloadFile, PackageFiles
+from .reload_rules import batch_fingerprint, reload_issues
 from .settings import Settings
 from .signed_urls import sign_url, verify_url
 from .store import Job, NewJob, Store
@@ -72,45 +74,42 @@ class OtaEngine:
         self._reload_lock = asyncio.Lock()
         self._push_ids = itertools.count(int(time.time() * 1000))
         self._blocks = BlockCache()
+        # Called with the new catalog after each successful reload (e.g. to drop sessions
+        # of devices that were removed or whose secret changed).
+        self.reload_listeners: list[Callable[[Catalog], None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- catalog: start and reload -----------------------------------------------------
     async def reload(self, catalog_path: Path | None = None) -> LoadedCatalog:
         """Validate the whole new catalog, then apply it; on any error nothing changes."""
         async with self._reload_lock:
             loaded = await asyncio.to_thread(prepare_catalog, self.settings, catalog_path)
-            issues = await self._reload_issues(loaded.catalog)
+            issues = reload_issues(loaded.catalog, loaded.files, await self.store.batches())
             if issues:
                 raise ConfigError(issues)
             self.catalog, self.files = loaded.catalog, loaded.files
             await self._apply_batches()
+            for listener in self.reload_listeners:
+                listener(loaded.catalog)
             return loaded
 
-    async def _reload_issues(self, catalog: Catalog) -> list[ConfigIssue]:
-        issues = []
-        for name, row in (await self.store.batches()).items():
-            batch = catalog.batches.get(name)
-            if batch is None:
-                continue
-            if row.state == "canceled":
-                issues.append(ConfigIssue(catalog.path, 0, f"batches[{name}]",
-                                          "this batch was removed and canceled earlier; give it a new name"))
-                continue
-            changed = [k for k, v in batch.immutable_fields().items() if row.fingerprint.get(k) != v]
-            if changed and row.started_at is not None:
-                was = ", ".join(f"{k}={row.fingerprint.get(k)}" for k in changed)
-                issues.append(ConfigIssue(catalog.path, 0, f"batches[{name}].{changed[0]}",
-                                          f"cannot change {', '.join(changed)} of a started batch (was {was}); "
-                                          "create a new batch instead"))
-        return issues
+    def _fingerprint(self, batch: Batch) -> dict[str, str]:
+        assert self.catalog is not None and self.files is not None
+        return batch_fingerprint(batch, self.catalog.packages[batch.package], self.files)
+
+    async def package_status(self, package: Package) -> str:
+        """`verified` / `verify_failed` as earned by this very file; otherwise `unverified`."""
+        assert self.files is not None
+        status, sha256 = (await self.store.package_statuses()).get(package.id, ("unverified", ""))
+        return status if sha256 == self.files.download_for(package, None).digest.sha256 else "unverified"
 
     async def _apply_batches(self) -> None:
         catalog = self.catalog
         assert catalog is not None
         rows = await self.store.batches()
-        statuses = await self.store.package_statuses()
         for name, row in rows.items():
-            if name not in catalog.batches and row.state in ("running", "waiting_verification"):
-                await self._cancel_batch(name, "batch removed from the catalog")
+            if name not in catalog.batches and row.state != "canceled":
+                await self._cancel_batch(name, "batch removed from the catalog", end_batch=row.state != "completed")
         for batch in sorted(catalog.batches.values(), key=batch_priority, reverse=True):
             row = rows.get(batch.name)
             package = catalog.packages[batch.package]
@@ -119,28 +118,29 @@ class OtaEngine:
                     self.running.add(batch.name)
                     await self._sync_listed_targets(batch, package)
                 continue
-            waiting = batch.type == "upgrade" and package.verify and statuses.get(package.id) != "verified"
-            if waiting:
-                if row is None:
-                    await self.store.save_batch(batch.name, package.id, batch.immutable_fields(),
-                                                "waiting_verification", "package not verified yet")
+            if batch.type == "upgrade" and package.verify and await self.package_status(package) != "verified":
+                await self.store.save_batch(batch.name, package.id, self._fingerprint(batch),
+                                            "waiting_verification", "package not verified yet")
                 continue
             await self._start_batch(batch, package)
 
     async def _start_batch(self, batch: Batch, package: Package) -> None:
-        await self.store.save_batch(batch.name, package.id, batch.immutable_fields(), "running", "started")
-        self.running.add(batch.name)
-        log.info("batch %s started (%s %s, %s, push %s)", batch.name, package.id, batch.protocol, batch.mode,
-                 "on" if batch.push else "off")
         known = await self.store.reported_versions(package.product, package.module)
         if batch.devices is not None:
             names = list(batch.devices)
         else:
             names = [n for n, v in known.items() if version_qualifies(batch, package, v)]
-        if batch.mode == "static":
-            await self.store.add_targets(batch.name, [DeviceId(package.product, n) for n in names])
+        targets = [DeviceId(package.product, n) for n in names] if batch.mode == "static" else None
+        # State and target set in one transaction: a crash in between would leave a static
+        # batch running with nobody in it.
+        await self.store.save_batch(batch.name, package.id, self._fingerprint(batch), "running", "started",
+                                    targets=targets)
+        self.running.add(batch.name)
+        log.info("batch %s started (%s %s, %s, push %s)", batch.name, package.id, batch.protocol, batch.mode,
+                 "on" if batch.push else "off")
         # One transaction for the whole fleet, then the pushes: a batch start is a storm.
-        wanted = []
+        open_jobs = {job.device.device_name: job for job in await self.store.open_jobs(package.product, package.module)}
+        wanted, displaced = [], []
         for name in names:
             version = known.get(name)
             if version is None:
@@ -148,8 +148,12 @@ class OtaEngine:
             device = DeviceId(package.product, name)
             if batch.type == "verify" and version == package.version:
                 wanted.append(self._new_job(device, package, version, state="succeeded"))
-            elif version_qualifies(batch, package, version):
+            elif wants(batch, package, device, package.module, version):
+                current = open_jobs.get(name)
+                if current is not None and self._yields_to(current, batch):
+                    displaced.append(current)
                 wanted.append(self._new_job(device, package, version))
+        await self.store.transition_many(displaced, "canceled", f"batch {batch.name} comes first")
         jobs = await self.store.create_jobs(batch.name, wanted, f"batch {batch.name} started; device reported a "
                                             "version it targets")
         queued = [job for job in jobs if job.state == "queued"]
@@ -159,6 +163,13 @@ class OtaEngine:
             await self.store.transition_many(delivered, "notified", "upgrade pushed")
         if len(queued) < len(jobs):
             await self._after_final(next(job for job in jobs if job.state == "succeeded"))
+
+    def _yields_to(self, job: Job, batch: Batch) -> bool:
+        """May `batch` take this device from `job`? Only a job not yet told, of a batch
+        that ranks lower (CONFIG.md: verify first, then the later batch in the file)."""
+        assert self.catalog is not None
+        current = self.catalog.batches.get(job.batch)
+        return job.state == "queued" and (current is None or batch_priority(current) < batch_priority(batch))
 
     def _new_job(self, device: DeviceId, package: Package, version: str, state: str = "queued") -> NewJob:
         assert self.files is not None
@@ -171,11 +182,15 @@ class OtaEngine:
         if batch.mode == "static" and batch.devices is not None:
             await self.store.add_targets(batch.name, [DeviceId(package.product, n) for n in batch.devices])
 
-    async def _cancel_batch(self, name: str, reason: str) -> None:
+    async def _cancel_batch(self, name: str, reason: str, *, end_batch: bool = True) -> None:
+        """Cancel a batch's open jobs (each under its device's lock, so a report being
+        handled right now finishes first), and the batch itself unless it already ended."""
         self.running.discard(name)
         for job in await self.store.jobs(name, open_only=True):
-            await self.store.transition(job, "canceled", reason)
-        await self.store.save_batch(name, "", {}, "canceled", reason)
+            async with self._device_locks.hold(job.device):
+                await self.store.transition(job, "canceled", reason)
+        if end_batch:
+            await self.store.set_batch_state(name, "canceled", reason)
         log.info("batch %s canceled: %s", name, reason)
 
     # -- what a device should get ------------------------------------------------------
@@ -195,11 +210,11 @@ class OtaEngine:
                 return await self.store.open_job(device, module)
             log.info("job %d: %s %s -> %s in batch %s", job.id, device, version, package.version, batch.name)
             if deliver and batch.push:
-                await self._push(job, batch)
+                await self._push(job)
             return job
         return None
 
-    async def _push(self, job: Job, batch: Batch) -> None:
+    async def _push(self, job: Job) -> None:
         if await self._send_push(job) and job.state == "queued":
             await self.store.transition(job, "notified", "upgrade pushed")
 
@@ -217,7 +232,7 @@ class OtaEngine:
         assert catalog is not None and files is not None
         package = catalog.packages[job.package_id]
         batch = catalog.batches[job.batch]
-        download = files.by_key(job.file_key) or files.download_for(package, job.from_version)
+        download = files.download_for(package, job.from_version)
         sign = download.digest.sign(package.sign_method)
         data: dict[str, Any] = {"size": download.digest.size, "version": package.version}
         if batch.protocol == "mqtt":
@@ -249,6 +264,9 @@ class OtaEngine:
         open job's data, or a new job from the best batch for its last reported version."""
         async with self._device_locks.hold(device):
             job = await self.store.open_job(device, module)
+            if job is not None and job.batch not in self.running:
+                await self.store.transition(job, "canceled", f"batch {job.batch} is no longer running")
+                job = None
             if job is None:
                 version = await self.store.reported_version(device, module)
                 if version is None:
@@ -292,7 +310,7 @@ class OtaEngine:
         for batch in catalog.batches.values():
             package = catalog.packages[batch.package]
             if batch.type != "verify" or batch.name not in self.running or package.version != version \
-                    or not device_in_scope(batch, package, device, module):
+                    or not device_in_scope(batch, package, device, module):  # on the list, at the version
                 continue
             job = await self.store.create_job(batch.name, self._new_job(device, package, version, "succeeded"),
                                               f"reported {version}: already on the package version")
@@ -306,7 +324,7 @@ class OtaEngine:
         batch = catalog.batches.get(job.batch)
         package = catalog.packages.get(job.package_id)
         if batch is None or package is None or job.batch not in self.running or \
-                not version_qualifies(batch, package, version):
+                not wants(batch, package, job.device, job.module, version):
             job = await self.store.transition(job, "canceled", f"device now reports {version}, which batch "
                                               f"{job.batch} does not target")
             await self._after_final(job)
@@ -318,7 +336,7 @@ class OtaEngine:
                                               from_version=version, file_key=download.key,
                                               file_size=download.digest.size)
         if deliver and batch.push:
-            await self._push(job, batch)
+            await self._push(job)
 
     async def on_progress(self, device: DeviceId, module: str, step: int, desc: str) -> None:
         async with self._device_locks.hold(device):
@@ -341,37 +359,52 @@ class OtaEngine:
                                             message=desc)
 
     async def _after_final(self, job: Job) -> None:
-        """A verify batch decides its package's status once each listed device is done."""
-        catalog = self.catalog
-        assert catalog is not None
+        """A verify batch decides its package's status: `verified` once every listed device
+        succeeded, `verify_failed` at the first failure (a canceled job decides nothing)."""
+        catalog, files = self.catalog, self.files
+        assert catalog is not None and files is not None
         batch = catalog.batches.get(job.batch)
-        if batch is None or batch.type != "verify" or batch.devices is None:
+        if batch is None or batch.type != "verify" or batch.devices is None or batch.name not in self.running:
             return
-        jobs = {j.device.device_name: j for j in await self.store.jobs(batch.name)}
-        if any(j.state in ("failed", "canceled") for j in jobs.values()):
+        jobs = {j.device.device_name: j for j in await self.store.jobs(batch.name) if j.state != "canceled"}
+        if any(j.state == "failed" for j in jobs.values()):
             status = "verify_failed"
         elif all(name in jobs and jobs[name].state == "succeeded" for name in batch.devices):
             status = "verified"
         else:
             return
-        if status == "verify_failed" and job.state == "canceled":
-            return
-        await self.store.set_package_status(batch.package, status)
-        await self.store.save_batch(batch.name, batch.package, batch.immutable_fields(), "completed", status)
+        package = catalog.packages[batch.package]
+        await self.store.set_package_status(package.id, status, files.download_for(package, None).digest.sha256)
         self.running.discard(batch.name)
+        await self.store.set_batch_state(batch.name, "completed", status)
+        for other in await self.store.jobs(batch.name, open_only=True):
+            if other.device != job.device:  # we hold this device's lock already
+                async with self._device_locks.hold(other.device):
+                    await self.store.transition(other, "canceled", f"verification ended: {status}")
         log.info("package %s is %s (verify batch %s)", batch.package, status, batch.name)
         if status == "verified":
-            # start waiting upgrade batches outside this device's lock: they take device locks.
-            asyncio.get_running_loop().create_task(self._start_waiting(batch.package))
+            # Outside this device's lock (batch starts take device locks), after any reload.
+            self._background(self._start_waiting(package.id))
+
+    def _background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background work failed", exc_info=task.exception())
 
     async def _start_waiting(self, package_id: str) -> None:
-        catalog = self.catalog
-        assert catalog is not None
-        rows = await self.store.batches()
-        for batch in sorted(catalog.batches.values(), key=batch_priority, reverse=True):
-            row = rows.get(batch.name)
-            if batch.package == package_id and row is not None and row.state == "waiting_verification":
-                await self._start_batch(batch, catalog.packages[package_id])
+        async with self._reload_lock:
+            catalog = self.catalog
+            assert catalog is not None
+            rows = await self.store.batches()
+            for batch in sorted(catalog.batches.values(), key=batch_priority, reverse=True):
+                row = rows.get(batch.name)
+                if batch.package == package_id and row is not None and row.state == "waiting_verification":
+                    await self._start_batch(batch, catalog.packages[package_id])
 
     # -- timeouts ----------------------------------------------------------------------
     async def fail_stale_jobs(self, now: float | None = None) -> int:
@@ -416,16 +449,19 @@ class OtaEngine:
         """The (device, job id) a signed download URL was issued for; UrlRejected if forged or expired."""
         return verify_url(self._url_key, path, query)
 
+    def _download_of(self, job: Job) -> DownloadFile | None:
+        """The file this job's device downloads (None once its package left the catalog)."""
+        package = self.catalog.packages.get(job.package_id) if self.catalog else None
+        return self.files.download_for(package, job.from_version) if package and self.files else None
+
     async def authorize_download(self, device: DeviceId, job_id: int, file_key: str) -> DownloadFile:
         """The file a signed URL may fetch: the job must be this device's, open, and for this file."""
         job = await self.store.job(job_id)
-        if job is None or job.device != device or job.file_key != file_key:
+        download = self._download_of(job) if job is not None else None
+        if job is None or job.device != device or download is None or download.key != file_key:
             raise Refused(403, "this URL is not valid for that device and file")
         if not job.is_open:
             raise Refused(403, f"job {job_id} is {job.state}; ask the server for a new URL")
-        download = self.files.by_key(file_key) if self.files else None
-        if download is None:
-            raise Refused(404, "file no longer in the catalog")
         return download
 
     async def count_served(self, job_id: int, count: int) -> None:
@@ -438,7 +474,7 @@ class OtaEngine:
             return encode_block_reply({"id": request.id, "code": code, "msg": message}, None)
 
         job = await self.store.job(request.stream_id)
-        download = self.files.by_key(job.file_key) if job is not None and self.files else None
+        download = self._download_of(job) if job is not None else None
         if job is None or download is None or request.file_id != 1:
             return error(404, f"unknown stream {request.stream_id}/{request.file_id}")
         if job.device != device:

@@ -34,7 +34,8 @@ async def batch_summaries(store: Store, catalog: Catalog | None) -> list[dict[st
             "type": batch.type if batch else "", "protocol": batch.protocol if batch else "",
             "mode": batch.mode if batch else "", "push": batch.push if batch else None,
             "state": row.state if row else "not started", "reason": row.reason if row else "",
-            "package_status": statuses.get(package_id) or _unverified_status(catalog, package_id),
+            "package_status": statuses[package_id][0] if package_id in statuses
+            else _unverified_status(catalog, package_id),
             "counts": {state: counts[state] for state in ALL_STATES if counts[state]},
             "waiting_report": waiting, "total": total,
             "done_percent": round(100 * finished / total) if total else 0,

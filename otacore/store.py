@@ -41,14 +41,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     bytes_served INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, updated_at REAL NOT NULL);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_open_per_module ON jobs (product_key, device_name, module)
     WHERE state IN ('queued', 'notified', 'in_progress', 'installed');
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_per_batch_device ON jobs (batch, product_key, device_name);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_live_per_batch_device ON jobs (batch, product_key, device_name)
+    WHERE state != 'canceled';
 CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs (batch, state);
 CREATE TABLE IF NOT EXISTS job_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL REFERENCES jobs(id),
     at REAL NOT NULL, from_state TEXT, to_state TEXT NOT NULL, progress INTEGER, reason TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id);
 CREATE TABLE IF NOT EXISTS package_status (
-    package_id TEXT PRIMARY KEY, status TEXT NOT NULL, updated_at REAL NOT NULL);
+    package_id TEXT PRIMARY KEY, status TEXT NOT NULL, updated_at REAL NOT NULL,
+    sha256 TEXT NOT NULL DEFAULT '');
 """
 
 
@@ -131,6 +133,7 @@ class Store:
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.execute("PRAGMA busy_timeout=5000")
         await db.executescript(SCHEMA)
+        await db.execute("DROP INDEX IF EXISTS jobs_one_per_batch_device")  # before canceled jobs could retry
         await db.commit()
         return cls(db)
 
@@ -166,17 +169,29 @@ class Store:
             return {row[0]: BatchRow(row[0], row[1], json.loads(row[2]), *row[3:]) async for row in cursor}
 
     async def save_batch(self, name: str, package_id: str, fingerprint: dict[str, str], state: str,
-                         reason: str = "") -> None:
+                         reason: str = "", targets: list[DeviceId] | None = None) -> None:
+        """Insert or update a batch row, with a static batch's target set in the same
+        transaction. Package and fingerprint follow the catalog until the batch starts."""
         now = time.time()
         started = now if state == "running" else None
-        ended = now if state in ("canceled", "completed") else None
         async with self._write:
             await self._db.execute(
                 "INSERT INTO batches (name, package_id, fingerprint, state, created_at, started_at, ended_at, reason) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET state = excluded.state, "
-                "started_at = COALESCE(batches.started_at, excluded.started_at), "
-                "ended_at = excluded.ended_at, reason = excluded.reason",
-                (name, package_id, json.dumps(fingerprint, sort_keys=True), state, now, started, ended, reason))
+                "VALUES (?, ?, ?, ?, ?, ?, NULL, ?) ON CONFLICT (name) DO UPDATE SET state = excluded.state, "
+                "package_id = CASE WHEN batches.started_at IS NULL THEN excluded.package_id ELSE batches.package_id END, "
+                "fingerprint = CASE WHEN batches.started_at IS NULL THEN excluded.fingerprint "
+                "ELSE batches.fingerprint END, "
+                "started_at = COALESCE(batches.started_at, excluded.started_at), reason = excluded.reason",
+                (name, package_id, json.dumps(fingerprint, sort_keys=True), state, now, started, reason))
+            await self._db.executemany("INSERT OR IGNORE INTO batch_targets VALUES (?, ?, ?)",
+                                       [(name, d.product_key, d.device_name) for d in targets or ()])
+            await self._db.commit()
+
+    async def set_batch_state(self, name: str, state: str, reason: str) -> None:
+        """A batch ends (`completed`, `canceled`); what it was started with stays."""
+        async with self._write:
+            await self._db.execute("UPDATE batches SET state = ?, reason = ?, ended_at = ? WHERE name = ?",
+                                   (state, reason, time.time(), name))
             await self._db.commit()
 
     async def add_targets(self, batch: str, devices: list[DeviceId]) -> None:
@@ -196,16 +211,18 @@ class Store:
             return await cursor.fetchone() is not None
 
     # -- packages ----------------------------------------------------------------------
-    async def package_statuses(self) -> dict[str, str]:
-        async with self._db.execute("SELECT package_id, status FROM package_status") as cursor:
-            return {row[0]: row[1] async for row in cursor}
+    async def package_statuses(self) -> dict[str, tuple[str, str]]:
+        """package id -> (status, sha256 of the file the status was earned with)."""
+        async with self._db.execute("SELECT package_id, status, sha256 FROM package_status") as cursor:
+            return {row[0]: (row[1], row[2]) async for row in cursor}
 
-    async def set_package_status(self, package_id: str, status: str) -> None:
+    async def set_package_status(self, package_id: str, status: str, sha256: str) -> None:
         async with self._write:
             await self._db.execute(
-                "INSERT INTO package_status VALUES (?, ?, ?) ON CONFLICT (package_id) "
-                "DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at",
-                (package_id, status, time.time()))
+                "INSERT INTO package_status (package_id, status, updated_at, sha256) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (package_id) DO UPDATE SET status = excluded.status, "
+                "updated_at = excluded.updated_at, sha256 = excluded.sha256",
+                (package_id, status, time.time(), sha256))
             await self._db.commit()
 
     # -- jobs --------------------------------------------------------------------------
@@ -250,27 +267,39 @@ class Store:
                             ("from_version", from_version), ("file_key", file_key), ("file_size", file_size)):
             if value is not None:
                 changes[name] = value
-        return (await self.transition_many([job], to_state, reason, **changes))[0]
+        changed = await self.transition_many([job], to_state, reason, **changes)
+        if changed:
+            return changed[0]
+        current = await self.job(job.id)  # someone else moved it first; theirs stands
+        assert current is not None
+        return current
 
     async def transition_many(self, jobs: list[Job], to_state: str, reason: str, **changes: Any) -> list[Job]:
-        """The same transition for several jobs, in one transaction."""
+        """The same transition for several jobs, in one transaction. A job whose state is no
+        longer the one it was read in (another task moved it) is left alone and not returned."""
         if not jobs:
             return []
         now = time.time()
         fields: dict[str, Any] = {"state": to_state, "updated_at": now, **changes}
         assignments = ", ".join(f"{name} = ?" for name in fields)
+        moved = []
         async with self._write:
-            await self._db.executemany(f"UPDATE jobs SET {assignments} WHERE id = ?",
-                                       [(*fields.values(), job.id) for job in jobs])
+            for job in jobs:
+                cursor = await self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?",
+                                                (*fields.values(), job.id, job.state))
+                if cursor.rowcount == 1:
+                    moved.append(job)
             await self._db.executemany(
                 "INSERT INTO job_events (job_id, at, from_state, to_state, progress, reason) VALUES (?, ?, ?, ?, ?, ?)",
-                [(job.id, now, job.state, to_state, fields.get("progress", job.progress), reason) for job in jobs])
+                [(job.id, now, job.state, to_state, fields.get("progress", job.progress), reason) for job in moved])
             await self._db.commit()
-        return [dataclasses.replace(job, **fields) for job in jobs]
+        return [dataclasses.replace(job, **fields) for job in moved]
 
     async def add_bytes_served(self, job_id: int, count: int) -> None:
         async with self._write:
-            await self._db.execute("UPDATE jobs SET bytes_served = bytes_served + ? WHERE id = ?", (count, job_id))
+            # Serving bytes is activity too: a device downloading silently has not timed out.
+            await self._db.execute("UPDATE jobs SET bytes_served = bytes_served + ?, updated_at = ? WHERE id = ?",
+                                   (count, time.time(), job_id))
             await self._db.commit()
 
     async def job(self, job_id: int) -> Job | None:
@@ -285,8 +314,16 @@ class Store:
             row = await cursor.fetchone()
         return _job(row) if row else None
 
+    async def open_jobs(self, product_key: str, module: str) -> list[Job]:
+        async with self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE product_key = ? AND module = ? AND state IN {OPEN_STATES}",
+                (product_key, module)) as cursor:
+            return [_job(row) async for row in cursor]
+
     async def has_job_in_batch(self, batch: str, device: DeviceId) -> bool:
-        async with self._db.execute("SELECT 1 FROM jobs WHERE batch = ? AND product_key = ? AND device_name = ?",
+        """Did the device already have a job here (a canceled one does not count)?"""
+        async with self._db.execute("SELECT 1 FROM jobs WHERE batch = ? AND product_key = ? AND device_name = ? "
+                                    "AND state != 'canceled'",
                                     (batch, device.product_key, device.device_name)) as cursor:
             return await cursor.fetchone() is not None
 

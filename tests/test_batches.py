@@ -37,7 +37,7 @@ async def test_upgrade_waits_for_verification_then_starts(tmp_path: Path) -> Non
                 await tester.inform("2.0.0")
                 await server.wait_state("tester", "succeeded")
             assert (await fleet.next_push())["data"]["version"] == "2.0.0"  # started on its own
-        assert (await server.engine.store.package_statuses())["fw-2.0.0"] == "verified"
+        assert (await server.engine.store.package_statuses())["fw-2.0.0"][0] == "verified"
     finally:
         await server.stop()
 
@@ -53,7 +53,7 @@ async def test_verify_failure_marks_the_package(tmp_path: Path) -> None:
             await tester.next_push()
             await tester.progress(-4, "flash failed")
             await server.wait_state("tester", "failed")
-        assert (await server.engine.store.package_statuses())["fw-2.0.0"] == "verify_failed"
+        assert (await server.engine.store.package_statuses())["fw-2.0.0"][0] == "verify_failed"
     finally:
         await server.stop()
 
@@ -207,7 +207,7 @@ async def test_listed_device_already_on_the_version_counts_for_verification(tmp_
             await tester.inform("2.0.0")
             await server.wait_state("t-2", "succeeded")
         assert await server.job_state("t-1") == "succeeded"
-        assert (await server.engine.store.package_statuses())["fw-2.0.0"] == "verified"
+        assert (await server.engine.store.package_statuses())["fw-2.0.0"][0] == "verified"
     finally:
         await server.stop()
 
