@@ -109,9 +109,12 @@ async def download(request: web.Request) -> web.StreamResponse:
         file = engine.files.by_key(key) if engine.files else None
         if file is None:
             return _error(404, f"no package file {key!r}")
+        if not file.is_current():
+            return _error(409, "the package file changed on disk since it was hashed; run `otactl reload`")
     else:
         try:
-            device, job_id = engine.check_url(request.path, dict(request.query))
+            # The signature covers the path as sent (percent-encoded), not as decoded.
+            device, job_id = engine.check_url(request.rel_url.raw_path, dict(request.query))
             file = await engine.authorize_download(device, job_id, key)
         except UrlRejected as exc:
             return _error(403, str(exc))

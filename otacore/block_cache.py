@@ -12,22 +12,23 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .codec import crc16_arc
+from .package_files import DownloadFile
 
 
 class BlockCache:
     def __init__(self, max_bytes: int = 32 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
-        self._blocks: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
+        self._blocks: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._bytes = 0
 
-    async def block_with_crc(self, path: Path, offset: int, size: int) -> bytes:
+    async def block_with_crc(self, download: DownloadFile, offset: int, size: int) -> bytes:
         """The block's bytes followed by its little-endian CRC-16/ARC (the tail of a reply frame)."""
-        key = (str(path), path.stat().st_mtime_ns, offset, size)
+        key = (download.digest.sha256, offset, size)
         cached = self._blocks.get(key)
         if cached is not None:
             self._blocks.move_to_end(key)
             return cached
-        cached = await asyncio.to_thread(_read_with_crc, path, offset, size)
+        cached = await asyncio.to_thread(_read_with_crc, download.path, offset, size)
         self._blocks[key] = cached
         self._bytes += len(cached)
         while self._bytes > self.max_bytes and self._blocks:

@@ -433,6 +433,10 @@ def _read_batches(check: _Checker, root: MarkedMap, products: dict[str, Product]
         elif protocol == "https" and not settings.tls_enabled:
             check.add(item.line_of("protocol"), f"{key}.protocol",
                       "https needs http.tls (certfile, keyfile) in broker.yaml; set it or use http")
+        elif protocol == "http" and not settings.plain_http:
+            check.add(item.line_of("protocol"), f"{key}.protocol",
+                      "the file server speaks only HTTPS (http.tls without http.tls.bind); use https, "
+                      "or give TLS its own http.tls.bind")
         mode = check.text(item, key, "mode", default="static")
         if mode not in ("static", "dynamic"):
             check.add(item.line_of("mode"), f"{key}.mode", f"{mode!r} is not a mode; use static or dynamic")

@@ -48,6 +48,8 @@ def decode_json(data: bytes | bytearray | None) -> dict[str, Any]:
         value = json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise PayloadError(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise PayloadError("malformed JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise PayloadError("payload must be a JSON object")
     return value
@@ -155,9 +157,12 @@ def _int(value: Any, name: str) -> int:
     if isinstance(value, bool):
         raise PayloadError(f"{name} must be an integer")
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
         raise PayloadError(f"{name} must be an integer") from None
+    if not -(2**63) <= number < 2**63:
+        raise PayloadError(f"{name} is out of range")
+    return number
 
 
 def parse_block_request(message: dict[str, Any]) -> BlockRequest:

@@ -462,7 +462,7 @@ class OtaEngine:
             raise Refused(403, "this URL is not valid for that device and file")
         if not job.is_open:
             raise Refused(403, f"job {job_id} is {job.state}; ask the server for a new URL")
-        return download
+        return _unchanged(download)
 
     async def count_served(self, job_id: int, count: int) -> None:
         if count > 0:
@@ -487,8 +487,18 @@ class OtaEngine:
         size = download.digest.size
         if request.offset >= size:
             return error(400, f"offset {request.offset} is at or past the end ({size} bytes)")
-        tail = await self._blocks.block_with_crc(download.path, request.offset, request.size)
+        if not download.is_current():
+            return error(404, "the package file changed on the server since it was hashed")
+        tail = await self._blocks.block_with_crc(download, request.offset, request.size)
         await self.store.add_bytes_served(job.id, len(tail) - 2)
         header = {"id": request.id, "code": 200, "msg": "success",
                   "data": {"fileToken": token, "fileLength": size, "bSize": len(tail) - 2, "bOffset": request.offset}}
         return encode_block_reply(header, None) + tail
+
+
+def _unchanged(download: DownloadFile) -> DownloadFile:
+    if not download.is_current():
+        log.error("%s changed on disk since it was hashed; run `otactl reload` (a new build needs a new "
+                  "package id)", download.path)
+        raise Refused(409, "the package file changed on the server; try again later")
+    return download

@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bsdiff4
@@ -23,6 +23,7 @@ class FileDigest:
     size: int
     md5: str
     sha256: str
+    mtime_ns: int = field(default=0, compare=False)  # of the file when it was hashed
 
     def sign(self, method: str) -> str:
         return self.md5 if method == "MD5" else self.sha256
@@ -42,6 +43,15 @@ class DownloadFile:
     def name(self) -> str:
         return self.path.name
 
+    def is_current(self) -> bool:
+        """Is the file on disk still the one that was hashed? Someone may have copied a new
+        build over it; serving that under the old hash would hand devices a mixed image."""
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return False
+        return stat.st_size == self.digest.size and stat.st_mtime_ns == self.digest.mtime_ns
+
 
 class HashCache:
     """file path -> digest, trusted while size and mtime are unchanged; persisted as JSON."""
@@ -58,13 +68,13 @@ class HashCache:
         stat = file.stat()
         entry = self._entries.get(str(file))
         if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-            return FileDigest(entry["size"], entry["md5"], entry["sha256"])
+            return FileDigest(entry["size"], entry["md5"], entry["sha256"], stat.st_mtime_ns)
         md5, sha256 = hashlib.md5(), hashlib.sha256()
         with file.open("rb") as handle:
             while chunk := handle.read(1024 * 1024):
                 md5.update(chunk)
                 sha256.update(chunk)
-        digest = FileDigest(stat.st_size, md5.hexdigest(), sha256.hexdigest())
+        digest = FileDigest(stat.st_size, md5.hexdigest(), sha256.hexdigest(), stat.st_mtime_ns)
         self._entries[str(file)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                                     "md5": digest.md5, "sha256": digest.sha256}
         self._dirty = True

@@ -50,7 +50,15 @@ class Settings:
             return self.public_url
         if self.tls_public_url:
             return self.tls_public_url
+        host = urlsplit(self.public_url).hostname or "localhost"
+        if self.tls_port is not None:  # HTTPS on its own port: same host, that port
+            return f"https://{f'[{host}]' if ':' in host else host}:{self.tls_port}"
         return "https://" + self.public_url.split("://", 1)[1]
+
+    @property
+    def plain_http(self) -> bool:
+        """Does the file server speak plain HTTP anywhere (for `http` batches)?"""
+        return self.tls_certfile is None or self.tls_port is not None
 
     @property
     def max_file_bytes(self) -> int:
@@ -66,11 +74,17 @@ def split_host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def default_data_dir(config_dir: Path) -> Path:
+    """`var/` at the repo root when running from a checkout, else `var/` beside broker.yaml."""
+    root = Path(__file__).resolve().parents[1]
+    return (root if (root / "pyproject.toml").is_file() else config_dir.resolve()) / "var"
+
+
 def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: Any = None) -> Settings:
     """Build Settings from the OTA plugin's option mapping in broker.yaml at `source`.
 
     Relative paths resolve against broker.yaml's folder; `data_dir` defaults to `var/` at
-    the repo root (the parent of config/), the catalog to `ota.yaml` beside broker.yaml.
+    the repo root, the catalog to `ota.yaml` beside broker.yaml.
     """
     options = dict(options or {})
     base = source.parent
@@ -107,7 +121,7 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
         return (base / value).resolve()
 
     catalog = path(options.get("catalog"), "catalog", base / "ota.yaml")
-    data_dir = path(options.get("data_dir"), "data_dir", (base.parent / "var").resolve())
+    data_dir = path(options.get("data_dir"), "data_dir", default_data_dir(base))
 
     http_host, http_port = "0.0.0.0", 8080
     bind = sub("http", "bind", None)

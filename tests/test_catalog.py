@@ -218,9 +218,20 @@ def test_https_batch_loads_when_tls_is_configured(tmp_path):
     (tmp_path / "cert.pem").write_text("cert")
     (tmp_path / "key.pem").write_text("key")
     path = write_catalog(tmp_path, catalog_text(batches="- name: b-https\n  package: cam-1.0.0\n  protocol: https\n"))
-    options = {"http": {"tls": {"certfile": "cert.pem", "keyfile": "key.pem"}}}
+    options = {"http": {"tls": {"certfile": "cert.pem", "keyfile": "key.pem", "bind": "127.0.0.1:8443"}}}
     catalog = load_catalog(path, settings_for(tmp_path, options))
     assert catalog.batches["b-https"].protocol == "https"
+
+
+def test_http_batch_needs_plain_http_beside_tls(tmp_path):
+    (tmp_path / "cert.pem").write_text("cert")
+    (tmp_path / "key.pem").write_text("key")
+    path = write_catalog(tmp_path, catalog_text())
+    options = {"http": {"tls": {"certfile": "cert.pem", "keyfile": "key.pem"}}}  # TLS on http.bind itself
+    with pytest.raises(ConfigError) as caught:
+        load_catalog(path, settings_for(tmp_path, options))
+    assert caught.value.issues[0].key == "batches[0].protocol"
+    assert "http.tls.bind" in caught.value.issues[0].message
 
 
 # --- YAML-level errors ------------------------------------------------------------------------

@@ -158,7 +158,7 @@ async def test_sighup_reloads(tmp_path: Path) -> None:
 async def test_otactl_reaches_a_tls_only_server(tmp_path: Path) -> None:
     subprocess.run([str(Path(__file__).resolve().parents[1] / "scripts" / "dev-cert"), str(tmp_path / "tls")],
                    check=True, capture_output=True)
-    write_catalog(tmp_path, UPGRADE_BATCH)
+    write_catalog(tmp_path, UPGRADE_BATCH.replace("protocol: http", "protocol: https"))
     http_port = free_port()
     config = broker_yaml(tmp_path, free_port(), http_port)
     text = config.read_text().replace(

@@ -99,3 +99,26 @@ async def test_bytes_served_are_counted_per_job(server: OtaServer, url: str) -> 
     await fetch("HEAD", url)
     job = (await server.engine.store.jobs())[0]
     assert job.bytes_served == 1000
+
+
+async def test_file_names_that_need_percent_encoding(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from harness import BASE_CATALOG, make_firmware, write_catalog
+    make_firmware(tmp_path / "packages" / "固件 v2.bin", 1000, 5)
+    base = BASE_CATALOG.rstrip() + "\n  - {id: fw-2, product: a1Test, version: 2.0.0, file: '固件 v2.bin'}\n"
+    write_catalog(tmp_path, "- {name: up2, package: fw-2, type: upgrade, mode: dynamic}\n", base=base)
+    server = await OtaServer(tmp_path).start()
+    try:
+        async with Device(server, "enc-1") as device:
+            await device.inform("1.0.0")
+            url = (await device.next_push())["data"]["url"]
+        status, _, body = await fetch("GET", url)
+        assert status == 200 and len(body) == 1000
+    finally:
+        await server.stop()
+
+
+async def test_a_file_replaced_in_place_is_not_served_under_the_old_hash(server: OtaServer, url: str) -> None:
+    path = server.root / "packages" / "fw-1.1.0.bin"
+    path.write_bytes(path.read_bytes()[::-1])  # same size, new bytes, new mtime
+    status, _, _ = await fetch("GET", url, Range="bytes=0-99")
+    assert status == 409
