@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from amqtt.broker import Broker
@@ -200,6 +201,15 @@ class SessionDelivery:
         self._in_flight.add(task)
         task.add_done_callback(self._finished)
         return True
+
+    def drop_sessions(self, keep: Callable[[Session], bool]) -> int:
+        """Disconnect every connected session that `keep` rejects; returns how many."""
+        dropped = 0
+        for session, handler in list(self._broker._sessions.values()):
+            if session.transitions.state == "connected" and not keep(session):
+                asyncio.ensure_future(handler.handle_connection_closed())
+                dropped += 1
+        return dropped
 
     def _finished(self, task: asyncio.Task[Any]) -> None:
         self._in_flight.discard(task)

@@ -2,25 +2,26 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import ssl
 from typing import Any
 
 from aiohttp import web
+from amqtt.session import Session
 
 from fileserver.app import create_app
+from otacore.catalog import Catalog
+from otacore.credentials import check_mqtt_login
 from otacore.engine import OtaEngine
-from otacore.secrets_store import admin_token, url_signing_key
+from otacore.data_dir import (admin_token, database_path, remove_server_info, url_signing_key,
+                              write_server_info)
 from otacore.settings import Settings
 from otacore.store import Store
 
 from .amqtt_private import SessionDelivery, broker_of
 
 log = logging.getLogger("ota.server")
-DB_NAME = "ota.sqlite3"
-SERVER_INFO = "server.json"
 
 
 class OtaRuntime:
@@ -38,8 +39,9 @@ class OtaRuntime:
     async def start(self) -> None:
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = await Store.open(settings.data_dir / DB_NAME)
+        self.store = await Store.open(database_path(settings.data_dir))
         self.engine = OtaEngine(settings, self.store, self.delivery, url_signing_key(settings.data_dir))
+        self.engine.reload_listeners.append(self._drop_revoked_sessions)
         loaded = await self.engine.reload()
         self.admin_token = admin_token(settings.data_dir, settings.admin_token)
         self._runner = web.AppRunner(create_app(self.engine, self.admin_token), access_log=None)
@@ -67,13 +69,21 @@ class OtaRuntime:
                  settings.public_url, catalog.path, len(catalog.products), len(catalog.packages),
                  len(catalog.batches))
 
+    def _drop_revoked_sessions(self, catalog: Catalog) -> None:
+        """After a reload, devices that were removed or whose secret changed lose their session:
+        credentials are otherwise only checked at CONNECT."""
+        def still_valid(session: Session) -> bool:
+            return check_mqtt_login(catalog, session.client_id, session.username, session.password,
+                                    self.settings.allow_plain_secret) is not None
+
+        dropped = self.delivery.drop_sessions(still_valid)
+        if dropped:
+            log.info("reload: disconnected %d session(s) whose credentials are no longer valid", dropped)
+
     def _write_server_info(self) -> None:
-        """Tell `otactl` (same data_dir) where the admin API of this server listens."""
-        info = {"http_url": self.http_url, "pid": os.getpid()}
-        path = self.settings.data_dir / SERVER_INFO
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info), encoding="utf-8")
-        os.replace(tmp, path)
+        """Tell `otactl` (same data_dir) where this server's admin API is and what it serves."""
+        write_server_info(self.settings.data_dir, {"http_url": self.http_url, "pid": os.getpid(),
+                                                   "catalog": str(self.settings.catalog_path)})
 
     async def stop(self) -> None:
         if self._timeouts is not None:
@@ -85,7 +95,7 @@ class OtaRuntime:
         if self.store is not None:
             await self.store.close()
             self.store = None
-        (self.settings.data_dir / SERVER_INFO).unlink(missing_ok=True)
+        remove_server_info(self.settings.data_dir)
 
 
 def find_runtime(context: Any) -> OtaRuntime | None:

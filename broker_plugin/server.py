@@ -104,6 +104,8 @@ async def _reload(runtime: Any) -> None:
         log.info("SIGHUP: catalog reloaded (%d batches)", len(loaded.catalog.batches))
     except ConfigError as exc:
         log.error("SIGHUP: reload refused, nothing changed: %s", exc.one_line())
+    except Exception:  # a signal handler's task has nobody else to report to
+        log.exception("SIGHUP: reload failed")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
-from otacore.codec import PayloadError, decode_json, parse_step
-from otacore.catalog import DEFAULT_MODULE
+from otacore.codec import (PayloadError, decode_json, parse_firmware_request, parse_progress,
+                           parse_version_report)
 from otacore.credentials import DeviceId, check_http_login
 from otacore.engine import OtaEngine, Refused
 from otacore.errors import ConfigError
@@ -176,10 +176,6 @@ def _same_device(device: DeviceId, product_key: Any, device_key: Any) -> web.Res
     return None
 
 
-def _module(value: Any) -> str:
-    return str(value) if value not in (None, "") else DEFAULT_MODULE
-
-
 async def get_ota_info(request: web.Request) -> web.Response:
     device = _device_login(request)
     if isinstance(device, web.Response):
@@ -187,13 +183,18 @@ async def get_ota_info(request: web.Request) -> web.Response:
     query = request.query
     if (mismatch := _same_device(device, query.get("productKey"), query.get("deviceKey"))) is not None:
         return mismatch
-    module = _module(query.get("module"))
     engine = request.app[ENGINE]
-    version = query.get("version")
-    if version:
-        if len(version) > 64:
-            return _error(400, "version is too long")
-        await engine.on_version(device, module, version, deliver=False)
+    # The same parsing as the MQTT topics: the query is the `params` of a version report.
+    params = {"module": query.get("module")}
+    try:
+        if query.get("version"):
+            report = parse_version_report({"params": {**params, "version": query["version"]}})
+            await engine.on_version(device, report.module, report.version, deliver=False)
+            module = report.module
+        else:
+            module = parse_firmware_request({"params": params}).module
+    except PayloadError as exc:
+        return _error(400, str(exc))
     return web.json_response({"code": 0, "message": "", "data": await engine.offer(device, module)})
 
 
@@ -203,16 +204,14 @@ async def write_ota_info(request: web.Request) -> web.Response:
         return device
     try:
         body = decode_json(await request.read())
-        step = parse_step(body.get("step"))
+        report = parse_progress({"params": body})  # the body is the `params` of a progress report
     except web.HTTPRequestEntityTooLarge:
         return _error(400, f"body over {MAX_DEVICE_BODY} bytes")
     except PayloadError as exc:
         return _error(400, str(exc))
     if (mismatch := _same_device(device, body.get("productKey"), body.get("deviceKey"))) is not None:
         return mismatch
-    desc = body.get("desc")
-    desc_text = "" if desc is None or isinstance(desc, (dict, list)) else str(desc)[:128]
-    await request.app[ENGINE].on_progress(device, _module(body.get("module")), step, desc_text)
+    await request.app[ENGINE].on_progress(device, report.module, report.step, report.desc)
     return web.json_response({"code": 0, "message": ""})
 
 

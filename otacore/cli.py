@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import ssl
@@ -15,15 +16,14 @@ from typing import Any
 
 from .catalog import load_catalog
 from .config_files import load_settings
-from .engine import prepare_catalog
-from .errors import ConfigError
-from .secrets_store import admin_token
+from .engine import LoadedCatalog, prepare_catalog
+from .errors import ConfigError, ConfigIssue
+from .reload_rules import reload_issues
+from .data_dir import admin_token, database_path, read_server_info
 from .settings import Settings
 from .status import batch_devices, batch_summaries
 from .store import Store
 
-SERVER_INFO = "server.json"
-DB_NAME = "ota.sqlite3"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(settings: Settings) -> int:
+    """Every catalog error, and every change the server's database would refuse on reload."""
     try:
         loaded = prepare_catalog(settings)
+        database = database_path(settings.data_dir)
+        if database.exists():
+            issues = asyncio.run(_reload_issues(loaded, database))
+            if issues:
+                raise ConfigError(issues)
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue)
@@ -60,13 +66,24 @@ def cmd_validate(settings: Settings) -> int:
     return 0
 
 
-def _admin_request(settings: Settings, method: str, path: str) -> tuple[int, dict[str, Any]]:
-    info_path = settings.data_dir / SERVER_INFO
+async def _reload_issues(loaded: LoadedCatalog, database: Path) -> list[ConfigIssue]:
+    store = await Store.open(database)
     try:
-        base = json.loads(info_path.read_text(encoding="utf-8"))["http_url"]
-    except (FileNotFoundError, ValueError, KeyError):
-        raise SystemExit(f"otactl: no running server found ({info_path} missing); start ota-server with "
-                         "the same --config/--data-dir") from None
+        return reload_issues(loaded.catalog, loaded.files, await store.batches())
+    finally:
+        await store.close()
+
+
+def _running_server(settings: Settings) -> dict[str, Any]:
+    info = read_server_info(settings.data_dir)
+    if info is None:
+        raise SystemExit(f"otactl: no running server uses {settings.data_dir}; start ota-server with the "
+                         "same --config/--data-dir")
+    return info
+
+
+def _admin_request(settings: Settings, method: str, path: str) -> tuple[int, dict[str, Any]]:
+    base = _running_server(settings)["http_url"]
     request = urllib.request.Request(f"{base}{path}", method=method, headers={
         "Authorization": f"Bearer {admin_token(settings.data_dir, settings.admin_token)}"})
     context = None
@@ -85,6 +102,10 @@ def _admin_request(settings: Settings, method: str, path: str) -> tuple[int, dic
 
 
 def cmd_reload(settings: Settings) -> int:
+    served = Path(_running_server(settings).get("catalog") or settings.catalog_path)
+    if served != settings.catalog_path:
+        print(f"the server reloads its own catalog {served}, not {settings.catalog_path}")
+        settings = dataclasses.replace(settings, catalog_path=served)
     if cmd_validate(settings) != 0:
         return 1
     status, body = _admin_request(settings, "POST", "/admin/api/reload")
@@ -97,7 +118,7 @@ def cmd_reload(settings: Settings) -> int:
 
 
 async def _status(settings: Settings, batch: str | None) -> dict[str, Any]:
-    db = settings.data_dir / DB_NAME
+    db = database_path(settings.data_dir)
     if not db.exists():
         raise SystemExit(f"otactl: no database at {db}; has the server run with this data_dir?")
     try:

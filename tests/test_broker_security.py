@@ -181,3 +181,13 @@ async def test_another_device_cannot_take_over_a_client_id(server: OtaServer) ->
                 pass
         await victim.inform("1.0.0")
         assert (await victim.next_push())["data"]["version"] == "1.1.0" and not victim.disconnected
+
+
+async def test_reload_disconnects_devices_whose_secret_changed(server: OtaServer) -> None:
+    async with Device(server, "rot-1") as device:
+        catalog = server.root / "ota.yaml"
+        catalog.write_text(catalog.read_text().replace("secret: test-product-secret", "secret: rotated-secret"))
+        await server.engine.reload()
+        assert device._reader is not None
+        await asyncio.wait([device._reader], timeout=3)
+        assert device.disconnected

@@ -172,3 +172,13 @@ async def test_otactl_reaches_a_tls_only_server(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
         await asyncio.to_thread(process.stop)
+
+
+async def test_otactl_validate_applies_the_reload_rules_of_the_database(tmp_path: Path) -> None:
+    write_catalog(tmp_path, UPGRADE_BATCH)
+    server = await OtaServer(tmp_path).start()
+    await server.stop()
+    write_catalog(tmp_path, UPGRADE_BATCH.replace("protocol: http", "protocol: mqtt"))
+    config = broker_yaml(tmp_path, free_port(), free_port())
+    result = await asyncio.to_thread(otactl, config, "validate")
+    assert result.returncode == 1 and "cannot change protocol of a started batch" in result.stdout

@@ -1,9 +1,39 @@
-"""Long-lived secrets kept in data_dir: the URL signing key and the admin token."""
+"""What lives in data_dir besides what otacore.store and package_files own: where the
+database is, the URL signing key, the admin token, and `server.json` (where a running
+server's admin API listens, for otactl)."""
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path
+from typing import Any
+
+DB_NAME = "ota.sqlite3"
+SERVER_INFO = "server.json"
+
+
+def database_path(data_dir: Path) -> Path:
+    return data_dir / DB_NAME
+
+
+def write_server_info(data_dir: Path, info: dict[str, Any]) -> None:
+    path = data_dir / SERVER_INFO
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_server_info(data_dir: Path) -> dict[str, Any] | None:
+    try:
+        info = json.loads((data_dir / SERVER_INFO).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+    return info if isinstance(info, dict) and "http_url" in info else None
+
+
+def remove_server_info(data_dir: Path) -> None:
+    (data_dir / SERVER_INFO).unlink(missing_ok=True)
 
 
 def read_or_create(path: Path, nbytes: int = 32) -> str:
