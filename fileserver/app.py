@@ -41,6 +41,8 @@ def create_app(engine: OtaEngine, admin_token: str) -> web.Application:
     app.router.add_get("/admin/api/batches/{name}", admin_batch)
     app.router.add_get("/admin/api/jobs/{job_id}", admin_job)
     app.router.add_post("/admin/api/reload", admin_reload)
+    app.router.add_post("/admin/api/batches/{name}/retry", admin_retry)
+    app.router.add_post("/admin/api/batches/{name}/cancel", admin_cancel)
     app.router.add_get("/admin/", status_page)
     app.router.add_get("/admin/batches/{name}", batch_status_page)
     app.router.add_get("/healthz", healthz)
@@ -254,6 +256,44 @@ async def admin_job(request: web.Request) -> web.Response:
                for at, old, new, progress, reason in await engine.store.history(job.id)]
     return web.json_response({"job": {"id": job.id, "batch": job.batch, "device": str(job.device),
                                       "state": job.state, "progress": job.progress}, "history": history})
+
+
+async def _device_names(request: web.Request, required: bool) -> list[str] | None | web.Response:
+    """`{"devices": [...]}` from an admin request body (absent or empty body: None)."""
+    raw = await request.read()
+    try:
+        body = decode_json(raw) if raw else {}
+    except PayloadError as exc:
+        return _error(400, str(exc))
+    devices = body.get("devices")
+    if devices is None and not required:
+        return None
+    if not isinstance(devices, list) or not devices or not all(isinstance(d, str) for d in devices):
+        return _error(400, 'send {"devices": ["name", ...]}')
+    return devices
+
+
+async def admin_retry(request: web.Request) -> web.Response:
+    if (denied := _admin_only(request)) is not None:
+        return denied
+    devices = await _device_names(request, required=False)
+    if isinstance(devices, web.Response):
+        return devices
+    try:
+        count = await request.app[ENGINE].retry(request.match_info["name"], devices)
+    except Refused as exc:
+        return _error(exc.status, exc.message)
+    return web.json_response({"code": 0, "message": "", "retried": count})
+
+
+async def admin_cancel(request: web.Request) -> web.Response:
+    if (denied := _admin_only(request)) is not None:
+        return denied
+    devices = await _device_names(request, required=True)
+    if isinstance(devices, web.Response):
+        return devices
+    count = await request.app[ENGINE].cancel_devices(request.match_info["name"], devices or [])
+    return web.json_response({"code": 0, "message": "", "canceled": count})
 
 
 async def admin_reload(request: web.Request) -> web.Response:

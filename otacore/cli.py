@@ -10,6 +10,7 @@ import ssl
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("validate", help="check the catalog; print every error, or a summary")
     commands.add_parser("reload", help="validate, then make the running server load the catalog")
+    retry = commands.add_parser("retry", help="give failed devices of a running batch another job")
+    retry.add_argument("batch")
+    retry.add_argument("devices", nargs="*", help="only these devices (default: every failed one)")
+    cancel = commands.add_parser("cancel", help="cancel devices' open jobs in a batch (it won't take them again)")
+    cancel.add_argument("batch")
+    cancel.add_argument("devices", nargs="+")
     status = commands.add_parser("status", help="progress per batch, or per device of one batch")
     status.add_argument("batch", nargs="?", help="show this batch's devices")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -82,10 +89,13 @@ def _running_server(settings: Settings) -> dict[str, Any]:
     return info
 
 
-def _admin_request(settings: Settings, method: str, path: str) -> tuple[int, dict[str, Any]]:
+def _admin_request(settings: Settings, method: str, path: str,
+                   body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
     base = _running_server(settings)["http_url"]
-    request = urllib.request.Request(f"{base}{path}", method=method, headers={
-        "Authorization": f"Bearer {admin_token(settings.data_dir, settings.admin_token)}"})
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{base}{path}", method=method, data=data, headers={
+        "Authorization": f"Bearer {admin_token(settings.data_dir, settings.admin_token)}",
+        "Content-Type": "application/json"})
     context = None
     if base.startswith("https://") and settings.tls_certfile is not None:
         # Our own server at a loopback address: trust exactly its certificate, whatever name it bears.
@@ -114,6 +124,18 @@ def cmd_reload(settings: Settings) -> int:
             print(error)
         return 1
     print(f"reloaded: {body['products']} products, {body['packages']} packages, {body['batches']} batches")
+    return 0
+
+
+def cmd_batch_action(settings: Settings, action: str, batch: str, devices: list[str]) -> int:
+    body = {"devices": devices} if devices else None
+    status, reply = _admin_request(settings, "POST", f"/admin/api/batches/{urllib.parse.quote(batch, safe='')}/"
+                                                     f"{action}", body)
+    if status != 200:
+        print(f"otactl: {reply.get('message', f'{action} failed')}", file=sys.stderr)
+        return 1
+    count = reply["retried" if action == "retry" else "canceled"]
+    print(f"{batch}: {count} job(s) {'retried' if action == 'retry' else 'canceled'}")
     return 0
 
 
@@ -207,6 +229,8 @@ def _main(argv: list[str] | None) -> int:
         return cmd_validate(settings)
     if args.command == "reload":
         return cmd_reload(settings)
+    if args.command in ("retry", "cancel"):
+        return cmd_batch_action(settings, args.command, args.batch, args.devices)
     if args.watch:
         return watch(lambda: cmd_status(settings, args.batch, args.json), args.watch)
     return cmd_status(settings, args.batch, args.json)

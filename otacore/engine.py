@@ -153,7 +153,7 @@ class OtaEngine:
                 if current is not None and self._yields_to(current, batch):
                     displaced.append(current)
                 wanted.append(self._new_job(device, package, version))
-        await self.store.transition_many(displaced, "canceled", f"batch {batch.name} comes first")
+        await self.store.transition_many(displaced, "canceled", f"batch {batch.name} comes first", superseded=1)
         jobs = await self.store.create_jobs(batch.name, wanted, f"batch {batch.name} started; device reported a "
                                             "version it targets")
         queued = [job for job in jobs if job.state == "queued"]
@@ -326,7 +326,7 @@ class OtaEngine:
         if batch is None or package is None or job.batch not in self.running or \
                 not wants(batch, package, job.device, job.module, version):
             job = await self.store.transition(job, "canceled", f"device now reports {version}, which batch "
-                                              f"{job.batch} does not target")
+                                              f"{job.batch} does not target", superseded=1)
             await self._after_final(job)
             await self._consider(job.device, job.module, version, deliver=deliver)
             return
@@ -405,6 +405,36 @@ class OtaEngine:
                 row = rows.get(batch.name)
                 if batch.package == package_id and row is not None and row.state == "waiting_verification":
                     await self._start_batch(batch, catalog.packages[package_id])
+
+    # -- admin actions -----------------------------------------------------------------
+    async def retry(self, batch_name: str, device_names: list[str] | None = None) -> int:
+        """Give failed devices of a running batch another job: now, if their last reported
+        version still qualifies (pushed when online and the batch pushes), else on their next report."""
+        catalog = self.catalog
+        if catalog is None or batch_name not in self.running:
+            raise Refused(409, f"batch {batch_name!r} is not running")
+        batch = catalog.batches[batch_name]
+        package = catalog.packages[batch.package]
+        retried = await self.store.supersede_failed(batch_name, device_names, "retry requested by an admin")
+        for job in retried:
+            async with self._device_locks.hold(job.device):
+                version = await self.store.reported_version(job.device, job.module)
+                if version is not None and await self.store.open_job(job.device, job.module) is None:
+                    await self._consider(job.device, package.module, version, deliver=True)
+        log.info("batch %s: %d failed job(s) retried", batch_name, len(retried))
+        return len(retried)
+
+    async def cancel_devices(self, batch_name: str, device_names: list[str]) -> int:
+        """Cancel these devices' open jobs in a batch; the batch will not take them again."""
+        canceled = 0
+        for job in await self.store.jobs(batch_name, open_only=True):
+            if job.device.device_name in device_names:
+                async with self._device_locks.hold(job.device):
+                    moved = await self.store.transition_many([job], "canceled", "canceled by an admin")
+                    canceled += len(moved)
+                    if moved:
+                        await self._after_final(moved[0])
+        return canceled
 
     # -- timeouts ----------------------------------------------------------------------
     async def fail_stale_jobs(self, now: float | None = None) -> int:

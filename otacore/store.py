@@ -38,11 +38,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     package_id TEXT NOT NULL, from_version TEXT NOT NULL, target_version TEXT NOT NULL,
     state TEXT NOT NULL, progress INTEGER NOT NULL DEFAULT 0, code INTEGER,
     message TEXT NOT NULL DEFAULT '', file_key TEXT NOT NULL DEFAULT '', file_size INTEGER NOT NULL DEFAULT 0,
-    bytes_served INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, updated_at REAL NOT NULL);
+    bytes_served INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    -- 1 when a later job of the same batch may replace this one: an admin retry, or the
+    -- device left the versions the batch targets, or a higher batch took it first.
+    superseded INTEGER NOT NULL DEFAULT 0);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_open_per_module ON jobs (product_key, device_name, module)
     WHERE state IN ('queued', 'notified', 'in_progress', 'installed');
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_live_per_batch_device ON jobs (batch, product_key, device_name)
-    WHERE state != 'canceled';
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_current_per_batch_device ON jobs (batch, product_key, device_name)
+    WHERE superseded = 0;
 CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs (batch, state);
 CREATE TABLE IF NOT EXISTS job_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL REFERENCES jobs(id),
@@ -133,7 +136,6 @@ class Store:
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.execute("PRAGMA busy_timeout=5000")
         await db.executescript(SCHEMA)
-        await db.execute("DROP INDEX IF EXISTS jobs_one_per_batch_device")  # before canceled jobs could retry
         await db.commit()
         return cls(db)
 
@@ -260,11 +262,12 @@ class Store:
     async def transition(self, job: Job, to_state: str, reason: str, *, progress: int | None = None,
                          code: int | None = None, message: str | None = None,
                          from_version: str | None = None, file_key: str | None = None,
-                         file_size: int | None = None) -> Job:
+                         file_size: int | None = None, superseded: int | None = None) -> Job:
         """Move `job` to `to_state` (or update it in place) and record why, in one transaction."""
         changes: dict[str, Any] = {}
         for name, value in (("progress", progress), ("code", code), ("message", message),
-                            ("from_version", from_version), ("file_key", file_key), ("file_size", file_size)):
+                            ("from_version", from_version), ("file_key", file_key), ("file_size", file_size),
+                            ("superseded", superseded)):
             if value is not None:
                 changes[name] = value
         changed = await self.transition_many([job], to_state, reason, **changes)
@@ -293,7 +296,8 @@ class Store:
                 "INSERT INTO job_events (job_id, at, from_state, to_state, progress, reason) VALUES (?, ?, ?, ?, ?, ?)",
                 [(job.id, now, job.state, to_state, fields.get("progress", job.progress), reason) for job in moved])
             await self._db.commit()
-        return [dataclasses.replace(job, **fields) for job in moved]
+        known = {f.name for f in dataclasses.fields(Job)}
+        return [dataclasses.replace(job, **{k: v for k, v in fields.items() if k in known}) for job in moved]
 
     async def add_bytes_served(self, job_id: int, count: int) -> None:
         async with self._write:
@@ -321,9 +325,9 @@ class Store:
             return [_job(row) async for row in cursor]
 
     async def has_job_in_batch(self, batch: str, device: DeviceId) -> bool:
-        """Did the device already have a job here (a canceled one does not count)?"""
+        """Has the device a job here that no later job may replace?"""
         async with self._db.execute("SELECT 1 FROM jobs WHERE batch = ? AND product_key = ? AND device_name = ? "
-                                    "AND state != 'canceled'",
+                                    "AND superseded = 0",
                                     (batch, device.product_key, device.device_name)) as cursor:
             return await cursor.fetchone() is not None
 
@@ -337,6 +341,12 @@ class Store:
         sql = f"SELECT {_JOB_COLUMNS} FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id"
         async with self._db.execute(sql, args) as cursor:
             return [_job(row) async for row in cursor]
+
+    async def supersede_failed(self, batch: str, device_names: list[str] | None, reason: str) -> list[Job]:
+        """Let failed jobs of `batch` (of these devices, or all) be replaced by new ones: a retry."""
+        jobs = [job for job in await self.jobs(batch) if job.state == "failed"
+                and (device_names is None or job.device.device_name in device_names)]
+        return await self.transition_many(jobs, "failed", reason, superseded=1)
 
     async def stale_jobs(self, batch: str, updated_before: float) -> list[Job]:
         """Jobs of `batch` that were told (or are under way) and have not changed since then."""

@@ -227,3 +227,29 @@ async def test_status_page_for_browsers(server: OtaServer) -> None:
             assert response.status == 200 and "page-1" in page and "notified" in page
         async with http.get(f"{server.http_url}/admin/batches/%3Cscript%3E", headers=auth) as response:
             assert response.status == 404 and response.content_type == "text/plain"
+
+
+async def test_admin_retry_and_cancel(server: OtaServer) -> None:
+    headers = {"Authorization": f"Bearer {server.admin_token}"}
+    api = f"{server.http_url}/admin/api/batches/up-1.1.0"
+    async with Device(server, "retry-1") as failing, Device(server, "cancel-1") as other:
+        await failing.inform("1.0.0")
+        await failing.next_push()
+        await failing.progress(-2, "download failed")
+        await server.wait_state("retry-1", "failed")
+        await other.inform("1.0.0")
+        await other.next_push()
+        async with aiohttp.ClientSession(headers=headers) as http:
+            async with http.post(f"{api}/retry", json={"devices": ["retry-1"]}) as response:
+                assert (await response.json())["retried"] == 1
+            assert (await failing.next_push())["data"]["version"] == "1.1.0"  # a new job, pushed now
+            async with http.post(f"{api}/cancel", json={"devices": ["cancel-1"]}) as response:
+                assert (await response.json())["canceled"] == 1
+            async with http.post(f"{api}/cancel", data=b"{}") as response:
+                assert response.status == 400
+            async with http.post(f"{server.http_url}/admin/api/batches/nope/retry") as response:
+                assert response.status == 409
+        await other.inform("1.0.0")  # canceled by an admin: the batch does not take it again
+        await other.expect_nothing(0.3)
+    states = sorted((j.device.device_name, j.state) for j in await server.engine.store.jobs("up-1.1.0"))
+    assert states == [("cancel-1", "canceled"), ("retry-1", "failed"), ("retry-1", "notified")]

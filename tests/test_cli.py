@@ -132,6 +132,10 @@ async def test_kill_9_mid_upgrade_then_status_and_reload(tmp_path: Path) -> None
         assert "up-1.1.0" in summary.stdout and "100%" in summary.stdout and "succeeded 1" in summary.stdout
         reload = await asyncio.to_thread(otactl, config, "reload")
         assert reload.returncode == 0 and "reloaded" in reload.stdout
+        retry = await asyncio.to_thread(otactl, config, "retry", "up-1.1.0")
+        assert retry.returncode == 0 and "0 job(s) retried" in retry.stdout
+        cancel = await asyncio.to_thread(otactl, config, "cancel", "no-such-batch", "k-1")
+        assert cancel.returncode == 0 and "0 job(s) canceled" in cancel.stdout
     finally:
         output = await asyncio.to_thread(process.stop)
     assert "Traceback" not in output
