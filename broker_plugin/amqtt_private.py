@@ -161,7 +161,7 @@ def _expire(handler: BrokerProtocolHandler, session: Session) -> None:
 
 
 class SessionDelivery:
-    """Publishes to one device's live session, honouring its subscriptions and their QoS."""
+    """Publishes the server's OTA messages straight to one device's live session."""
 
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
@@ -188,16 +188,20 @@ class SessionDelivery:
         return best
 
     async def send(self, device: DeviceId, topic: str, payload: bytes, qos: int) -> bool:
+        """Publish one of the device's downstream OTA topics to its live session; False when
+        it is not connected. Aliyun's broker subscribes every device to these topics itself,
+        and SDKs such as linkkit rely on it (they never SUBSCRIBE to them): so without a
+        subscription we deliver at `qos`, with one at the lower of the two."""
         entry = self.live_session(device)
         if entry is None:
             return False
         session, handler = entry
         sub_qos = self.subscribed_qos(session, device, topic)
-        if sub_qos is None:
-            return False
+        if sub_qos is not None:
+            qos = min(qos, sub_qos)
         # Not awaited: a QoS 1 publish waits for the PUBACK, and one slow device must not
         # hold up the engine. The task is kept so it is not garbage-collected mid-flight.
-        task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, min(qos, sub_qos), retain=False))
+        task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, qos, retain=False))
         self._in_flight.add(task)
         task.add_done_callback(self._finished)
         return True

@@ -135,11 +135,12 @@ class Device:
     """One device: connects, subscribes to its downstream OTA topics, collects what arrives."""
 
     def __init__(self, server: OtaServer, name: str, *, secret: str | None = None, client_id: str | None = None,
-                 product_key: str = PK, keepalive: int = 60) -> None:
+                 product_key: str = PK, keepalive: int = 60, subscribe: bool = True) -> None:
         self.server, self.name, self.pk = server, name, product_key
         self.secret = secret if secret is not None else device_secret(name)
         self.client_id = client_id or name
         self.keepalive = keepalive
+        self.subscribe_ota = subscribe  # False: like linkkit, which relies on the broker
         self.inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._client: aiomqtt.Client | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -155,7 +156,8 @@ class Device:
         for topic in (f"/ota/device/upgrade/{self.pk}/{self.name}",
                       f"/sys/{self.pk}/{self.name}/thing/ota/firmware/get_reply",
                       f"/sys/{self.pk}/{self.name}/thing/file/download_reply"):
-            await self._client.subscribe(topic, qos=1)
+            if self.subscribe_ota:
+                await self._client.subscribe(topic, qos=1)
         self._reader = asyncio.create_task(self._read())
         return self
 

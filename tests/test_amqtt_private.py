@@ -34,13 +34,12 @@ async def test_running_broker_passes_the_startup_check(server: OtaServer) -> Non
     assert repr(server.broker._subscriptions).endswith("subscription filters>")
 
 
-async def test_direct_delivery_reaches_only_a_subscribed_live_session(server: OtaServer) -> None:
+async def test_direct_delivery_reaches_a_live_session_subscribed_or_not(server: OtaServer) -> None:
+    # Like Aliyun, which subscribes devices to their OTA topics itself (linkkit never does).
     from otacore.credentials import DeviceId
     delivery = server.plugin.runtime.delivery
     device = DeviceId("a1Test", "direct-1")
-    assert not await delivery.send(device, "/a1Test/direct-1/x", b"offline", 1)
-    async with Device(server, "direct-1") as client:
-        assert not await delivery.send(device, "/a1Test/direct-1/x", b"not subscribed", 1)
-        await client.subscribe("/a1Test/direct-1/#")
-        assert await delivery.send(device, "/a1Test/direct-1/x", b"hello", 1)
-        assert await client.receive("/x") == b"hello"
+    assert not await delivery.send(device, "/ota/device/upgrade/a1Test/direct-1", b"offline", 1)
+    async with Device(server, "direct-1", subscribe=False) as client:
+        assert await delivery.send(device, "/ota/device/upgrade/a1Test/direct-1", b"unsolicited", 1)
+        assert await client.receive("/upgrade/a1Test/direct-1") == b"unsolicited"
