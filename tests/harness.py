@@ -13,6 +13,7 @@ import hmac
 import json
 import random
 import socket
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,11 @@ from amqtt.broker import Broker
 
 from broker_plugin.ota import OtaPlugin
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from loopback_server import free_port  # noqa: E402,F401  (re-exported for the tests)
+
 PK = "a1Test"
 PRODUCT_SECRET = "test-product-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def device_secret(device_name: str, product_secret: str = PRODUCT_SECRET) -> str:

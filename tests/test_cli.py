@@ -6,31 +6,22 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from harness import Device, OtaServer, free_port, write_catalog
 from conftest import UPGRADE_BATCH
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from loopback_server import ServerProcess, write_broker_yaml  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
 
 def broker_yaml(root: Path, mqtt_port: int, http_port: int) -> Path:
-    path = root / "broker.yaml"
-    path.write_text(f"""
-listeners:
-  default: {{type: tcp, bind: 127.0.0.1:{mqtt_port}}}
-plugins:
-  broker_plugin.auth.DeviceAuthPlugin: {{}}
-  broker_plugin.acl.DeviceTopicPlugin: {{}}
-  broker_plugin.ota.OtaPlugin:
-    catalog: ota.yaml
-    data_dir: var
-    http: {{bind: 127.0.0.1:{http_port}, public_url: http://127.0.0.1:{http_port}}}
-""", encoding="utf-8")
-    return path
+    return write_broker_yaml(root, mqtt_port, http_port)
 
 
 def otactl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -38,34 +29,10 @@ def otactl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
-class ServerProcess:
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.process: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen([str(BIN / "ota-server"), "--config", str(self.config)],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        info = self.config.parent / "var" / "server.json"
-        deadline = time.time() + 20
-        while not info.exists():
-            if self.process.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"server did not start: {self.process.stdout.read() if self.process.stdout else ''}")
-            time.sleep(0.05)
-        time.sleep(0.2)  # server.json is written just before the MQTT listener opens
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-        (self.config.parent / "var" / "server.json").unlink(missing_ok=True)
-
-    def stop(self) -> str:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        output, _ = self.process.communicate(timeout=15)
-        return output
+def server_process(config: Path) -> ServerProcess:
+    """The installed `ota-server` console script, as a user runs it."""
+    bind = yaml.safe_load(config.read_text())["listeners"]["default"]["bind"]
+    return ServerProcess(config, int(bind.rsplit(":", 1)[1]), command=[str(BIN / "ota-server")])
 
 
 def test_bad_catalog_is_a_one_line_exit(tmp_path: Path) -> None:
@@ -109,7 +76,7 @@ async def test_kill_9_mid_upgrade_then_status_and_reload(tmp_path: Path) -> None
     write_catalog(tmp_path, UPGRADE_BATCH)
     mqtt_port, http_port = free_port(), free_port()
     config = broker_yaml(tmp_path, mqtt_port, http_port)
-    process = ServerProcess(config)
+    process = server_process(config)
     await asyncio.to_thread(process.start)
     client_view = OtaServer(tmp_path, mqtt_port=mqtt_port, http_port=http_port)
     try:
@@ -145,7 +112,7 @@ async def test_kill_9_mid_upgrade_then_status_and_reload(tmp_path: Path) -> None
 async def test_sighup_reloads(tmp_path: Path) -> None:
     write_catalog(tmp_path)
     config = broker_yaml(tmp_path, free_port(), free_port())
-    process = ServerProcess(config)
+    process = server_process(config)
     await asyncio.to_thread(process.start)
     try:
         write_catalog(tmp_path, UPGRADE_BATCH)
@@ -169,7 +136,7 @@ async def test_otactl_reaches_a_tls_only_server(tmp_path: Path) -> None:
         f"public_url: http://127.0.0.1:{http_port}}}",
         f"public_url: https://127.0.0.1:{http_port}, tls: {{certfile: tls/dev-cert.pem, keyfile: tls/dev-key.pem}}}}")
     config.write_text(text)
-    process = ServerProcess(config)
+    process = server_process(config)
     await asyncio.to_thread(process.start)
     try:
         result = await asyncio.to_thread(otactl, config, "reload")

@@ -17,9 +17,7 @@ import asyncio
 import json
 import os
 import random
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,12 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import device_sim  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from loopback_server import ServerProcess, free_port, write_broker_yaml  # noqa: E402
 
 
 def add_batch(root: Path, protocol: str) -> None:
@@ -73,19 +66,7 @@ packages:
   - {id: fw-1.0.0, product: a1Bench, version: 1.0.0, file: fw-1.0.0.bin, sign_method: SHA256}
   - {id: fw-1.1.0, product: a1Bench, version: 1.1.0, file: fw-1.1.0.bin, sign_method: SHA256}
 """, encoding="utf-8")
-    config = root / "broker.yaml"
-    config.write_text(f"""
-listeners:
-  default: {{type: tcp, bind: 127.0.0.1:{mqtt_port}, max_connections: 50000}}
-plugins:
-  broker_plugin.auth.DeviceAuthPlugin: {{}}
-  broker_plugin.acl.DeviceTopicPlugin: {{}}
-  broker_plugin.ota.OtaPlugin:
-    catalog: ota.yaml
-    data_dir: var
-    http: {{bind: 127.0.0.1:{http_port}, public_url: http://127.0.0.1:{http_port}}}
-""", encoding="utf-8")
-    return config
+    return write_broker_yaml(root, mqtt_port, http_port)
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -100,24 +81,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_ready(root: Path, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.time() + 30
-    while not (root / "var" / "server.json").exists():
-        if process.poll() is not None or time.time() > deadline:
-            raise SystemExit("ota-server did not start")
-        time.sleep(0.05)
-    time.sleep(0.3)
-
-
 async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="ota-bench-") as tmp:
         root = Path(tmp)
         mqtt_port, http_port = free_port(), free_port()
         config = write_config(root, mqtt_port, http_port, args.size)
-        server = subprocess.Popen([sys.executable, "-m", "broker_plugin.server", "--config", str(config),
-                                   "--log-level", "WARNING"], cwd=ROOT)
+        server = ServerProcess(config, mqtt_port, capture=False, extra_args=("--log-level", "WARNING"))
+        server.start()
         try:
-            wait_ready(root, server)
             idle_rss = peak_rss_mib(server.pid)
             server_cpu_before = cpu_seconds(server.pid)
             own_cpu_before = time.process_time()
@@ -141,8 +112,7 @@ async def run(args: argparse.Namespace) -> None:
             server_cpu = cpu_seconds(server.pid) - server_cpu_before
             sim_cpu = time.process_time() - own_cpu_before
         finally:
-            server.terminate()
-            server.wait(30)
+            server.stop()
     upgraded = sum(r.outcome == "upgraded" for r in results)
     failed = len(results) - upgraded
     per_device = sorted(r.seconds for r in results)

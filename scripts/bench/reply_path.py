@@ -16,7 +16,6 @@ import hashlib
 import hmac
 import json
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,44 +24,27 @@ from pathlib import Path
 import aiomqtt
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from loopback_server import ServerProcess, free_port, write_broker_yaml  # noqa: E402
+
 PK, PRODUCT_SECRET = "a1Reply", "reply-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def secret(name: str) -> str:
     return hmac.new(PRODUCT_SECRET.encode(), name.encode(), hashlib.sha256).hexdigest()
 
 
-def start_server(root: Path, broadcast: bool) -> tuple[subprocess.Popen[bytes], int]:
+def start_server(root: Path, broadcast: bool) -> tuple[ServerProcess, int]:
     (root / "packages").mkdir()
     (root / "ota.yaml").write_text(f"packages_dir: packages\nproducts:\n  - {{key: {PK}, secret: {PRODUCT_SECRET}}}\n")
-    mqtt_port, http_port = free_port(), free_port()
-    (root / "broker.yaml").write_text(f"""
-listeners:
-  default: {{type: tcp, bind: 127.0.0.1:{mqtt_port}}}
-plugins:
-  broker_plugin.auth.DeviceAuthPlugin: {{}}
-  broker_plugin.acl.DeviceTopicPlugin: {{}}
-  broker_plugin.ota.OtaPlugin:
-    catalog: ota.yaml
-    data_dir: var
-    http: {{bind: 127.0.0.1:{http_port}, public_url: http://127.0.0.1:{http_port}}}
-""")
+    mqtt_port = free_port()
+    config = write_broker_yaml(root, mqtt_port, free_port())
     launcher = [str(Path(__file__).with_name("broadcast_plugin.py"))] if broadcast else ["-m", "broker_plugin.server"]
-    process = subprocess.Popen([sys.executable, *launcher, "--config", str(root / "broker.yaml"),
-                                "--log-level", "WARNING"], cwd=ROOT)
-    deadline = time.time() + 30
-    while not (root / "var" / "server.json").exists():
-        if process.poll() is not None or time.time() > deadline:
-            raise SystemExit("ota-server did not start")
-        time.sleep(0.05)
-    time.sleep(0.3)
-    return process, mqtt_port
+    server = ServerProcess(config, mqtt_port, command=[sys.executable, *launcher], capture=False,
+                           extra_args=("--log-level", "WARNING"))
+    server.start()
+    return server, mqtt_port
 
 
 def client(port: int, name: str) -> aiomqtt.Client:
@@ -93,12 +75,11 @@ async def run(args: argparse.Namespace) -> None:
         rates = []
         for broadcast in (False, True):
             with tempfile.TemporaryDirectory(prefix="ota-reply-") as tmp:
-                process, port = start_server(Path(tmp), broadcast)
+                server, port = start_server(Path(tmp), broadcast)
                 try:
                     rates.append(await measure(port, filters, args.seconds))
                 finally:
-                    process.terminate()
-                    process.wait(30)
+                    server.stop()
         rows.append((str(filters), f"{rates[0]:.0f} /s", f"{rates[1]:.0f} /s"))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:

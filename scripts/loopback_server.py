@@ -1,0 +1,81 @@
+"""An `ota-server` process on free 127.0.0.1 ports, for the tests and the benchmarks."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_broker_yaml(root: Path, mqtt_port: int, http_port: int) -> Path:
+    """broker.yaml in `root` with the three OTA plugins, catalog `ota.yaml` and data_dir `var`."""
+    path = root / "broker.yaml"
+    path.write_text(f"""
+listeners:
+  default: {{type: tcp, bind: 127.0.0.1:{mqtt_port}, max_connections: 50000}}
+plugins:
+  broker_plugin.auth.DeviceAuthPlugin: {{}}
+  broker_plugin.acl.DeviceTopicPlugin: {{}}
+  broker_plugin.ota.OtaPlugin:
+    catalog: ota.yaml
+    data_dir: var
+    http: {{bind: 127.0.0.1:{http_port}, public_url: http://127.0.0.1:{http_port}}}
+""", encoding="utf-8")
+    return path
+
+
+class ServerProcess:
+    """Runs `command` (default: ota-server) with `--config`; `start` returns once MQTT accepts."""
+
+    def __init__(self, config: Path, mqtt_port: int, command: list[str] | None = None,
+                 capture: bool = True, extra_args: tuple[str, ...] = ()) -> None:
+        self.config, self.mqtt_port = config, mqtt_port
+        self.command = command or [sys.executable, "-m", "broker_plugin.server"]
+        self.capture, self.extra_args = capture, extra_args
+        self.process: subprocess.Popen[str] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 30) -> None:
+        output = subprocess.PIPE if self.capture else None
+        self.process = subprocess.Popen([*self.command, "--config", str(self.config), *self.extra_args], cwd=ROOT,
+                                        stdout=output, stderr=subprocess.STDOUT if self.capture else None, text=True)
+        deadline = time.time() + timeout
+        while True:
+            if self.process.poll() is not None or time.time() > deadline:
+                printed = self.process.stdout.read() if self.capture and self.process.stdout else ""
+                self.stop()
+                raise RuntimeError(f"ota-server did not start: {printed}")
+            try:
+                socket.create_connection(("127.0.0.1", self.mqtt_port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to clean up."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+        (self.config.parent / "var" / "server.json").unlink(missing_ok=True)
+
+    def stop(self) -> str:
+        """SIGTERM and wait; returns what it printed (when captured)."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        output, _ = self.process.communicate(timeout=30)
+        return output or ""
