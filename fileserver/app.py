@@ -239,7 +239,7 @@ async def admin_batch(request: web.Request) -> web.Response:
     summaries = [s for s in await batch_summaries(engine.store, engine.catalog) if s["name"] == name]
     if not summaries:
         return _error(404, f"no batch named {name!r}")
-    return web.json_response({"batch": summaries[0], "devices": await batch_devices(engine.store, name)})
+    return web.json_response({"batch": summaries[0], "devices": await batch_devices(engine.store, engine.catalog, name)})
 
 
 async def admin_job(request: web.Request) -> web.Response:
@@ -334,7 +334,7 @@ async def batch_status_page(request: web.Request) -> web.Response:
     found = [s for s in await batch_summaries(engine.store, engine.catalog) if s["name"] == name]
     if not found:
         return web.Response(status=404, text=f"no batch named {name!r}\n")
-    devices = await batch_devices(engine.store, name)
+    devices = await batch_devices(engine.store, engine.catalog, name)
     return web.Response(text=batch_page(found[0], devices), content_type="text/html")
 
 

@@ -155,7 +155,7 @@ async def _status(settings: Settings, batch: str | None) -> dict[str, Any]:
         found = [s for s in summaries if s["name"] == batch]
         if not found:
             raise SystemExit(f"otactl: no batch named {batch!r}; `otactl status` lists them")
-        return {"batch": found[0], "devices": await batch_devices(store, batch)}
+        return {"batch": found[0], "devices": await batch_devices(store, catalog, batch)}
     finally:
         await store.close()
 

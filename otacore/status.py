@@ -4,14 +4,33 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from .catalog import Catalog
-from .store import ALL_STATES, FINAL_STATES, Store
+from .catalog import Batch, Catalog
+from .credentials import DeviceId
+from .store import ALL_STATES, FINAL_STATES, Job, Store
+
+
+def _latest(jobs: list[Job]) -> list[Job]:
+    """Each device's latest job per batch: a retried or rejoined device counts once."""
+    latest: dict[tuple[str, DeviceId, str], Job] = {}
+    for job in jobs:  # ordered by id
+        latest[(job.batch, job.device, job.module)] = job
+    return list(latest.values())
+
+
+async def _waiting(store: Store, batch: Batch | None, jobbed: set[str]) -> set[str]:
+    """Static targets that have not reported a targeted version yet (and are still listed)."""
+    if batch is None or batch.mode != "static":
+        return set()
+    targets = await store.targets(batch.name)
+    if batch.devices is not None:
+        targets &= set(batch.devices)
+    return targets - jobbed
 
 
 async def batch_summaries(store: Store, catalog: Catalog | None) -> list[dict[str, Any]]:
     rows = await store.batches()
     statuses = await store.package_statuses()
-    jobs = await store.jobs()
+    jobs = _latest(await store.jobs())
     by_batch: dict[str, Counter[str]] = {}
     for job in jobs:
         by_batch.setdefault(job.batch, Counter())[job.state] += 1
@@ -22,10 +41,7 @@ async def batch_summaries(store: Store, catalog: Catalog | None) -> list[dict[st
         row = rows.get(name)
         batch = catalog.batches.get(name) if catalog else None
         counts = by_batch.get(name, Counter())
-        waiting = 0
-        if batch is not None and batch.mode == "static":
-            jobbed = {j.device.device_name for j in jobs if j.batch == name}
-            waiting = len((await store.targets(name)) - jobbed)
+        waiting = len(await _waiting(store, batch, {j.device.device_name for j in jobs if j.batch == name}))
         total = sum(counts.values()) + waiting
         finished = sum(counts[state] for state in FINAL_STATES)
         package_id = batch.package if batch else (row.package_id if row else "")
@@ -44,9 +60,9 @@ async def batch_summaries(store: Store, catalog: Catalog | None) -> list[dict[st
     return summaries
 
 
-async def batch_devices(store: Store, batch: str) -> list[dict[str, Any]]:
+async def batch_devices(store: Store, catalog: Catalog | None, batch_name: str) -> list[dict[str, Any]]:
     devices = []
-    jobs = await store.jobs(batch)
+    jobs = _latest(await store.jobs(batch_name))
     for job in jobs:
         devices.append({
             "device": job.device.device_name, "product": job.device.product_key, "module": job.module,
@@ -54,8 +70,8 @@ async def batch_devices(store: Store, batch: str) -> list[dict[str, Any]]:
             "progress": job.progress, "served_percent": job.served_percent, "code": job.code,
             "message": job.message, "updated_at": job.updated_at,
         })
-    jobbed = {job.device.device_name for job in jobs}
-    for name in sorted((await store.targets(batch)) - jobbed):
+    batch = catalog.batches.get(batch_name) if catalog else None
+    for name in sorted(await _waiting(store, batch, {job.device.device_name for job in jobs})):
         devices.append({"device": name, "state": "waiting_report", "progress": 0, "served_percent": 0,
                         "message": "in the batch; no qualifying version reported yet"})
     return devices

@@ -253,3 +253,18 @@ async def test_admin_retry_and_cancel(server: OtaServer) -> None:
         await other.expect_nothing(0.3)
     states = sorted((j.device.device_name, j.state) for j in await server.engine.store.jobs("up-1.1.0"))
     assert states == [("cancel-1", "canceled"), ("retry-1", "failed"), ("retry-1", "notified")]
+
+
+async def test_status_counts_each_device_once_after_a_retry(server: OtaServer) -> None:
+    from otacore.status import batch_devices, batch_summaries
+    async with Device(server, "again") as device:
+        await device.inform("1.0.0")
+        await device.next_push()
+        await device.progress(-1, "upgrade failed")
+        await server.wait_state("again", "failed")
+        await server.engine.retry("up-1.1.0", ["again"])
+        await device.next_push()
+    summary = (await batch_summaries(server.engine.store, server.engine.catalog))[0]
+    assert summary["counts"] == {"notified": 1} and summary["total"] == 1
+    devices = await batch_devices(server.engine.store, server.engine.catalog, "up-1.1.0")
+    assert [(d["device"], d["state"]) for d in devices] == [("again", "notified")]
