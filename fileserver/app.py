@@ -20,7 +20,7 @@ from otacore.credentials import DeviceId, check_http_login
 from otacore.engine import OtaEngine, Refused
 from otacore.errors import ConfigError
 from otacore.signed_urls import UrlRejected
-from otacore.status import batch_devices, batch_summaries
+from otacore.status import batch_report, batch_summaries
 
 from .status_page import batch_page, batches_page
 
@@ -236,10 +236,10 @@ async def admin_batch(request: web.Request) -> web.Response:
         return denied
     engine = request.app[ENGINE]
     name = request.match_info["name"]
-    summaries = [s for s in await batch_summaries(engine.store, engine.catalog) if s["name"] == name]
-    if not summaries:
+    report = await batch_report(engine.store, engine.catalog, name)
+    if report is None:
         return _error(404, f"no batch named {name!r}")
-    return web.json_response({"batch": summaries[0], "devices": await batch_devices(engine.store, engine.catalog, name)})
+    return web.json_response(report)
 
 
 async def admin_job(request: web.Request) -> web.Response:
@@ -331,11 +331,10 @@ async def batch_status_page(request: web.Request) -> web.Response:
         return _browser_login()
     engine = request.app[ENGINE]
     name = request.match_info["name"]
-    found = [s for s in await batch_summaries(engine.store, engine.catalog) if s["name"] == name]
-    if not found:
+    report = await batch_report(engine.store, engine.catalog, name)
+    if report is None:
         return web.Response(status=404, text=f"no batch named {name!r}\n")
-    devices = await batch_devices(engine.store, engine.catalog, name)
-    return web.Response(text=batch_page(found[0], devices), content_type="text/html")
+    return web.Response(text=batch_page(report["batch"], report["devices"]), content_type="text/html")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -22,7 +22,7 @@ from .errors import ConfigError, ConfigIssue
 from .reload_rules import reload_issues
 from .data_dir import admin_token, database_path, read_server_info
 from .settings import Settings
-from .status import batch_devices, batch_summaries
+from .status import batch_report, batch_summaries
 from .store import Store
 
 
@@ -149,13 +149,12 @@ async def _status(settings: Settings, batch: str | None) -> dict[str, Any]:
         catalog = None  # still show what the database knows
     store = await Store.open(db)
     try:
-        summaries = await batch_summaries(store, catalog)
         if batch is None:
-            return {"batches": summaries}
-        found = [s for s in summaries if s["name"] == batch]
-        if not found:
+            return {"batches": await batch_summaries(store, catalog)}
+        report = await batch_report(store, catalog, batch)
+        if report is None:
             raise SystemExit(f"otactl: no batch named {batch!r}; `otactl status` lists them")
-        return {"batch": found[0], "devices": await batch_devices(store, catalog, batch)}
+        return report
     finally:
         await store.close()
 

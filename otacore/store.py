@@ -21,6 +21,14 @@ OPEN_STATES = ("queued", "notified", "in_progress", "installed")
 FINAL_STATES = ("succeeded", "failed", "canceled")
 ALL_STATES = OPEN_STATES + FINAL_STATES
 
+# Bump with a migration in Store.open whenever SCHEMA changes shape.
+SCHEMA_VERSION = 1
+
+
+class StoreError(Exception):
+    """The database cannot be used as it is; the message says why and what to do."""
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS device_versions (
     product_key TEXT NOT NULL, device_name TEXT NOT NULL, module TEXT NOT NULL,
@@ -132,11 +140,22 @@ class Store:
     async def open(cls, path: Path) -> "Store":
         path.parent.mkdir(parents=True, exist_ok=True)
         db = await aiosqlite.connect(path)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA busy_timeout=5000")
-        await db.executescript(SCHEMA)
-        await db.commit()
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.execute("PRAGMA busy_timeout=5000")
+            async with db.execute("PRAGMA user_version") as cursor:
+                row = await cursor.fetchone()
+            version = row[0] if row else 0
+            if version not in (0, SCHEMA_VERSION):
+                raise StoreError(f"{path} has database schema {version}; this server reads schema "
+                                 f"{SCHEMA_VERSION}: use the matching server version or a new data_dir")
+            await db.executescript(SCHEMA)
+            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            await db.commit()
+        except BaseException:
+            await db.close()  # its worker thread would keep the process alive
+            raise
         return cls(db)
 
     async def close(self) -> None:
@@ -343,10 +362,30 @@ class Store:
             return [_job(row) async for row in cursor]
 
     async def supersede_failed(self, batch: str, device_names: list[str] | None, reason: str) -> list[Job]:
-        """Let failed jobs of `batch` (of these devices, or all) be replaced by new ones: a retry."""
-        jobs = [job for job in await self.jobs(batch) if job.state == "failed"
-                and (device_names is None or job.device.device_name in device_names)]
+        """Let the current failed jobs of `batch` (of these devices, or all) be replaced: a retry."""
+        async with self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE batch = ? AND state = 'failed' "
+                                    "AND superseded = 0 ORDER BY id", (batch,)) as cursor:
+            jobs = [_job(row) async for row in cursor]
+        jobs = [job for job in jobs if device_names is None or job.device.device_name in device_names]
         return await self.transition_many(jobs, "failed", reason, superseded=1)
+
+    async def state_counts(self, batch: str | None = None) -> dict[str, dict[str, int]]:
+        """batch -> state -> number of devices, counting each device's latest job once."""
+        where, args = ("WHERE batch = ?", (batch,)) if batch is not None else ("", ())
+        async with self._db.execute(
+                f"SELECT batch, state, COUNT(*) FROM jobs WHERE id IN (SELECT MAX(id) FROM jobs {where} "
+                "GROUP BY batch, product_key, device_name, module) GROUP BY batch, state", args) as cursor:
+            counts: dict[str, dict[str, int]] = {}
+            async for name, state, count in cursor:
+                counts.setdefault(name, {})[state] = count
+            return counts
+
+    async def latest_jobs(self, batch: str) -> list[Job]:
+        """Each device's latest job in `batch` (a retried device shows its new job)."""
+        async with self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN (SELECT MAX(id) FROM jobs WHERE batch = ? "
+                "GROUP BY product_key, device_name, module) ORDER BY id", (batch,)) as cursor:
+            return [_job(row) async for row in cursor]
 
     async def stale_jobs(self, batch: str, updated_before: float) -> list[Job]:
         """Jobs of `batch` that were told (or are under way) and have not changed since then."""

@@ -256,7 +256,7 @@ async def test_admin_retry_and_cancel(server: OtaServer) -> None:
 
 
 async def test_status_counts_each_device_once_after_a_retry(server: OtaServer) -> None:
-    from otacore.status import batch_devices, batch_summaries
+    from otacore.status import batch_report, batch_summaries
     async with Device(server, "again") as device:
         await device.inform("1.0.0")
         await device.next_push()
@@ -266,5 +266,6 @@ async def test_status_counts_each_device_once_after_a_retry(server: OtaServer) -
         await device.next_push()
     summary = (await batch_summaries(server.engine.store, server.engine.catalog))[0]
     assert summary["counts"] == {"notified": 1} and summary["total"] == 1
-    devices = await batch_devices(server.engine.store, server.engine.catalog, "up-1.1.0")
-    assert [(d["device"], d["state"]) for d in devices] == [("again", "notified")]
+    report = await batch_report(server.engine.store, server.engine.catalog, "up-1.1.0")
+    assert report is not None
+    assert [(d["device"], d["state"]) for d in report["devices"]] == [("again", "notified")]
