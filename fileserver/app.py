@@ -6,8 +6,6 @@ import binascii
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any
 
 from aiohttp import web
@@ -70,19 +68,27 @@ def _is_admin(request: web.Request) -> bool:
 # -- downloads --------------------------------------------------------------------------
 class PackageResponse(web.FileResponse):
     """A FileResponse whose ETag is the file's SHA-256 (strong), not aiohttp's mtime-size tag,
-    that answers the request as rewritten by `download` and reports the bytes it sent."""
+    that answers the request as rewritten by `download` and tells the engine about the
+    transfer of a device's job (started, and the bytes sent when it completed)."""
 
-    def __init__(self, path: Any, etag: str, rewritten: web.Request,
-                 on_sent: Callable[[int], Awaitable[None]] | None, **kwargs: Any) -> None:
+    def __init__(self, path: Any, etag: str, rewritten: web.Request, engine: OtaEngine | None,
+                 job_id: int | None, **kwargs: Any) -> None:
         super().__init__(path, **kwargs)
         self.package_etag = etag
-        self._rewritten, self._on_sent = rewritten, on_sent
+        self._rewritten, self._engine, self._job_id = rewritten, engine, job_id
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        writer = await super().prepare(self._rewritten)  # FileResponse sends the body here
-        if self._on_sent is not None and request.method == "GET" and self.status in (200, 206):
-            await self._on_sent(self.content_length or 0)
-        return writer
+        if self._engine is None or self._job_id is None or request.method != "GET":
+            return await super().prepare(self._rewritten)
+        sent = 0
+        await self._engine.download_started(self._job_id)
+        try:
+            writer = await super().prepare(self._rewritten)  # FileResponse sends the body here
+            if self.status in (200, 206):
+                sent = self.content_length or 0
+            return writer
+        finally:
+            await self._engine.download_finished(self._job_id, sent)
 
 
 async def _set_package_etag(request: web.Request, response: web.StreamResponse) -> None:
@@ -147,8 +153,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         if offset < 0 or (length is not None and length < 1):
             return _error(400, "offset must be >= 0 and length >= 1")
         headers["Range"] = f"bytes={offset}-{'' if length is None else offset + length - 1}"
-    on_sent = None if job_id is None else partial(engine.count_served, job_id)
-    return PackageResponse(file.path, etag, request.clone(headers=headers), on_sent,
+    return PackageResponse(file.path, etag, request.clone(headers=headers), engine, job_id,
                            headers={"Cache-Control": "private, no-transform"})
 
 
@@ -292,7 +297,10 @@ async def admin_cancel(request: web.Request) -> web.Response:
     devices = await _device_names(request, required=True)
     if isinstance(devices, web.Response):
         return devices
-    count = await request.app[ENGINE].cancel_devices(request.match_info["name"], devices or [])
+    try:
+        count = await request.app[ENGINE].cancel_devices(request.match_info["name"], devices or [])
+    except Refused as exc:
+        return _error(exc.status, exc.message)
     return web.json_response({"code": 0, "message": "", "canceled": count})
 
 

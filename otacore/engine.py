@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import itertools
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Awaitable, Callable
@@ -34,7 +34,7 @@ log = logging.getLogger("ota.engine")
 
 class Notifier(Protocol):
     async def send(self, device: DeviceId, topic: str, payload: bytes, qos: int) -> bool:
-        """Deliver to the device's live session if it is subscribed; False when it is not online."""
+        """Deliver to the device's live session; False when it is not connected."""
 
 
 class Refused(Exception):
@@ -72,7 +72,8 @@ class OtaEngine:
         self.running: set[str] = set()
         self._device_locks = KeyedLocks()
         self._reload_lock = asyncio.Lock()
-        self._push_ids = itertools.count(int(time.time() * 1000))
+        self._last_push_id = 0
+        self._downloading: Counter[int] = Counter()  # job id -> HTTP downloads under way
         self._blocks = BlockCache()
         # Called with the new catalog after each successful reload (e.g. to drop sessions
         # of devices that were removed or whose secret changed).
@@ -88,6 +89,8 @@ class OtaEngine:
             if issues:
                 raise ConfigError(issues)
             self.catalog, self.files = loaded.catalog, loaded.files
+            # Batches gone from the catalog stop now, before any await lets a device in.
+            self.running &= set(loaded.catalog.batches)
             await self._apply_batches()
             for listener in self.reload_listeners:
                 listener(loaded.catalog)
@@ -123,6 +126,30 @@ class OtaEngine:
                                             "waiting_verification", "package not verified yet")
                 continue
             await self._start_batch(batch, package)
+        for batch in catalog.batches.values():
+            if batch.name in self.running:
+                await self._drop_unlisted(batch)
+                if batch.type == "verify":
+                    await self._check_verification(batch)
+
+    async def _drop_unlisted(self, batch: Batch) -> None:
+        """A reload that narrows a running batch's device list cancels the others' open jobs."""
+        if batch.devices is None:
+            return
+        for job in await self.store.jobs(batch.name, open_only=True):
+            if job.device.device_name not in batch.devices:
+                await self._cancel_job(job, "removed from the batch's device list")
+
+    async def _cancel_job(self, job: Job, reason: str, *, locked: bool = False) -> Job | None:
+        """Cancel a job that was open when read, as it is now (a report may have moved it
+        meanwhile); under its device's lock unless the caller holds it. None if it had ended."""
+        if not locked:
+            async with self._device_locks.hold(job.device):
+                return await self._cancel_job(job, reason, locked=True)
+        current = await self.store.job(job.id)
+        if current is None or not current.is_open:
+            return None
+        return (await self.store.transition_many([current], "canceled", reason) or [None])[0]
 
     async def _start_batch(self, batch: Batch, package: Package) -> None:
         known = await self.store.reported_versions(package.product, package.module)
@@ -187,8 +214,7 @@ class OtaEngine:
         handled right now finishes first), and the batch itself unless it already ended."""
         self.running.discard(name)
         for job in await self.store.jobs(name, open_only=True):
-            async with self._device_locks.hold(job.device):
-                await self.store.transition(job, "canceled", reason)
+            await self._cancel_job(job, reason)
         if end_batch:
             await self.store.set_batch_state(name, "canceled", reason)
         log.info("batch %s canceled: %s", name, reason)
@@ -218,12 +244,17 @@ class OtaEngine:
         if await self._send_push(job) and job.state == "queued":
             await self.store.transition(job, "notified", "upgrade pushed")
 
+    def _next_push_id(self) -> int:
+        """Unique per push, also across restarts: the clock in ms, or one more than the last."""
+        self._last_push_id = max(self._last_push_id + 1, int(time.time() * 1000))
+        return self._last_push_id
+
     async def _send_push(self, job: Job) -> bool:
         """Send the upgrade push (b); False when the device is not online and subscribed."""
-        message = {"code": "1000", "id": next(self._push_ids), "message": "success", "data": self._offer_data(job)}
+        message = {"code": "1000", "id": self._next_push_id(), "message": "success", "data": self._offer_data(job)}
         delivered = await self.notifier.send(job.device, upgrade_topic(job.device), encode_json(message), 1)
         if not delivered:
-            log.debug("job %d: %s is not online and subscribed; push waits for its next report", job.id, job.device)
+            log.debug("job %d: %s is not connected; the push waits for its next report", job.id, job.device)
         return delivered
 
     def _offer_data(self, job: Job) -> dict[str, Any]:
@@ -286,6 +317,8 @@ class OtaEngine:
             await self.store.record_version(device, module, version)
             job = await self.store.open_job(device, module)
             if job is None:
+                if await self._late_success(device, module, version):
+                    return
                 if await self._consider(device, module, version, deliver=deliver) is None:
                     await self._count_as_verified(device, module, version)
                 return
@@ -301,6 +334,19 @@ class OtaEngine:
                 await self._after_final(job)
             else:
                 await self._version_during_job(job, version, deliver)
+
+    async def _late_success(self, device: DeviceId, module: str, version: str) -> bool:
+        """A device whose last job failed (e.g. timed out while it was still working) and
+        that now reports that job's target version did upgrade: the job succeeded after all."""
+        job = await self.store.latest_job(device, module)
+        if job is None or job.state != "failed" or job.superseded or job.target_version != version \
+                or job.batch not in self.running:
+            return False
+        job = await self.store.transition(job, "succeeded", f"device reported target version {version} after "
+                                          "the job had failed", progress=100)
+        log.info("job %d: %s upgraded to %s after all", job.id, device, version)
+        await self._after_final(job)
+        return True
 
     async def _count_as_verified(self, device: DeviceId, module: str, version: str) -> None:
         """A device listed in a running verify batch that already runs the package's version
@@ -359,15 +405,22 @@ class OtaEngine:
                                             message=desc)
 
     async def _after_final(self, job: Job) -> None:
-        """A verify batch decides its package's status: `verified` once every listed device
-        succeeded, `verify_failed` at the first failure (a canceled job decides nothing)."""
+        """A job ended: its verify batch may now decide its package's status."""
+        catalog = self.catalog
+        assert catalog is not None
+        batch = catalog.batches.get(job.batch)
+        if batch is not None and batch.type == "verify":
+            await self._check_verification(batch, holding=job.device)
+
+    async def _check_verification(self, batch: Batch, holding: DeviceId | None = None) -> None:
+        """`verified` once every listed device succeeded, `verify_failed` at the first failure
+        (a canceled job decides nothing). `holding`: the device whose lock the caller holds."""
         catalog, files = self.catalog, self.files
         assert catalog is not None and files is not None
-        batch = catalog.batches.get(job.batch)
-        if batch is None or batch.type != "verify" or batch.devices is None or batch.name not in self.running:
+        if batch.devices is None or batch.name not in self.running:
             return
-        jobs = {j.device.device_name: j for j in await self.store.jobs(batch.name) if j.state != "canceled"}
-        if any(j.state == "failed" for j in jobs.values()):
+        jobs = {j.device.device_name: j for j in await self.store.latest_jobs(batch.name) if j.state != "canceled"}
+        if any(j.state == "failed" and j.device.device_name in batch.devices for j in jobs.values()):
             status = "verify_failed"
         elif all(name in jobs and jobs[name].state == "succeeded" for name in batch.devices):
             status = "verified"
@@ -378,9 +431,7 @@ class OtaEngine:
         self.running.discard(batch.name)
         await self.store.set_batch_state(batch.name, "completed", status)
         for other in await self.store.jobs(batch.name, open_only=True):
-            if other.device != job.device:  # we hold this device's lock already
-                async with self._device_locks.hold(other.device):
-                    await self.store.transition(other, "canceled", f"verification ended: {status}")
+            await self._cancel_job(other, f"verification ended: {status}", locked=other.device == holding)
         log.info("package %s is %s (verify batch %s)", batch.package, status, batch.name)
         if status == "verified":
             # Outside this device's lock (batch starts take device locks), after any reload.
@@ -411,9 +462,11 @@ class OtaEngine:
         """Give failed devices of a running batch another job: now, if their last reported
         version still qualifies (pushed when online and the batch pushes), else on their next report."""
         catalog = self.catalog
-        if catalog is None or batch_name not in self.running:
+        batch = catalog.batches.get(batch_name) if catalog else None
+        if batch is None:
+            raise Refused(404, f"no batch named {batch_name!r} in the catalog")
+        if batch_name not in self.running:
             raise Refused(409, f"batch {batch_name!r} is not running")
-        batch = catalog.batches[batch_name]
         package = catalog.packages[batch.package]
         retried = await self.store.supersede_failed(batch_name, device_names, "retry requested by an admin")
         for job in retried:
@@ -425,15 +478,29 @@ class OtaEngine:
         return len(retried)
 
     async def cancel_devices(self, batch_name: str, device_names: list[str]) -> int:
-        """Cancel these devices' open jobs in a batch; the batch will not take them again."""
+        """Cancel these devices in a batch: their open jobs, or, for a device with no job yet,
+        a canceled placeholder, so the batch does not take it later."""
+        catalog = self.catalog
+        batch = catalog.batches.get(batch_name) if catalog else None
+        if batch is None or catalog is None:
+            raise Refused(404, f"no batch named {batch_name!r} in the catalog")
+        package = catalog.packages[batch.package]
+        current = {job.device.device_name: job for job in await self.store.latest_jobs(batch_name)}
         canceled = 0
-        for job in await self.store.jobs(batch_name, open_only=True):
-            if job.device.device_name in device_names:
-                async with self._device_locks.hold(job.device):
-                    moved = await self.store.transition_many([job], "canceled", "canceled by an admin")
-                    canceled += len(moved)
-                    if moved:
-                        await self._after_final(moved[0])
+        for name in dict.fromkeys(device_names):
+            device = DeviceId(package.product, name)
+            async with self._device_locks.hold(device):
+                job = current.get(name)
+                if job is not None and job.is_open:
+                    job = await self._cancel_job(job, "canceled by an admin", locked=True)
+                    if job is not None:
+                        canceled += 1
+                        await self._after_final(job)
+                elif job is None or job.superseded:  # no job, or only one a later job may replace
+                    version = await self.store.reported_version(device, package.module) or ""
+                    placeholder = self._new_job(device, package, version, state="canceled")
+                    canceled += len(await self.store.create_jobs(batch_name, [placeholder],
+                                                                 "canceled by an admin before it started"))
         return canceled
 
     # -- timeouts ----------------------------------------------------------------------
@@ -449,6 +516,8 @@ class OtaEngine:
             if batch.timeout_minutes is None or batch.name not in self.running:
                 continue
             for job in await self.store.stale_jobs(batch.name, now - batch.timeout_minutes * 60):
+                if job.id in self._downloading:
+                    continue  # a long download is activity too
                 async with self._device_locks.hold(job.device):
                     current = await self.store.job(job.id)
                     if current is None or current.updated_at != job.updated_at:
@@ -494,9 +563,17 @@ class OtaEngine:
             raise Refused(403, f"job {job_id} is {job.state}; ask the server for a new URL")
         return _unchanged(download)
 
-    async def count_served(self, job_id: int, count: int) -> None:
-        if count > 0:
-            await self.store.add_bytes_served(job_id, count)
+    async def download_started(self, job_id: int) -> None:
+        """A device is fetching this job's file: it is active, whatever it has reported."""
+        self._downloading[job_id] += 1
+        await self.store.add_bytes_served(job_id, 0)  # touches updated_at
+
+    async def download_finished(self, job_id: int, count: int) -> None:
+        """`count`: bytes sent (0 when the transfer broke off; aiohttp cannot say how many)."""
+        self._downloading[job_id] -= 1
+        if self._downloading[job_id] <= 0:
+            del self._downloading[job_id]
+        await self.store.add_bytes_served(job_id, count)
 
     async def block(self, device: DeviceId, request: BlockRequest) -> bytes:
         """Answer a block request (PROTOCOL.md 3e) with the binary reply frame."""

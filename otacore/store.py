@@ -83,6 +83,7 @@ class Job:
     bytes_served: int
     created_at: float
     updated_at: float
+    superseded: int = 0  # 1: a later job of the same batch may replace this one
 
     @property
     def is_open(self) -> bool:
@@ -120,7 +121,7 @@ class BatchRow:
 
 
 _JOB_COLUMNS = ("id, batch, product_key, device_name, module, package_id, from_version, target_version, state, "
-                "progress, code, message, file_key, file_size, bytes_served, created_at, updated_at")
+                "progress, code, message, file_key, file_size, bytes_served, created_at, updated_at, superseded")
 
 
 def _job(row: Any) -> Job:
@@ -315,8 +316,7 @@ class Store:
                 "INSERT INTO job_events (job_id, at, from_state, to_state, progress, reason) VALUES (?, ?, ?, ?, ?, ?)",
                 [(job.id, now, job.state, to_state, fields.get("progress", job.progress), reason) for job in moved])
             await self._db.commit()
-        known = {f.name for f in dataclasses.fields(Job)}
-        return [dataclasses.replace(job, **{k: v for k, v in fields.items() if k in known}) for job in moved]
+        return [dataclasses.replace(job, **fields) for job in moved]
 
     async def add_bytes_served(self, job_id: int, count: int) -> None:
         async with self._write:
@@ -334,6 +334,13 @@ class Store:
         async with self._db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE product_key = ? AND device_name = ? AND module = ? "
                 f"AND state IN {OPEN_STATES}", (device.product_key, device.device_name, module)) as cursor:
+            row = await cursor.fetchone()
+        return _job(row) if row else None
+
+    async def latest_job(self, device: DeviceId, module: str) -> Job | None:
+        async with self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE product_key = ? AND device_name = ? AND module = ? "
+                "ORDER BY id DESC LIMIT 1", (device.product_key, device.device_name, module)) as cursor:
             row = await cursor.fetchone()
         return _job(row) if row else None
 

@@ -248,11 +248,17 @@ async def test_admin_retry_and_cancel(server: OtaServer) -> None:
             async with http.post(f"{api}/cancel", data=b"{}") as response:
                 assert response.status == 400
             async with http.post(f"{server.http_url}/admin/api/batches/nope/retry") as response:
-                assert response.status == 409
+                assert response.status == 404
+            async with http.post(f"{server.http_url}/admin/api/batches/nope/cancel",
+                                 json={"devices": ["x"]}) as response:
+                assert response.status == 404
+            async with http.post(f"{api}/cancel", json={"devices": ["never-seen"]}) as response:
+                assert (await response.json())["canceled"] == 1  # a placeholder: never taken later
         await other.inform("1.0.0")  # canceled by an admin: the batch does not take it again
         await other.expect_nothing(0.3)
     states = sorted((j.device.device_name, j.state) for j in await server.engine.store.jobs("up-1.1.0"))
-    assert states == [("cancel-1", "canceled"), ("retry-1", "failed"), ("retry-1", "notified")]
+    assert states == [("cancel-1", "canceled"), ("never-seen", "canceled"), ("retry-1", "failed"),
+                      ("retry-1", "notified")]
 
 
 async def test_status_counts_each_device_once_after_a_retry(server: OtaServer) -> None:
@@ -269,3 +275,25 @@ async def test_status_counts_each_device_once_after_a_retry(server: OtaServer) -
     report = await batch_report(server.engine.store, server.engine.catalog, "up-1.1.0")
     assert report is not None
     assert [(d["device"], d["state"]) for d in report["devices"]] == [("again", "notified")]
+
+
+async def test_downloading_is_activity_and_a_late_success_counts(tmp_path: Path) -> None:
+    write_catalog(tmp_path, """
+    - {name: up, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic, timeout_minutes: 1}
+    """)
+    server = await OtaServer(tmp_path).start()
+    engine = server.engine
+    try:
+        async with Device(server, "slow") as device:
+            await device.inform("1.0.0")
+            await device.next_push()
+            job = (await engine.store.jobs())[0]
+            await engine.download_started(job.id)  # a transfer under way, as the file server reports it
+            assert await engine.fail_stale_jobs(now=time.time() + 120) == 0
+            await engine.download_finished(job.id, 1000)
+            assert await engine.fail_stale_jobs(now=time.time() + 120) == 1
+            await device.progress(100, "installed")  # it was still working: the report arrives late
+            await device.inform("1.1.0")
+            await server.wait_state("slow", "succeeded")
+    finally:
+        await server.stop()

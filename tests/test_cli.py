@@ -102,7 +102,7 @@ async def test_kill_9_mid_upgrade_then_status_and_reload(tmp_path: Path) -> None
         retry = await asyncio.to_thread(otactl, config, "retry", "up-1.1.0")
         assert retry.returncode == 0 and "0 job(s) retried" in retry.stdout
         cancel = await asyncio.to_thread(otactl, config, "cancel", "no-such-batch", "k-1")
-        assert cancel.returncode == 0 and "0 job(s) canceled" in cancel.stdout
+        assert cancel.returncode == 1 and "no batch named 'no-such-batch'" in cancel.stderr
     finally:
         output = await asyncio.to_thread(process.stop)
     assert "Traceback" not in output
