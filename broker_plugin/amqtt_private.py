@@ -165,18 +165,29 @@ class SessionDelivery:
 
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
-        self._client_ids: dict[DeviceId, str] = {}
+        # Client ids each device connected with, latest last: a second connection with the
+        # same credentials (a debugging mosquitto_sub) must not steal the device's messages.
+        self._client_ids: dict[DeviceId, dict[str, None]] = {}
         self._in_flight: set[asyncio.Task[Any]] = set()
 
     def remember(self, device: DeviceId, client_id: str) -> None:
-        self._client_ids[device] = client_id
+        """Call once a connection of `device` was accepted."""
+        ids = self._client_ids.setdefault(device, {})
+        ids.pop(client_id, None)
+        ids[client_id] = None
+        while len(ids) > 8:
+            del ids[next(iter(ids))]
 
     def live_session(self, device: DeviceId) -> tuple[Session, Any] | None:
-        client_id = self._client_ids.get(device)
-        entry = self._broker._sessions.get(client_id) if client_id is not None else None
-        if entry is None or entry[0].transitions.state != "connected" or session_device(entry[0]) != device:
-            return None
-        return entry
+        """The device's most recent connection that is still up."""
+        ids = self._client_ids.get(device, {})
+        for client_id in reversed(list(ids)):
+            entry = self._broker._sessions.get(client_id)
+            if entry is None:
+                del ids[client_id]
+            elif entry[0].transitions.state == "connected" and session_device(entry[0]) == device:
+                return entry
+        return None
 
     def subscribed_qos(self, session: Session, device: DeviceId, topic: str) -> int | None:
         best = None

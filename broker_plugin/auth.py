@@ -44,6 +44,4 @@ class DeviceAuthPlugin(BaseAuthPlugin):
             log.warning("refused %s (client %r): its will topic %r is outside its own topics",
                         device, session.client_id, session.will_topic)
             return False
-        if session.client_id:
-            runtime.delivery.remember(device, session.client_id)
         return True

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from amqtt.plugins.base import BasePlugin
-from amqtt.session import ApplicationMessage
+from amqtt.session import ApplicationMessage, Session
 
 from otacore.codec import (PayloadError, decode_json, encode_block_reply, encode_json, message_id,
                            parse_block_request, parse_firmware_request, parse_progress, parse_version_report)
@@ -57,6 +57,12 @@ class OtaPlugin(BasePlugin):
 
     async def on_broker_post_shutdown(self) -> None:
         await self.runtime.stop()
+
+    async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
+        # Fired after CONNACK and before the first PUBLISH is read: replies find the session.
+        device = session_device(client_session)
+        if device is not None:
+            self.runtime.delivery.remember(device, client_id)
 
     async def on_broker_message_received(self, *, client_id: str, message: ApplicationMessage) -> None:
         ota_topic = parse_upstream(message.topic or "")

@@ -312,7 +312,16 @@ class OtaEngine:
             return self._offer_data(job)
 
     # -- what devices report -----------------------------------------------------------
+    def _knows_module(self, device: DeviceId, module: str) -> bool:
+        product = self.catalog.products.get(device.product_key) if self.catalog else None
+        return product is not None and module in product.modules
+
     async def on_version(self, device: DeviceId, module: str, version: str, *, deliver: bool = True) -> None:
+        if not self._knows_module(device, module):
+            # Not recorded: module names are the device's to choose, the database is ours.
+            log.info("version report from %s for module %r ignored: the product has no such module",
+                     device, module)
+            return
         async with self._device_locks.hold(device):
             await self.store.record_version(device, module, version)
             job = await self.store.open_job(device, module)

@@ -46,3 +46,13 @@ async def test_garbage_on_every_topic_changes_nothing(server: OtaServer) -> None
 def device_id(name: str):  # type: ignore[no-untyped-def]
     from otacore.credentials import DeviceId
     return DeviceId("a1Test", name)
+
+
+async def test_reports_for_modules_the_product_lacks_are_not_recorded(server: OtaServer) -> None:
+    async with Device(server, "mods") as device:
+        for i in range(20):
+            await device.inform("1.0.0", module=f"junk-{i}")
+        await device.inform("1.0.0", module="MCU")
+        await asyncio.sleep(0.3)
+    assert await server.engine.store.reported_version(device_id("mods"), "junk-0") is None
+    assert await server.engine.store.reported_version(device_id("mods"), "MCU") == "1.0.0"

@@ -191,3 +191,12 @@ async def test_reload_disconnects_devices_whose_secret_changed(server: OtaServer
         assert device._reader is not None
         await asyncio.wait([device._reader], timeout=3)
         assert device.disconnected
+
+
+async def test_a_second_connection_of_the_device_does_not_steal_its_messages(server: OtaServer) -> None:
+    async with Device(server, "two-conn") as device:
+        async with Device(server, "two-conn", client_id="two-conn-debug", subscribe=False):
+            pass  # e.g. mosquitto_sub with the device's secret, then gone
+        await device.inform("1.0.0")
+        assert (await device.next_push())["data"]["version"] == "1.1.0"
+        assert (await device.firmware_get())["code"] == 200
