@@ -48,21 +48,33 @@ def create_app(engine: OtaEngine, admin_token: str) -> web.Application:
     return app
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"code": status, "message": message}, status=status)
+def _error(status: int, message: str, challenge: str | None = None) -> web.Response:
+    headers = {"WWW-Authenticate": challenge} if status == 401 and challenge else None
+    return web.json_response({"code": status, "message": message}, status=status, headers=headers)
 
 
-def _is_admin(request: web.Request) -> bool:
-    """Bearer token, or HTTP Basic with the token as password (so a browser can log in)."""
-    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "basic":
-        try:
-            credentials = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
+def _basic_credentials(request: web.Request) -> tuple[str, str] | None:
+    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return user, password
+
+
+def _is_admin(request: web.Request, *, browser: bool = False) -> bool:
+    """The admin token as a Bearer token; for the browser pages (GET only) also as the
+    password of HTTP Basic. Browsers replay Basic credentials on their own, so accepting
+    them on the API would let any web page POST admin actions (CSRF)."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        basic = _basic_credentials(request) if browser and request.method == "GET" else None
+        if basic is None:
             return False
-    elif scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(credentials.strip().encode(), request.app[ADMIN_TOKEN].encode())
+        token = basic[1]
+    return hmac.compare_digest(token.strip().encode(), request.app[ADMIN_TOKEN].encode())
 
 
 # -- downloads --------------------------------------------------------------------------
@@ -139,6 +151,8 @@ async def download(request: web.Request) -> web.StreamResponse:
         if _etag_matches(none_match, etag, weak=True):
             return web.Response(status=304, headers={"ETag": etag})
         headers.pop("If-Modified-Since", None)
+    if "," in headers.get("Range", ""):
+        del headers["Range"]  # several ranges: RFC 9110 lets us answer 200 with the whole file
     if_range = headers.get("If-Range")
     if if_range is not None and (if_range.startswith('"') or if_range.startswith("W/")):
         del headers["If-Range"]
@@ -158,20 +172,19 @@ async def download(request: web.Request) -> web.StreamResponse:
 
 
 # -- device HTTP API (SagooIoT) ---------------------------------------------------------
+DEVICE_CHALLENGE = 'Basic realm="ota-server devices"'
+
+
 def _device_login(request: web.Request) -> DeviceId | web.Response:
-    header = request.headers.get("Authorization", "")
-    scheme, _, encoded = header.partition(" ")
-    if scheme.lower() != "basic":
-        return _error(401, "HTTP Basic auth required: user {deviceName}&{productKey}, password = device secret")
-    try:
-        username, _, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return _error(401, "malformed Basic credentials")
+    credentials = _basic_credentials(request)
+    if credentials is None:
+        return _error(401, "HTTP Basic auth required: user {deviceName}&{productKey}, password = device secret",
+                      DEVICE_CHALLENGE)
     engine = request.app[ENGINE]
-    device = check_http_login(engine.catalog, username, password, engine.settings.allow_plain_secret) \
+    device = check_http_login(engine.catalog, *credentials, engine.settings.allow_plain_secret) \
         if engine.catalog else None
     if device is None:
-        return _error(401, "unknown device or wrong secret")
+        return _error(401, "unknown device or wrong secret", DEVICE_CHALLENGE)
     return device
 
 
@@ -225,7 +238,8 @@ async def write_ota_info(request: web.Request) -> web.Response:
 # -- admin API ---------------------------------------------------------------------------
 def _admin_only(request: web.Request) -> web.Response | None:
     if not _is_admin(request):
-        return _error(401, "admin token required: Authorization: Bearer <token from data_dir/admin-token>")
+        return _error(401, "admin token required: Authorization: Bearer <token from data_dir/admin-token>",
+                      'Bearer realm="ota-server admin"')
     return None
 
 
@@ -327,7 +341,7 @@ def _browser_login() -> web.Response:
 
 
 async def status_page(request: web.Request) -> web.Response:
-    if not _is_admin(request):
+    if not _is_admin(request, browser=True):
         return _browser_login()
     engine = request.app[ENGINE]
     summaries = await batch_summaries(engine.store, engine.catalog)
@@ -335,7 +349,7 @@ async def status_page(request: web.Request) -> web.Response:
 
 
 async def batch_status_page(request: web.Request) -> web.Response:
-    if not _is_admin(request):
+    if not _is_admin(request, browser=True):
         return _browser_login()
     engine = request.app[ENGINE]
     name = request.match_info["name"]

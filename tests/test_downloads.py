@@ -122,3 +122,8 @@ async def test_a_file_replaced_in_place_is_not_served_under_the_old_hash(server:
     path.write_bytes(path.read_bytes()[::-1])  # same size, new bytes, new mtime
     status, _, _ = await fetch("GET", url, Range="bytes=0-99")
     assert status == 409
+
+
+async def test_several_ranges_get_the_whole_file(server: OtaServer, url: str) -> None:
+    status, _, body = await fetch("GET", url, Range="bytes=0-9,20-29")
+    assert status == 200 and len(body) == 160_000

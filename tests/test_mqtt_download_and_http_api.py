@@ -109,3 +109,17 @@ async def test_http_device_api_refuses_bad_requests(server: OtaServer) -> None:
         async with http.get(f"{api}/get_ota_info", params=query, headers=basic("h-2")) as response:
             assert (await response.json())["data"] == {}  # nothing reported, nothing due
     assert await server.job_state("h-2") is None
+
+
+async def test_401s_carry_a_challenge_and_browser_logins_cannot_post_admin_actions(server: OtaServer) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{server.http_url}/base-api/api/v1/get_ota_info") as response:
+            assert response.status == 401 and response.headers["WWW-Authenticate"].startswith("Basic")
+        async with http.post(f"{server.http_url}/admin/api/reload") as response:
+            assert response.status == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
+        browser = {"Authorization": "Basic " + base64.b64encode(f"admin:{server.admin_token}".encode()).decode()}
+        async with http.get(f"{server.http_url}/admin/", headers=browser) as response:
+            assert response.status == 200
+        async with http.post(f"{server.http_url}/admin/api/batches/up-1.1.0/cancel", headers=browser,
+                             data=b'{"devices": ["x"]}') as response:
+            assert response.status == 401  # a page in the same browser cannot forge this
