@@ -47,13 +47,16 @@ class OtaPlugin(BasePlugin):
         base = Path(config.base_dir) if config.base_dir else Path.cwd()
         settings = settings_from_mapping(options, base / "broker.yaml")
         self.runtime = OtaRuntime(settings, SessionDelivery(broker_of(context)))
+        # In someone's own broker the log is the only report; ota-server prints it itself.
+        self.log_startup_error = True
 
     async def on_broker_pre_start(self) -> None:
         try:
             await self.runtime.start()
         except Exception as exc:  # the broker ignores hook errors: record it for ota-server
             self.runtime.startup_error = exc
-            log.error("OTA plugin failed to start: %s", exc)
+            if self.log_startup_error:
+                log.error("OTA plugin failed to start: %s", exc)
 
     async def on_broker_post_shutdown(self) -> None:
         await self.runtime.stop()

@@ -14,7 +14,7 @@ from fileserver.app import create_app
 from otacore.catalog import Catalog
 from otacore.credentials import check_mqtt_login
 from otacore.engine import OtaEngine
-from otacore.data_dir import (admin_token, database_path, remove_server_info, url_signing_key,
+from otacore.data_dir import (DataDirLock, admin_token, database_path, remove_server_info, url_signing_key,
                               write_server_info)
 from otacore.settings import Settings
 from otacore.store import Store
@@ -35,10 +35,12 @@ class OtaRuntime:
         self.startup_error: BaseException | None = None
         self._runner: web.AppRunner | None = None
         self._timeouts: asyncio.Task[None] | None = None
+        self._lock = DataDirLock(settings.data_dir)
 
     async def start(self) -> None:
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()  # before touching the database another server may be using
         self.store = await Store.open(database_path(settings.data_dir))
         self.engine = OtaEngine(settings, self.store, self.delivery, url_signing_key(settings.data_dir))
         self.engine.reload_listeners.append(self._drop_revoked_sessions)
@@ -95,7 +97,8 @@ class OtaRuntime:
         if self.store is not None:
             await self.store.close()
             self.store = None
-        remove_server_info(self.settings.data_dir)
+        remove_server_info(self.settings.data_dir, os.getpid())
+        self._lock.release()
 
 
 def find_runtime(context: Any) -> OtaRuntime | None:

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,33 @@ def apply_overrides(config: BrokerConfigFile, args: argparse.Namespace) -> dict[
     return broker
 
 
+def busy_addresses(broker_config: dict[str, Any], settings: Any) -> list[str]:
+    """Addresses we are about to listen on that something else holds already. Checked before
+    anything starts, so a second server fails fast without touching the data_dir."""
+    wanted = [str(listener["bind"]) for listener in (broker_config.get("listeners") or {}).values()
+              if isinstance(listener, dict) and listener.get("bind") and listener.get("type", "tcp") == "tcp"]
+    wanted.append(f"{settings.http_host}:{settings.http_port}")
+    if settings.tls_port is not None:
+        wanted.append(f"{settings.tls_host}:{settings.tls_port}")
+    busy = []
+    for address in wanted:
+        host, port = split_host_port(address)
+        try:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            with socket.socket(family) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers do
+                probe.bind((host, port))
+        except OSError:
+            busy.append(address)
+    return busy
+
+
 async def serve(broker_config: dict[str, Any]) -> int:
     from amqtt.broker import Broker  # imported late so `--help` and config errors stay fast
 
     from .ota import OtaPlugin
 
-    from amqtt.errors import PluginError, PluginLoadError
+    from amqtt.errors import BrokerError, PluginError, PluginLoadError
 
     try:
         broker = Broker(broker_config)
@@ -75,10 +97,24 @@ async def serve(broker_config: dict[str, Any]) -> int:
     if not isinstance(plugin, OtaPlugin):
         print(f"ota-server: {PLUGIN_PATH} is not in broker.yaml plugins; add it", file=sys.stderr)
         return 2
-    await broker.start()
     runtime = plugin.runtime
+    plugin.log_startup_error = False  # we print it as our one line
+    broker_log = logging.getLogger("amqtt.broker")
+    level = broker_log.level
+    broker_log.setLevel(logging.CRITICAL)  # a listener that cannot bind: our one line, not its traceback
+    try:
+        await broker.start()
+    except BrokerError as exc:
+        await runtime.stop()
+        if runtime.startup_error is None:
+            print(f"ota-server: cannot start the MQTT listener: {exc.__cause__ or exc}", file=sys.stderr)
+            return 1
+    else:
+        if runtime.startup_error is not None:
+            await broker.shutdown()
+    finally:
+        broker_log.setLevel(level)
     if runtime.startup_error is not None:
-        await broker.shutdown()
         error = runtime.startup_error
         message = error.one_line() if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
         print(f"ota-server: {message}", file=sys.stderr)
@@ -118,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         broker_config = apply_overrides(config, args)
         settings = config.settings(broker_config)
         load_catalog(settings.catalog_path, settings)
+        busy = busy_addresses(broker_config, settings)
+        if busy:
+            print(f"ota-server: {', '.join(busy)} already in use (another ota-server?); stop it or pass "
+                  "--mqtt-bind/--http-bind", file=sys.stderr)
+            return 1
     except ConfigError as exc:
         print(f"ota-server: {exc.one_line()}", file=sys.stderr)
         return 1

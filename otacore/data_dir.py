@@ -3,6 +3,7 @@ database is, the URL signing key, the admin token, and `server.json` (where a ru
 server's admin API listens, for otactl)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -32,8 +33,42 @@ def read_server_info(data_dir: Path) -> dict[str, Any] | None:
     return info if isinstance(info, dict) and "http_url" in info else None
 
 
-def remove_server_info(data_dir: Path) -> None:
-    (data_dir / SERVER_INFO).unlink(missing_ok=True)
+def remove_server_info(data_dir: Path, pid: int) -> None:
+    """Remove server.json if this process (`pid`) wrote it."""
+    info = read_server_info(data_dir)
+    if info is not None and info.get("pid") == pid:
+        (data_dir / SERVER_INFO).unlink(missing_ok=True)
+
+
+class DataDirInUse(Exception):
+    """Another server process holds the data_dir."""
+
+
+class DataDirLock:
+    """One server per data_dir: two would write the same database and server.json."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "ota-server.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataDirInUse(f"another ota-server (pid {holder}) uses data_dir {self.path.parent}; stop it "
+                               "or give this one its own --data-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
 
 
 def read_or_create(path: Path, nbytes: int = 32) -> str:

@@ -153,3 +153,34 @@ async def test_otactl_validate_applies_the_reload_rules_of_the_database(tmp_path
     config = broker_yaml(tmp_path, free_port(), free_port())
     result = await asyncio.to_thread(otactl, config, "validate")
     assert result.returncode == 1 and "cannot change protocol of a started batch" in result.stdout
+
+
+async def test_busy_port_or_busy_data_dir_is_a_one_line_exit(tmp_path: Path) -> None:
+    write_catalog(tmp_path, UPGRADE_BATCH)
+    mqtt_port, http_port = free_port(), free_port()
+    config = broker_yaml(tmp_path, mqtt_port, http_port)
+    first = server_process(config)
+    await asyncio.to_thread(first.start)
+    try:
+        # The same config again: data_dir (and both ports) are taken.
+        second = await asyncio.to_thread(subprocess.run, [str(BIN / "ota-server"), "--config", str(config)],
+                                         capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and "already in use" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
+        # Another data_dir, same MQTT port.
+        third = await asyncio.to_thread(
+            subprocess.run, [str(BIN / "ota-server"), "--config", str(config), "--data-dir", str(tmp_path / "other"),
+                             "--http-bind", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+        assert third.returncode == 1 and f"127.0.0.1:{mqtt_port} already in use" in third.stderr
+        assert len(third.stderr.strip().splitlines()) == 1
+        # Free ports, same data_dir: the lock refuses it before it touches the database.
+        fourth = await asyncio.to_thread(
+            subprocess.run, [str(BIN / "ota-server"), "--config", str(config), "--mqtt-bind",
+                             f"127.0.0.1:{free_port()}", "--http-bind", f"127.0.0.1:{free_port()}"],
+            capture_output=True, text=True, timeout=60)
+        assert fourth.returncode == 1 and "another ota-server (pid" in fourth.stderr
+        assert len(fourth.stderr.strip().splitlines()) == 1
+        status = await asyncio.to_thread(otactl, config, "reload")  # the first server is untouched
+        assert status.returncode == 0, status.stdout + status.stderr
+    finally:
+        await asyncio.to_thread(first.stop)
