@@ -5,6 +5,7 @@ that diff packages apply) before a catalog goes live; afterwards `download_for` 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,8 +54,19 @@ class DownloadFile:
         return stat.st_size == self.digest.size and stat.st_mtime_ns == self.digest.mtime_ns
 
 
+def hash_file(path: Path) -> tuple[str, str]:
+    """(md5, sha256) of a file, in one pass, a megabyte at a time."""
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            md5.update(chunk)
+            sha256.update(chunk)
+    return md5.hexdigest(), sha256.hexdigest()
+
+
 class HashCache:
-    """file path -> digest, trusted while size and mtime are unchanged; persisted as JSON."""
+    """Digests keyed by file (or file pair), trusted while the file keeps its size and mtime;
+    persisted as JSON in data_dir so a restart does not hash a gigabyte image again."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -64,21 +76,36 @@ class HashCache:
             self._entries = {}
         self._dirty = False
 
-    def digest(self, file: Path) -> FileDigest:
-        stat = file.stat()
-        entry = self._entries.get(str(file))
-        if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-            return FileDigest(entry["size"], entry["md5"], entry["sha256"], stat.st_mtime_ns)
-        md5, sha256 = hashlib.md5(), hashlib.sha256()
-        with file.open("rb") as handle:
-            while chunk := handle.read(1024 * 1024):
-                md5.update(chunk)
-                sha256.update(chunk)
-        digest = FileDigest(stat.st_size, md5.hexdigest(), sha256.hexdigest(), stat.st_mtime_ns)
-        self._entries[str(file)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                                    "md5": digest.md5, "sha256": digest.sha256}
+    def _lookup(self, key: str, stamp: os.stat_result) -> FileDigest | None:
+        entry = self._entries.get(key)
+        if entry and entry.get("stamp") == [stamp.st_size, stamp.st_mtime_ns]:
+            return FileDigest(entry["size"], entry["md5"], entry["sha256"], stamp.st_mtime_ns)
+        return None
+
+    def _remember(self, key: str, stamp: os.stat_result, digest: FileDigest) -> FileDigest:
+        self._entries[key] = {"stamp": [stamp.st_size, stamp.st_mtime_ns], "size": digest.size,
+                              "md5": digest.md5, "sha256": digest.sha256}
         self._dirty = True
         return digest
+
+    def digest(self, file: Path) -> FileDigest:
+        stat = file.stat()
+        cached = self._lookup(str(file), stat)
+        if cached is not None:
+            return cached
+        return self._remember(str(file), stat, FileDigest(stat.st_size, *hash_file(file), stat.st_mtime_ns))
+
+    def patched_digest(self, base: Path, patch: Path) -> FileDigest:
+        """Digest of `base` patched with `patch` (bsdiff4); ValueError if it does not apply."""
+        key, stat = f"{patch}+{self.digest(base).sha256}", patch.stat()
+        cached = self._lookup(key, stat)
+        if cached is not None:
+            return dataclasses.replace(cached, mtime_ns=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            image = Path(tmp) / "patched"
+            bsdiff4.file_patch(str(base), str(image), str(patch))
+            digest = FileDigest(image.stat().st_size, *hash_file(image))
+        return self._remember(key, stat, digest)
 
     def save(self) -> None:
         if not self._dirty:
@@ -90,24 +117,6 @@ class HashCache:
         self._dirty = False
 
 
-def _patched_digest(cache: HashCache, base: Path, patch: Path) -> FileDigest:
-    """Digest of `base` patched with `patch`, remembered under the pair's own key."""
-    key = Path(f"{patch}+{cache.digest(base).sha256}")
-    entry = cache._entries.get(str(key))
-    patch_stat = patch.stat()
-    if entry and entry.get("size_patch") == patch_stat.st_size and entry.get("mtime_ns") == patch_stat.st_mtime_ns:
-        return FileDigest(entry["size"], entry["md5"], entry["sha256"])
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "patched"
-        bsdiff4.file_patch(str(base), str(out), str(patch))
-        fresh = HashCache(Path(tmp) / "unused.json")
-        digest = fresh.digest(out)
-    cache._entries[str(key)] = {"size": digest.size, "size_patch": patch_stat.st_size,
-                                "mtime_ns": patch_stat.st_mtime_ns, "md5": digest.md5, "sha256": digest.sha256}
-    cache._dirty = True
-    return digest
-
-
 class PackageFiles:
     """Digests and patches for one catalog, prepared before it goes live."""
 
@@ -117,6 +126,7 @@ class PackageFiles:
         self._cache = HashCache(data_dir / "file-hashes.json")
         self._full: dict[str, DownloadFile] = {}
         self._patches: dict[tuple[str, str], DownloadFile] = {}
+        self._by_key: dict[str, DownloadFile] = {}
 
     def prepare(self, catalog: Catalog) -> None:
         """Hash every file, build missing `diff_from` patches, check diff packages apply.
@@ -136,7 +146,7 @@ class PackageFiles:
                 base = catalog.full_package(package.product, package.module, package.base_version or "")
                 assert base is not None  # load_catalog guarantees it
                 try:
-                    target = _patched_digest(self._cache, base.file, package.file)
+                    target = self._cache.patched_digest(base.file, package.file)
                 except (ValueError, OSError) as exc:
                     issues.append(ConfigIssue(catalog.path, 0, f"packages[{package.id}].file",
                                               f"patch does not apply to {base.id} ({exc}); rebuild it with bsdiff"))
@@ -153,6 +163,7 @@ class PackageFiles:
         if issues:
             raise ConfigError(issues)
         self._full, self._patches = full, patches
+        self._by_key = {download.key: download for download in [*full.values(), *patches.values()]}
 
     def _build_patch(self, base: Package, target: Package) -> Path:
         base_hash = self._cache.digest(base.file).sha256[:16]
@@ -172,9 +183,5 @@ class PackageFiles:
         return self._full[package.id]
 
     def by_key(self, key: str) -> DownloadFile | None:
-        if key in self._full:
-            return self._full[key]
-        for download in self._patches.values():
-            if download.key == key:
-                return download
-        return None
+        """Any prepared file by its key (admin downloads)."""
+        return self._by_key.get(key)
