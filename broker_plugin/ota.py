@@ -123,7 +123,7 @@ class OtaPlugin(BasePlugin):
             frame = encode_block_reply({"id": "", "code": 400, "msg": str(exc)}, None)
         else:
             try:
-                frame = await engine.block(device, parse_block_request(payload))
+                frame = await engine.downloads.block(device, parse_block_request(payload))
             except PayloadError as exc:
                 frame = encode_block_reply({"id": message_id(payload), "code": 400, "msg": str(exc)}, None)
         await self.runtime.delivery.send(device, download_reply_topic(device), frame, 1)

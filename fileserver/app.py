@@ -15,8 +15,8 @@ from multidict import CIMultiDict
 from otacore.codec import (PayloadError, decode_json, parse_firmware_request, parse_progress,
                            parse_version_report)
 from otacore.credentials import DeviceId, check_http_login
-from otacore.engine import OtaEngine, Refused
-from otacore.errors import ConfigError
+from otacore.engine import OtaEngine
+from otacore.errors import ConfigError, Refused
 from otacore.signed_urls import UrlRejected
 from otacore.status import batch_report, batch_summaries
 
@@ -93,14 +93,14 @@ class PackageResponse(web.FileResponse):
         if self._engine is None or self._job_id is None or request.method != "GET":
             return await super().prepare(self._rewritten)
         sent = 0
-        await self._engine.download_started(self._job_id)
+        await self._engine.downloads.started(self._job_id)
         try:
             writer = await super().prepare(self._rewritten)  # FileResponse sends the body here
             if self.status in (200, 206):
                 sent = self.content_length or 0
             return writer
         finally:
-            await self._engine.download_finished(self._job_id, sent)
+            await self._engine.downloads.finished(self._job_id, sent)
 
 
 async def _set_package_etag(request: web.Request, response: web.StreamResponse) -> None:
@@ -134,8 +134,8 @@ async def download(request: web.Request) -> web.StreamResponse:
     else:
         try:
             # The signature covers the path as sent (percent-encoded), not as decoded.
-            device, job_id = engine.check_url(request.rel_url.raw_path, dict(request.query))
-            file = await engine.authorize_download(device, job_id, key)
+            device, job_id = engine.downloads.check_url(request.rel_url.raw_path, dict(request.query))
+            file = await engine.downloads.authorize(device, job_id, key)
         except UrlRejected as exc:
             return _error(403, str(exc))
         except Refused as exc:

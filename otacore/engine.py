@@ -4,28 +4,30 @@ device should get now. Adapters (MQTT plugin, HTTP app) call it and deliver its 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import json
 import logging
 import time
-from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from .block_cache import BlockCache
-from .catalog import DEFAULT_MODULE, Batch, Catalog, Package, load_catalog
-from .codec import BlockRequest, encode_block_reply, encode_json
+from .catalog import Batch, Catalog, Package, load_catalog
+from .codec import encode_json
 from .credentials import DeviceId
-from .eligibility import batch_priority, candidate_batches, device_in_scope, version_qualifies, wants
-from .errors import ConfigError
+from .downloads import Downloads
+from .eligibility import (
+    batch_priority,
+    candidate_batches,
+    device_in_scope,
+    version_qualifies,
+    wants,
+)
+from .errors import ConfigError, Refused
 from .keyed_locks import KeyedLocks
+from .offers import offer_data
 from .package_files import DownloadFile, PackageFiles
 from .reload_rules import batch_fingerprint, reload_issues
 from .settings import Settings
-from .signed_urls import sign_url, verify_url
 from .store import Job, NewJob, Store
 from .topics import upgrade_topic
 
@@ -35,14 +37,6 @@ log = logging.getLogger("ota.engine")
 class Notifier(Protocol):
     async def send(self, device: DeviceId, topic: str, payload: bytes, qos: int) -> bool:
         """Deliver to the device's live session; False when it is not connected."""
-
-
-class Refused(Exception):
-    """A request the engine turns down; `status` is the HTTP-style code to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 @dataclass(frozen=True)
@@ -66,15 +60,13 @@ class OtaEngine:
         self.settings = settings
         self.store = store
         self.notifier = notifier
-        self._url_key = url_key
+        self.downloads = Downloads(store, url_key, self._file_of)
         self.catalog: Catalog | None = None
         self.files: PackageFiles | None = None
         self.running: set[str] = set()
         self._device_locks = KeyedLocks()
         self._reload_lock = asyncio.Lock()
         self._last_push_id = 0
-        self._downloading: Counter[int] = Counter()  # job id -> HTTP downloads under way
-        self._blocks = BlockCache()
         # Called with the new catalog after each successful reload (e.g. to drop sessions
         # of devices that were removed or whose secret changed).
         self.reload_listeners: list[Callable[[Catalog], None]] = []
@@ -250,7 +242,7 @@ class OtaEngine:
         return self._last_push_id
 
     async def _send_push(self, job: Job) -> bool:
-        """Send the upgrade push (b); False when the device is not online and subscribed."""
+        """Send the upgrade push (b); False when the device is not connected."""
         message = {"code": "1000", "id": self._next_push_id(), "message": "success", "data": self._offer_data(job)}
         delivered = await self.notifier.send(job.device, upgrade_topic(job.device), encode_json(message), 1)
         if not delivered:
@@ -262,33 +254,16 @@ class OtaEngine:
         catalog, files = self.catalog, self.files
         assert catalog is not None and files is not None
         package = catalog.packages[job.package_id]
-        batch = catalog.batches[job.batch]
+        protocol = catalog.batches[job.batch].protocol
         download = files.download_for(package, job.from_version)
-        sign = download.digest.sign(package.sign_method)
-        data: dict[str, Any] = {"size": download.digest.size, "version": package.version}
-        if batch.protocol == "mqtt":
-            data.update({"dProtocol": "mqtt", "streamId": job.id, "streamFileId": 1})
-        else:
-            base = self.settings.base_url(batch.protocol)
-            data["url"] = sign_url(self._url_key, base, download.key, download.name, job.device, job.id,
-                                   self.settings.url_ttl_seconds)
-        data["sign"] = sign
-        data["signMethod"] = "Md5" if package.sign_method == "MD5" else "SHA256"
-        if package.sign_method == "MD5":
-            data["md5"] = sign
-        if package.module != DEFAULT_MODULE:
-            data["module"] = package.module
-        if download.is_diff:
-            data["isDiff"] = 1
-        ext: dict[str, Any] = dict(package.ext_data)
-        if package.notice:
-            ext["_package_udi"] = json.dumps({"ota_notice": package.notice}, ensure_ascii=False)
-        if download.is_diff:
-            ext["_target_size"] = download.target.size
-            ext["_target_sign"] = download.target.sign(package.sign_method)
-        if ext:
-            data["extData"] = ext
-        return data
+        url = None if protocol == "mqtt" else self.downloads.url(
+            self.settings.base_url(protocol), download, job, self.settings.url_ttl_seconds)
+        return offer_data(package, download, url=url, stream_id=job.id)
+
+    def _file_of(self, job: Job) -> DownloadFile | None:
+        """The file this job's device downloads (None once its package left the catalog)."""
+        package = self.catalog.packages.get(job.package_id) if self.catalog else None
+        return self.files.download_for(package, job.from_version) if package and self.files else None
 
     async def offer(self, device: DeviceId, module: str) -> dict[str, Any]:
         """What this device should get now, handed out on request (firmware/get, HTTP): the
@@ -525,7 +500,7 @@ class OtaEngine:
             if batch.timeout_minutes is None or batch.name not in self.running:
                 continue
             for job in await self.store.stale_jobs(batch.name, now - batch.timeout_minutes * 60):
-                if job.id in self._downloading:
+                if self.downloads.in_flight(job.id):
                     continue  # a long download is activity too
                 async with self._device_locks.hold(job.device):
                     current = await self.store.job(job.id)
@@ -548,73 +523,3 @@ class OtaEngine:
                     log.info("%d job(s) timed out", count)
             except Exception:  # keep the loop alive; the next round retries
                 log.exception("timeout sweep failed")
-
-    # -- downloads ---------------------------------------------------------------------
-    def file_token(self, job_id: int) -> str:
-        return hmac.new(self._url_key, f"stream:{job_id}".encode(), hashlib.sha256).hexdigest()[:32]
-
-    def check_url(self, path: str, query: dict[str, str]) -> tuple[DeviceId, int]:
-        """The (device, job id) a signed download URL was issued for; UrlRejected if forged or expired."""
-        return verify_url(self._url_key, path, query)
-
-    def _download_of(self, job: Job) -> DownloadFile | None:
-        """The file this job's device downloads (None once its package left the catalog)."""
-        package = self.catalog.packages.get(job.package_id) if self.catalog else None
-        return self.files.download_for(package, job.from_version) if package and self.files else None
-
-    async def authorize_download(self, device: DeviceId, job_id: int, file_key: str) -> DownloadFile:
-        """The file a signed URL may fetch: the job must be this device's, open, and for this file."""
-        job = await self.store.job(job_id)
-        download = self._download_of(job) if job is not None else None
-        if job is None or job.device != device or download is None or download.key != file_key:
-            raise Refused(403, "this URL is not valid for that device and file")
-        if not job.is_open:
-            raise Refused(403, f"job {job_id} is {job.state}; ask the server for a new URL")
-        return _unchanged(download)
-
-    async def download_started(self, job_id: int) -> None:
-        """A device is fetching this job's file: it is active, whatever it has reported."""
-        self._downloading[job_id] += 1
-        await self.store.add_bytes_served(job_id, 0)  # touches updated_at
-
-    async def download_finished(self, job_id: int, count: int) -> None:
-        """`count`: bytes sent (0 when the transfer broke off; aiohttp cannot say how many)."""
-        self._downloading[job_id] -= 1
-        if self._downloading[job_id] <= 0:
-            del self._downloading[job_id]
-        await self.store.add_bytes_served(job_id, count)
-
-    async def block(self, device: DeviceId, request: BlockRequest) -> bytes:
-        """Answer a block request (PROTOCOL.md 3e) with the binary reply frame."""
-        def error(code: int, message: str) -> bytes:
-            return encode_block_reply({"id": request.id, "code": code, "msg": message}, None)
-
-        job = await self.store.job(request.stream_id)
-        download = self._download_of(job) if job is not None else None
-        if job is None or download is None or request.file_id != 1:
-            return error(404, f"unknown stream {request.stream_id}/{request.file_id}")
-        if job.device != device:
-            return error(403, "stream not assigned to this device")
-        if not job.is_open:
-            return error(403, f"stream closed: job is {job.state}")
-        token = self.file_token(job.id)
-        if request.file_token is not None and not hmac.compare_digest(request.file_token, token):
-            return error(403, "fileToken does not match this stream")
-        size = download.digest.size
-        if request.offset >= size:
-            return error(400, f"offset {request.offset} is at or past the end ({size} bytes)")
-        if not download.is_current():
-            return error(404, "the package file changed on the server since it was hashed")
-        tail = await self._blocks.block_with_crc(download, request.offset, request.size)
-        await self.store.add_bytes_served(job.id, len(tail) - 2)
-        header = {"id": request.id, "code": 200, "msg": "success",
-                  "data": {"fileToken": token, "fileLength": size, "bSize": len(tail) - 2, "bOffset": request.offset}}
-        return encode_block_reply(header, None) + tail
-
-
-def _unchanged(download: DownloadFile) -> DownloadFile:
-    if not download.is_current():
-        log.error("%s changed on disk since it was hashed; run `otactl reload` (a new build needs a new "
-                  "package id)", download.path)
-        raise Refused(409, "the package file changed on the server; try again later")
-    return download

@@ -30,3 +30,11 @@ class ConfigError(Exception):
         first = str(self.issues[0])
         more = len(self.issues) - 1
         return first if more == 0 else f"{first} (and {more} more; run `otactl validate` to see all)"
+
+
+class Refused(Exception):
+    """A request the engine turns down; `status` is the HTTP-style code to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message

@@ -80,8 +80,8 @@ async def test_altered_foreign_and_expired_urls_are_403(server: OtaServer, url: 
     # A URL signed an hour ago with a one-minute lifetime: valid signature, but expired.
     engine = server.engine
     job = (await engine.store.jobs())[0]
-    old = sign_url(engine._url_key, server.http_url, job.file_key, "fw-1.1.0.bin", DeviceId("a1Test", "dl-1"),
-                   job.id, 60, now=time.time() - 3600)
+    old = sign_url(engine.downloads._url_key, server.http_url, job.file_key, "fw-1.1.0.bin",
+                   DeviceId("a1Test", "dl-1"), job.id, 60, now=time.time() - 3600)
     status, _, body = await fetch("GET", old)
     assert status == 403 and b"expired" in body
 
