@@ -694,6 +694,8 @@ async def run_device(cfg: DeviceConfig, gate: asyncio.Semaphore | None = None) -
         result.expected = exc.simulated  # only the failure the config asked for is ok
     except TimeoutError:
         result.outcome, result.reason = "timeout", f"{cfg.timeout:g} s {device.stage}"
+        if device.stage == "waiting for upgrade push":
+            result.reason += " (no batch wants it: already upgraded, not targeted, or the batch does not push)"
     except Exception as exc:  # noqa: BLE001 -- one broken device must not end the fleet
         result.outcome, result.reason = "failed", f"{device.stage}: {describe(exc)}"
     result.seconds = time.monotonic() - start
