@@ -39,8 +39,7 @@ def create_app(engine: OtaEngine, admin_token: str) -> web.Application:
     app.router.add_get("/admin/api/batches/{name}", admin_batch)
     app.router.add_get("/admin/api/jobs/{job_id}", admin_job)
     app.router.add_post("/admin/api/reload", admin_reload)
-    app.router.add_post("/admin/api/batches/{name}/retry", admin_retry)
-    app.router.add_post("/admin/api/batches/{name}/cancel", admin_cancel)
+    app.router.add_post("/admin/api/batches/{name}/{action:retry|cancel}", admin_batch_action)
     app.router.add_get("/admin/", status_page)
     app.router.add_get("/admin/batches/{name}", batch_status_page)
     app.router.add_get("/healthz", healthz)
@@ -292,30 +291,23 @@ async def _device_names(request: web.Request, required: bool) -> list[str] | Non
     return devices
 
 
-async def admin_retry(request: web.Request) -> web.Response:
+async def admin_batch_action(request: web.Request) -> web.Response:
+    """POST .../retry (devices optional: every failed one) or .../cancel (devices required)."""
     if (denied := _admin_only(request)) is not None:
         return denied
-    devices = await _device_names(request, required=False)
+    action = request.match_info["action"]
+    devices = await _device_names(request, required=action == "cancel")
     if isinstance(devices, web.Response):
         return devices
+    engine, name = request.app[ENGINE], request.match_info["name"]
     try:
-        count = await request.app[ENGINE].retry(request.match_info["name"], devices)
+        if action == "retry":
+            result = {"retried": await engine.retry(name, devices)}
+        else:
+            result = {"canceled": await engine.cancel_devices(name, devices or [])}
     except Refused as exc:
         return _error(exc.status, exc.message)
-    return web.json_response({"code": 0, "message": "", "retried": count})
-
-
-async def admin_cancel(request: web.Request) -> web.Response:
-    if (denied := _admin_only(request)) is not None:
-        return denied
-    devices = await _device_names(request, required=True)
-    if isinstance(devices, web.Response):
-        return devices
-    try:
-        count = await request.app[ENGINE].cancel_devices(request.match_info["name"], devices or [])
-    except Refused as exc:
-        return _error(exc.status, exc.message)
-    return web.json_response({"code": 0, "message": "", "canceled": count})
+    return web.json_response({"code": 0, "message": "", **result})
 
 
 async def admin_reload(request: web.Request) -> web.Response:
