@@ -24,7 +24,8 @@ log = logging.getLogger("ota.server")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ota-server", description="OTA server: amqtt broker + OTA plugin + HTTP file server, in one process.")
+        prog="ota-server", description="OTA server: amqtt broker + OTA plugin + HTTP file server, in one process. "
+                                       "SIGHUP (or `otactl reload`) reloads the catalog.")
     parser.add_argument("--config", default="config/broker.yaml", help="broker.yaml (default: %(default)s)")
     parser.add_argument("--mqtt-bind", metavar="HOST:PORT", help="MQTT listener address (overrides listeners.default.bind)")
     parser.add_argument("--http-bind", metavar="HOST:PORT", help="file server address (overrides http.bind)")

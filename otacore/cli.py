@@ -28,7 +28,8 @@ from .store import Store
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="otactl", description="Manage the OTA server: validate, reload, status.")
+    parser = argparse.ArgumentParser(prog="otactl", description="Manage the OTA server: validate and reload the "
+                                     "catalog, watch progress, retry or cancel devices.")
     parser.add_argument("--config", default="config/broker.yaml", help="broker.yaml (default: %(default)s)")
     parser.add_argument("--catalog", metavar="PATH", help="catalog file (overrides broker.yaml)")
     parser.add_argument("--data-dir", metavar="DIR", help="the server's data_dir (overrides broker.yaml)")
