@@ -246,7 +246,7 @@ async def admin_status(request: web.Request) -> web.Response:
     if (denied := _admin_only(request)) is not None:
         return denied
     engine = request.app[ENGINE]
-    return web.json_response({"batches": await batch_summaries(engine.store, engine.catalog)})
+    return web.json_response({"batches": await batch_summaries(engine.store, engine.catalog, files=engine.files)})
 
 
 async def admin_batch(request: web.Request) -> web.Response:
@@ -254,7 +254,7 @@ async def admin_batch(request: web.Request) -> web.Response:
         return denied
     engine = request.app[ENGINE]
     name = request.match_info["name"]
-    report = await batch_report(engine.store, engine.catalog, name)
+    report = await batch_report(engine.store, engine.catalog, name, files=engine.files)
     if report is None:
         return _error(404, f"no batch named {name!r}")
     return web.json_response(report)
@@ -264,10 +264,8 @@ async def admin_job(request: web.Request) -> web.Response:
     if (denied := _admin_only(request)) is not None:
         return denied
     engine = request.app[ENGINE]
-    try:
-        job = await engine.store.job(int(request.match_info["job_id"]))
-    except ValueError:
-        job = None
+    raw = request.match_info["job_id"]
+    job = await engine.store.job(int(raw)) if raw.isdigit() and len(raw) <= 18 else None
     if job is None:
         return _error(404, "no such job")
     history = [{"at": at, "from": old, "to": new, "progress": progress, "reason": reason}
@@ -336,7 +334,7 @@ async def status_page(request: web.Request) -> web.Response:
     if not _is_admin(request, browser=True):
         return _browser_login()
     engine = request.app[ENGINE]
-    summaries = await batch_summaries(engine.store, engine.catalog)
+    summaries = await batch_summaries(engine.store, engine.catalog, files=engine.files)
     return web.Response(text=batches_page(summaries), content_type="text/html")
 
 
@@ -345,7 +343,7 @@ async def batch_status_page(request: web.Request) -> web.Response:
         return _browser_login()
     engine = request.app[ENGINE]
     name = request.match_info["name"]
-    report = await batch_report(engine.store, engine.catalog, name)
+    report = await batch_report(engine.store, engine.catalog, name, files=engine.files)
     if report is None:
         return web.Response(status=404, text=f"no batch named {name!r}\n")
     return web.Response(text=batch_page(report["batch"], report["devices"]), content_type="text/html")

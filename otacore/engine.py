@@ -157,6 +157,13 @@ class OtaEngine:
         self.running.add(batch.name)
         log.info("batch %s started (%s %s, %s, push %s)", batch.name, package.id, batch.protocol, batch.mode,
                  "on" if batch.push else "off")
+        # Reports that arrived before `running` had the batch found no batch; read again.
+        known = await self.store.reported_versions(package.product, package.module)
+        if batch.devices is None:
+            late = [n for n, v in known.items() if version_qualifies(batch, package, v) and n not in names]
+            if late and batch.mode == "static":
+                await self.store.add_targets(batch.name, [DeviceId(package.product, n) for n in late])
+            names += late
         # One transaction for the whole fleet, then the pushes: a batch start is a storm.
         open_jobs = {job.device.device_name: job for job in await self.store.open_jobs(package.product, package.module)}
         wanted, displaced = [], []
@@ -226,6 +233,9 @@ class OtaEngine:
                                               f"reported {version}; batch {batch.name} targets it")
             if job is None:
                 return await self.store.open_job(device, module)
+            if batch.name not in self.running:  # stopped (reload, verification end) while we wrote
+                await self._cancel_job(job, f"batch {batch.name} stopped", locked=True)
+                return None
             log.info("job %d: %s %s -> %s in batch %s", job.id, device, version, package.version, batch.name)
             if deliver and batch.push:
                 await self._push(job)
@@ -233,8 +243,20 @@ class OtaEngine:
         return None
 
     async def _push(self, job: Job) -> None:
+        job = await self._refresh_file(job)
         if await self._send_push(job) and job.state == "queued":
             await self.store.transition(job, "notified", "upgrade pushed")
+
+    async def _refresh_file(self, job: Job) -> Job:
+        """A job keeps the file it was given; only if a reload removed that file (a dropped
+        `diff_from`) does it move to what the catalog now offers for its version."""
+        catalog, files = self.catalog, self.files
+        package = catalog.packages.get(job.package_id) if catalog else None
+        if files is None or package is None or files.by_key(job.file_key) is not None:
+            return job
+        download = files.download_for(package, job.from_version)
+        return await self.store.transition(job, job.state, "its file left the catalog; now " + download.key,
+                                           file_key=download.key, file_size=download.digest.size)
 
     def _next_push_id(self) -> int:
         """Unique per push, also across restarts: the clock in ms, or one more than the last."""
@@ -243,27 +265,31 @@ class OtaEngine:
 
     async def _send_push(self, job: Job) -> bool:
         """Send the upgrade push (b); False when the device is not connected."""
-        message = {"code": "1000", "id": self._next_push_id(), "message": "success", "data": self._offer_data(job)}
+        data = self._offer_data(job)
+        if data is None:
+            return False
+        message = {"code": "1000", "id": self._next_push_id(), "message": "success", "data": data}
         delivered = await self.notifier.send(job.device, upgrade_topic(job.device), encode_json(message), 1)
         if not delivered:
             log.debug("job %d: %s is not connected; the push waits for its next report", job.id, job.device)
         return delivered
 
-    def _offer_data(self, job: Job) -> dict[str, Any]:
-        """The `data` of a push / firmware-get reply / get_ota_info answer for this job."""
-        catalog, files = self.catalog, self.files
-        assert catalog is not None and files is not None
-        package = catalog.packages[job.package_id]
-        protocol = catalog.batches[job.batch].protocol
-        download = files.download_for(package, job.from_version)
-        url = None if protocol == "mqtt" else self.downloads.url(
-            self.settings.base_url(protocol), download, job, self.settings.url_ttl_seconds)
+    def _offer_data(self, job: Job) -> dict[str, Any] | None:
+        """The `data` of a push / firmware-get reply / get_ota_info answer for this job; None
+        when its batch or file is no longer in the catalog."""
+        catalog = self.catalog
+        package = catalog.packages.get(job.package_id) if catalog else None
+        batch = catalog.batches.get(job.batch) if catalog else None
+        download = self._file_of(job)
+        if package is None or batch is None or download is None:
+            return None
+        url = None if batch.protocol == "mqtt" else self.downloads.url(
+            self.settings.base_url(batch.protocol), download, job, self.settings.url_ttl_seconds)
         return offer_data(package, download, url=url, stream_id=job.id)
 
     def _file_of(self, job: Job) -> DownloadFile | None:
-        """The file this job's device downloads (None once its package left the catalog)."""
-        package = self.catalog.packages.get(job.package_id) if self.catalog else None
-        return self.files.download_for(package, job.from_version) if package and self.files else None
+        """The file this job was given (None once a reload removed it)."""
+        return self.files.by_key(job.file_key) if self.files else None
 
     async def offer(self, device: DeviceId, module: str) -> dict[str, Any]:
         """What this device should get now, handed out on request (firmware/get, HTTP): the
@@ -282,9 +308,14 @@ class OtaEngine:
                     return {}
             if job.state == "installed":
                 return {}
+            job = await self._refresh_file(job)
+            data = self._offer_data(job)
+            if data is None:
+                await self._cancel_job(job, "its batch or file left the catalog", locked=True)
+                return {}
             if job.state == "queued":
-                job = await self.store.transition(job, "notified", "upgrade info handed out on request")
-            return self._offer_data(job)
+                await self.store.transition(job, "notified", "upgrade info handed out on request")
+            return data
 
     # -- what devices report -----------------------------------------------------------
     def _knows_module(self, device: DeviceId, module: str) -> bool:
@@ -436,6 +467,9 @@ class OtaEngine:
             catalog = self.catalog
             assert catalog is not None
             rows = await self.store.batches()
+            package = catalog.packages.get(package_id)
+            if package is None or await self.package_status(package) != "verified":
+                return  # a reload changed the package or its file meanwhile
             for batch in sorted(catalog.batches.values(), key=batch_priority, reverse=True):
                 row = rows.get(batch.name)
                 if batch.package == package_id and row is not None and row.state == "waiting_verification":
@@ -469,12 +503,16 @@ class OtaEngine:
         if batch is None or catalog is None:
             raise Refused(404, f"no batch named {batch_name!r} in the catalog")
         package = catalog.packages[batch.package]
-        current = {job.device.device_name: job for job in await self.store.latest_jobs(batch_name)}
+        product = catalog.products[package.product]
+        strangers = [name for name in device_names if not product.has_device(name)
+                     or (batch.devices is not None and name not in batch.devices)]
+        if strangers:
+            raise Refused(404, f"not devices of batch {batch_name!r}: {', '.join(strangers)}")
         canceled = 0
         for name in dict.fromkeys(device_names):
             device = DeviceId(package.product, name)
             async with self._device_locks.hold(device):
-                job = current.get(name)
+                job = await self.store.latest_job_in_batch(batch_name, device)  # as it is now
                 if job is not None and job.is_open:
                     job = await self._cancel_job(job, "canceled by an admin", locked=True)
                     if job is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .catalog import Batch, Catalog
+from .package_files import PackageFiles
 from .store import ALL_STATES, FINAL_STATES, Store
 
 
@@ -17,8 +18,10 @@ async def _waiting(store: Store, batch: Batch | None, jobbed: set[str]) -> set[s
     return targets - jobbed
 
 
-async def batch_summaries(store: Store, catalog: Catalog | None, only: str | None = None) -> list[dict[str, Any]]:
-    """One summary per batch (or just `only`), counting each device's latest job once."""
+async def batch_summaries(store: Store, catalog: Catalog | None, only: str | None = None,
+                          files: PackageFiles | None = None) -> list[dict[str, Any]]:
+    """One summary per batch (or just `only`), counting each device's latest job once.
+    With `files`, a verification earned by an earlier build of the package shows as unverified."""
     rows = await store.batches()
     statuses = await store.package_statuses()
     counts_by_batch = await store.state_counts(only)
@@ -42,8 +45,7 @@ async def batch_summaries(store: Store, catalog: Catalog | None, only: str | Non
             "type": batch.type if batch else "", "protocol": batch.protocol if batch else "",
             "mode": batch.mode if batch else "", "push": batch.push if batch else None,
             "state": row.state if row else "not started", "reason": row.reason if row else "",
-            "package_status": statuses[package_id][0] if package_id in statuses
-            else _unverified_status(catalog, package_id),
+            "package_status": _package_status(statuses.get(package_id), catalog, files, package_id),
             "counts": {state: counts[state] for state in ALL_STATES if counts.get(state)},
             "waiting_report": waiting, "total": total,
             "done_percent": round(100 * finished / total) if total else 0,
@@ -52,9 +54,10 @@ async def batch_summaries(store: Store, catalog: Catalog | None, only: str | Non
     return summaries
 
 
-async def batch_report(store: Store, catalog: Catalog | None, name: str) -> dict[str, Any] | None:
+async def batch_report(store: Store, catalog: Catalog | None, name: str,
+                       files: PackageFiles | None = None) -> dict[str, Any] | None:
     """The summary of one batch and a row per device, or None when there is no such batch."""
-    summaries = await batch_summaries(store, catalog, only=name)
+    summaries = await batch_summaries(store, catalog, only=name, files=files)
     if not summaries:
         return None
     jobs = await store.latest_jobs(name)
@@ -71,6 +74,11 @@ async def batch_report(store: Store, catalog: Catalog | None, name: str) -> dict
     return {"batch": summaries[0], "devices": devices}
 
 
-def _unverified_status(catalog: Catalog | None, package_id: str) -> str:
+def _package_status(stored: tuple[str, str] | None, catalog: Catalog | None, files: PackageFiles | None,
+                    package_id: str) -> str:
     package = catalog.packages.get(package_id) if catalog else None
+    if stored is not None:
+        status, sha256 = stored
+        if files is None or package is None or files.download_for(package, None).digest.sha256 == sha256:
+            return status
     return "unverified" if package is not None and package.verify else "no verification required"

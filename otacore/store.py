@@ -20,6 +20,8 @@ from .credentials import DeviceId
 OPEN_STATES = ("queued", "notified", "in_progress", "installed")
 FINAL_STATES = ("succeeded", "failed", "canceled")
 ALL_STATES = OPEN_STATES + FINAL_STATES
+STATE_RANK = {"queued": 0, "notified": 1, "in_progress": 2, "installed": 3,
+              "succeeded": 4, "failed": 4, "canceled": 4}
 
 # Bump with a migration in Store.open whenever SCHEMA changes shape.
 SCHEMA_VERSION = 1
@@ -151,6 +153,12 @@ class Store:
             if version not in (0, SCHEMA_VERSION):
                 raise StoreError(f"{path} has database schema {version}; this server reads schema "
                                  f"{SCHEMA_VERSION}: use the matching server version or a new data_dir")
+            if version == 0:
+                async with db.execute("PRAGMA table_info(jobs)") as cursor:
+                    columns = {row[1] async for row in cursor}
+                if columns and "superseded" not in columns:  # written by a development build
+                    raise StoreError(f"{path} was written by a development build of the server; "
+                                     "start with a new data_dir")
             await db.executescript(SCHEMA)
             await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             await db.commit()
@@ -293,8 +301,16 @@ class Store:
         changed = await self.transition_many([job], to_state, reason, **changes)
         if changed:
             return changed[0]
-        current = await self.job(job.id)  # someone else moved it first; theirs stands
+        # Another task moved it since it was read (a batch start marking it notified, a cancel).
+        # A step forward still applies on top of an open state; a step back or a revival does not.
+        current = await self.job(job.id)
         assert current is not None
+        if current.is_open and STATE_RANK[to_state] >= STATE_RANK[current.state]:
+            changed = await self.transition_many([current], to_state, reason, **changes)
+            if changed:
+                return changed[0]
+            current = await self.job(job.id)
+            assert current is not None
         return current
 
     async def transition_many(self, jobs: list[Job], to_state: str, reason: str, **changes: Any) -> list[Job]:
@@ -341,6 +357,13 @@ class Store:
         async with self._db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE product_key = ? AND device_name = ? AND module = ? "
                 "ORDER BY id DESC LIMIT 1", (device.product_key, device.device_name, module)) as cursor:
+            row = await cursor.fetchone()
+        return _job(row) if row else None
+
+    async def latest_job_in_batch(self, batch: str, device: DeviceId) -> Job | None:
+        async with self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE batch = ? AND product_key = ? AND device_name = ? "
+                "ORDER BY id DESC LIMIT 1", (batch, device.product_key, device.device_name)) as cursor:
             row = await cursor.fetchone()
         return _job(row) if row else None
 
