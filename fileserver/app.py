@@ -246,7 +246,7 @@ async def admin_status(request: web.Request) -> web.Response:
     if (denied := _admin_only(request)) is not None:
         return denied
     engine = request.app[ENGINE]
-    return web.json_response({"batches": await batch_summaries(engine.store, engine.catalog, files=engine.files)})
+    return web.json_response({"batches": await batch_summaries(engine.store, engine.catalog, sha_of=engine.current_sha)})
 
 
 async def admin_batch(request: web.Request) -> web.Response:
@@ -254,7 +254,7 @@ async def admin_batch(request: web.Request) -> web.Response:
         return denied
     engine = request.app[ENGINE]
     name = request.match_info["name"]
-    report = await batch_report(engine.store, engine.catalog, name, files=engine.files)
+    report = await batch_report(engine.store, engine.catalog, name, sha_of=engine.current_sha)
     if report is None:
         return _error(404, f"no batch named {name!r}")
     return web.json_response(report)
@@ -334,7 +334,7 @@ async def status_page(request: web.Request) -> web.Response:
     if not _is_admin(request, browser=True):
         return _browser_login()
     engine = request.app[ENGINE]
-    summaries = await batch_summaries(engine.store, engine.catalog, files=engine.files)
+    summaries = await batch_summaries(engine.store, engine.catalog, sha_of=engine.current_sha)
     return web.Response(text=batches_page(summaries), content_type="text/html")
 
 
@@ -343,7 +343,7 @@ async def batch_status_page(request: web.Request) -> web.Response:
         return _browser_login()
     engine = request.app[ENGINE]
     name = request.match_info["name"]
-    report = await batch_report(engine.store, engine.catalog, name, files=engine.files)
+    report = await batch_report(engine.store, engine.catalog, name, sha_of=engine.current_sha)
     if report is None:
         return web.Response(status=404, text=f"no batch named {name!r}\n")
     return web.Response(text=batch_page(report["batch"], report["devices"]), content_type="text/html")

@@ -15,9 +15,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .catalog import load_catalog
+from .catalog import Package, load_catalog
 from .config_files import load_settings
 from .engine import LoadedCatalog, prepare_catalog
+from .package_files import HashCache
 from .errors import ConfigError, ConfigIssue
 from .reload_rules import reload_issues
 from .data_dir import admin_token, database_path, read_server_info
@@ -150,9 +151,14 @@ async def _status(settings: Settings, batch: str | None) -> dict[str, Any]:
         catalog = None  # still show what the database knows
     store = await Store.open(db)
     try:
+        hashes = HashCache(settings.data_dir / "file-hashes.json")  # as the server left it
+
+        def sha_of(package: Package) -> str:
+            return hashes.digest(package.file).sha256
+
         if batch is None:
-            return {"batches": await batch_summaries(store, catalog)}
-        report = await batch_report(store, catalog, batch)
+            return {"batches": await batch_summaries(store, catalog, sha_of=sha_of)}
+        report = await batch_report(store, catalog, batch, sha_of=sha_of)
         if report is None:
             raise SystemExit(f"otactl: no batch named {batch!r}; `otactl status` lists them")
         return report

@@ -92,11 +92,15 @@ class OtaEngine:
         assert self.catalog is not None and self.files is not None
         return batch_fingerprint(batch, self.catalog.packages[batch.package], self.files)
 
+    def current_sha(self, package: Package) -> str:
+        """SHA-256 of the package's image as the live catalog serves it."""
+        assert self.files is not None
+        return self.files.download_for(package, None).digest.sha256
+
     async def package_status(self, package: Package) -> str:
         """`verified` / `verify_failed` as earned by this very file; otherwise `unverified`."""
-        assert self.files is not None
         status, sha256 = (await self.store.package_statuses()).get(package.id, ("unverified", ""))
-        return status if sha256 == self.files.download_for(package, None).digest.sha256 else "unverified"
+        return status if sha256 == self.current_sha(package) else "unverified"
 
     async def _apply_batches(self) -> None:
         catalog = self.catalog
@@ -442,7 +446,7 @@ class OtaEngine:
         else:
             return
         package = catalog.packages[batch.package]
-        await self.store.set_package_status(package.id, status, files.download_for(package, None).digest.sha256)
+        await self.store.set_package_status(package.id, status, self.current_sha(package))
         self.running.discard(batch.name)
         await self.store.set_batch_state(batch.name, "completed", status)
         for other in await self.store.jobs(batch.name, open_only=True):

@@ -1,10 +1,10 @@
 """Progress reports for admins: per batch counts and percent done, per device state and progress."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from .catalog import Batch, Catalog
-from .package_files import PackageFiles
+from .catalog import Batch, Catalog, Package
 from .store import ALL_STATES, FINAL_STATES, Store
 
 
@@ -18,10 +18,14 @@ async def _waiting(store: Store, batch: Batch | None, jobbed: set[str]) -> set[s
     return targets - jobbed
 
 
+ShaOf = Callable[[Package], str]
+
+
 async def batch_summaries(store: Store, catalog: Catalog | None, only: str | None = None,
-                          files: PackageFiles | None = None) -> list[dict[str, Any]]:
+                          sha_of: ShaOf | None = None) -> list[dict[str, Any]]:
     """One summary per batch (or just `only`), counting each device's latest job once.
-    With `files`, a verification earned by an earlier build of the package shows as unverified."""
+    With `sha_of` (a package's current file hash), a verification earned by an earlier
+    build of the package shows as unverified."""
     rows = await store.batches()
     statuses = await store.package_statuses()
     counts_by_batch = await store.state_counts(only)
@@ -45,7 +49,7 @@ async def batch_summaries(store: Store, catalog: Catalog | None, only: str | Non
             "type": batch.type if batch else "", "protocol": batch.protocol if batch else "",
             "mode": batch.mode if batch else "", "push": batch.push if batch else None,
             "state": row.state if row else "not started", "reason": row.reason if row else "",
-            "package_status": _package_status(statuses.get(package_id), catalog, files, package_id),
+            "package_status": _package_status(statuses.get(package_id), catalog, sha_of, package_id),
             "counts": {state: counts[state] for state in ALL_STATES if counts.get(state)},
             "waiting_report": waiting, "total": total,
             "done_percent": round(100 * finished / total) if total else 0,
@@ -55,9 +59,9 @@ async def batch_summaries(store: Store, catalog: Catalog | None, only: str | Non
 
 
 async def batch_report(store: Store, catalog: Catalog | None, name: str,
-                       files: PackageFiles | None = None) -> dict[str, Any] | None:
+                       sha_of: ShaOf | None = None) -> dict[str, Any] | None:
     """The summary of one batch and a row per device, or None when there is no such batch."""
-    summaries = await batch_summaries(store, catalog, only=name, files=files)
+    summaries = await batch_summaries(store, catalog, only=name, sha_of=sha_of)
     if not summaries:
         return None
     jobs = await store.latest_jobs(name)
@@ -74,11 +78,11 @@ async def batch_report(store: Store, catalog: Catalog | None, name: str,
     return {"batch": summaries[0], "devices": devices}
 
 
-def _package_status(stored: tuple[str, str] | None, catalog: Catalog | None, files: PackageFiles | None,
+def _package_status(stored: tuple[str, str] | None, catalog: Catalog | None, sha_of: ShaOf | None,
                     package_id: str) -> str:
     package = catalog.packages.get(package_id) if catalog else None
     if stored is not None:
         status, sha256 = stored
-        if files is None or package is None or files.download_for(package, None).digest.sha256 == sha256:
+        if sha_of is None or package is None or sha_of(package) == sha256:
             return status
     return "unverified" if package is not None and package.verify else "no verification required"

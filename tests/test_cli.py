@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,28 @@ BIN = Path(sys.executable).parent
 
 def broker_yaml(root: Path, mqtt_port: int, http_port: int) -> Path:
     return write_broker_yaml(root, mqtt_port, http_port)
+
+
+async def wait_for_job_state(data_dir: Path, device: str, state: str, timeout: float = 10) -> None:
+    """Poll the server's database (read-only, as otactl does) until the device's job is in `state`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.closing(sqlite3.connect(f"file:{data_dir / 'ota.sqlite3'}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT state FROM jobs WHERE device_name = ? ORDER BY id DESC LIMIT 1",
+                             (device,)).fetchone()
+        if row and row[0] == state:
+            return
+        assert time.monotonic() < deadline, f"{device}: job {row}, expected {state}"
+        await asyncio.sleep(0.05)
+
+
+async def wait_for_output(command: Callable[[], subprocess.CompletedProcess[str]], text: str,
+                          timeout: float = 10) -> subprocess.CompletedProcess[str]:
+    deadline = time.monotonic() + timeout
+    while text not in (result := await asyncio.to_thread(command)).stdout:
+        assert time.monotonic() < deadline, f"{text!r} not in {result.stdout!r}"
+        await asyncio.sleep(0.1)
+    return result
 
 
 def otactl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -84,7 +110,7 @@ async def test_kill_9_mid_upgrade_then_status_and_reload(tmp_path: Path) -> None
             await device.inform("1.0.0")
             await device.next_push()
             await device.progress(60, "downloading")
-            await asyncio.sleep(0.3)
+            await wait_for_job_state(tmp_path / "var", "k-1", "in_progress")
         await asyncio.to_thread(process.kill)  # no shutdown: a crash
         await asyncio.to_thread(process.start)
         status = await asyncio.to_thread(otactl, config, "status", "up-1.1.0")
@@ -94,7 +120,7 @@ async def test_kill_9_mid_upgrade_then_status_and_reload(tmp_path: Path) -> None
         async with Device(client_view, "k-1") as device:
             await device.progress(100, "installed")
             await device.inform("1.1.0")
-            await asyncio.sleep(0.3)
+            await wait_for_job_state(tmp_path / "var", "k-1", "succeeded")
         summary = await asyncio.to_thread(otactl, config, "status")
         assert "up-1.1.0" in summary.stdout and "100%" in summary.stdout and "succeeded 1" in summary.stdout
         reload = await asyncio.to_thread(otactl, config, "reload")
@@ -118,9 +144,7 @@ async def test_sighup_reloads(tmp_path: Path) -> None:
         write_catalog(tmp_path, UPGRADE_BATCH)
         assert process.process is not None
         os.kill(process.process.pid, signal.SIGHUP)
-        await asyncio.sleep(1.0)
-        status = await asyncio.to_thread(otactl, config, "status")
-        assert "up-1.1.0" in status.stdout and "running" in status.stdout
+        await wait_for_output(lambda: otactl(config, "status"), "running")
     finally:
         output = await asyncio.to_thread(process.stop)
     assert "catalog reloaded" in output
