@@ -3,7 +3,7 @@ device OTA topics into engine calls (PROTOCOL.md 3). Thin: the engine decides.""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,8 @@ class OtaPlugin(BasePlugin):
     def __init__(self, context) -> None:  # type: ignore[no-untyped-def]
         super().__init__(context)
         config = self.config
-        options = {name: getattr(config, name) for name in ("catalog", "data_dir", "http", "url_ttl_seconds",
-                                                             "limits", "auth", "admin")}
-        options = {k: v for k, v in options.items() if v not in (None, {})}
+        # settings_from_mapping validates the nested keys; base_dir is ours, not CONFIG.md's.
+        options = {k: v for k, v in asdict(config).items() if k != "base_dir" and v not in (None, {})}
         base = Path(config.base_dir) if config.base_dir else Path.cwd()
         settings = settings_from_mapping(options, base / "broker.yaml")
         self.runtime = OtaRuntime(settings, SessionDelivery(broker_of(context)))
