@@ -6,8 +6,14 @@
   leaving the first connection open, keep-alive never enforced) and one found here: on
   connect, amqtt sends a client the retained messages of every filter on the broker,
   past the ACL. It also removes two per-connection costs that grow with the fleet.
+- `set_upstream_consumer`: hands the device OTA topics to the OTA plugin from the packet
+  path, synchronously, before the PUBACK: a report acknowledged is a report counted, in the
+  order the device sent it (amqtt's own hook runs later, as a detached task).
 - `SessionDelivery`: publishes straight to one device's session, instead of
-  `broadcast_message`, whose cost grows with every subscription filter on the broker.
+  `broadcast_message`, whose cost grows with every subscription filter on the broker. Its
+  QoS 1 publish waits for the PUBACK registered before the PUBLISH is written (amqtt
+  registers it after, so a fast device's PUBACK arrives first: "Received PUBACK for unknown
+  pending message Id" and a 5 s timeout).
 """
 from __future__ import annotations
 
@@ -22,7 +28,9 @@ from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.mqtt.puback import PubackPacket
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from otacore.credentials import DeviceId, parse_username
@@ -30,6 +38,16 @@ from otacore.topics import filters_matching
 
 log = logging.getLogger("ota.broker")
 _HARDENED = "_ota_hardened"
+_CONSUMER = "_ota_upstream_consumer"
+PUBACK_TIMEOUT_SECONDS = 30.0
+
+# Called with (session, topic, payload) for each QoS 0/1 PUBLISH before it is acknowledged;
+# True when it consumed the message (it is then not routed).
+UpstreamConsumer = Callable[[Session, str, bytes], bool]
+
+
+def set_upstream_consumer(broker: Broker, consumer: UpstreamConsumer | None) -> None:
+    setattr(broker, _CONSUMER, consumer)
 
 
 class AmqttInternalsChanged(RuntimeError):
@@ -50,8 +68,9 @@ def check_internals(broker: Broker) -> None:
               "_initialize_client_session", "_publish_retained_messages_for_subscription", "_matches",
               "_topic_filtering", "_get_handler", "config")
     missing = [name for name in needed if not hasattr(broker, name)]
-    if missing or not hasattr(BrokerProtocolHandler, "init_from_connect") \
-            or not hasattr(BrokerProtocolHandler, "handle_read_timeout"):
+    if missing or not all(hasattr(BrokerProtocolHandler, name) for name in (
+            "init_from_connect", "handle_read_timeout", "handle_publish", "mqtt_publish")) \
+            or not hasattr(Session, "next_packet_id"):
         raise AmqttInternalsChanged(f"amqtt Broker lacks {missing or 'handler hooks'}; pin amqtt to 0.12.x")
 
 
@@ -120,9 +139,62 @@ def _hardened_initializer(broker: Broker) -> Any:
             delay = broker.config.get("timeout-disconnect-delay", 0)
             session.keep_alive = math.ceil(session.keep_alive * 1.5) + (delay if isinstance(delay, int) else 0)
             handler.handle_read_timeout = lambda: _expire(handler, session)
+        handler.handle_publish = _consuming_publish(broker, handler, session)
         return handler, session
 
     return initialize
+
+
+def _consuming_publish(broker: Broker, handler: BrokerProtocolHandler, session: Session) -> Any:
+    """The handler's PUBLISH entry, offering each message to the upstream consumer first.
+    amqtt starts one task per packet in arrival order and this runs before its first await,
+    so the consumer sees a device's messages in order, and before their PUBACK is sent."""
+    routed = handler.handle_publish
+
+    async def handle_publish(packet: PublishPacket) -> None:
+        consumer: UpstreamConsumer | None = getattr(broker, _CONSUMER, None)
+        topic, data, qos = packet.topic_name, packet.data, packet.qos
+        if consumer is not None and topic is not None and data is not None and qos in (0, 1) \
+                and consumer(session, topic, bytes(data)):
+            if qos == 1 and packet.variable_header is not None:
+                await _write(handler, PubackPacket.build(packet.variable_header.packet_id))
+            return
+        await routed(packet)
+
+    return handle_publish
+
+
+async def _write(handler: BrokerProtocolHandler, packet: Any) -> bool:
+    """Write one packet to the client; False when the connection is gone."""
+    writer = handler.writer
+    if writer is None:
+        return False
+    try:
+        async with handler._write_lock:
+            await packet.to_stream(writer)
+    except (ConnectionError, BrokenPipeError, RuntimeError):
+        return False
+    return True
+
+
+async def publish_qos1(handler: BrokerProtocolHandler, session: Session, topic: str, payload: bytes) -> bool:
+    """PUBLISH at QoS 1 and wait for its PUBACK (registered before the PUBLISH is written)."""
+    packet_id = session.next_packet_id
+    message = OutgoingApplicationMessage(packet_id, topic, 1, payload, False)
+    waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    handler._puback_waiters[packet_id] = waiter
+    session.inflight_out[packet_id] = message
+    try:
+        if not await _write(handler, message.build_publish_packet()):
+            return False
+        await asyncio.wait_for(waiter, PUBACK_TIMEOUT_SECONDS)
+        return True
+    except TimeoutError:
+        log.info("no PUBACK from %r for %s within %gs", session.client_id, topic, PUBACK_TIMEOUT_SECONDS)
+        return False
+    finally:
+        handler._puback_waiters.pop(packet_id, None)
+        session.inflight_out.pop(packet_id, None)
 
 
 class _SubscriptionTable(dict):
@@ -198,7 +270,10 @@ class SessionDelivery:
                     best = qos if best is None else max(best, qos)
         return best
 
-    async def send(self, device: DeviceId, topic: str, payload: bytes, qos: int) -> bool:
+    def is_online(self, device: DeviceId) -> bool:
+        return self.live_session(device) is not None
+
+    def send(self, device: DeviceId, topic: str, payload: bytes, qos: int) -> bool:
         """Publish one of the device's downstream OTA topics to its live session; False when
         it is not connected. Aliyun's broker subscribes every device to these topics itself,
         and SDKs such as linkkit rely on it (they never SUBSCRIBE to them): so without a
@@ -212,7 +287,10 @@ class SessionDelivery:
             qos = min(qos, sub_qos)
         # Not awaited: a QoS 1 publish waits for the PUBACK, and one slow device must not
         # hold up the engine. The task is kept so it is not garbage-collected mid-flight.
-        task = asyncio.ensure_future(handler.mqtt_publish(topic, payload, qos, retain=False))
+        if qos >= 1:
+            task = asyncio.ensure_future(publish_qos1(handler, session, topic, payload))
+        else:
+            task = asyncio.ensure_future(_write(handler, PublishPacket.build(topic, payload, None, False, 0, False)))
         self._in_flight.add(task)
         task.add_done_callback(self._finished)
         return True

@@ -1,5 +1,5 @@
 """The OTA plugin: starts the engine and the HTTP sidecar with the broker, and turns the
-device OTA topics into engine calls (PROTOCOL.md 3). Thin: the engine decides."""
+device OTA topics into engine decisions (PROTOCOL.md 3). Thin: the engine decides."""
 from __future__ import annotations
 
 import logging
@@ -8,16 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from amqtt.plugins.base import BasePlugin
-from amqtt.session import ApplicationMessage, Session
+from amqtt.session import Session
 
 from otacore.codec import (PayloadError, decode_json, encode_block_reply, encode_json, message_id,
                            parse_block_request, parse_firmware_request, parse_progress, parse_version_report)
 from otacore.credentials import DeviceId
+from otacore.decisions import Send
+from otacore.engine import OtaEngine
 from otacore.settings import settings_from_mapping
 from otacore.topics import (FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS, download_reply_topic,
                             firmware_get_reply_topic, parse_upstream)
 
-from .amqtt_private import SessionDelivery, broker_of, session_device
+from .amqtt_private import SessionDelivery, broker_of, session_device, set_upstream_consumer
 from .runtime import OtaRuntime
 
 log = logging.getLogger("ota.mqtt")
@@ -45,7 +47,9 @@ class OtaPlugin(BasePlugin):
         options = {k: v for k, v in asdict(config).items() if k != "base_dir" and v not in (None, {})}
         base = Path(config.base_dir) if config.base_dir else Path.cwd()
         settings = settings_from_mapping(options, base / "broker.yaml")
-        self.runtime = OtaRuntime(settings, SessionDelivery(broker_of(context)))
+        broker = broker_of(context)
+        self.runtime = OtaRuntime(settings, SessionDelivery(broker))
+        set_upstream_consumer(broker, self.consume)
         # In someone's own broker the log is the only report; ota-server prints it itself.
         self.log_startup_error = True
 
@@ -66,56 +70,59 @@ class OtaPlugin(BasePlugin):
         if device is not None:
             self.runtime.delivery.remember(device, client_id)
 
-    async def on_broker_message_received(self, *, client_id: str, message: ApplicationMessage) -> None:
-        ota_topic = parse_upstream(message.topic or "")
+    def consume(self, session: Session, topic: str, data: bytes) -> bool:
+        """The device OTA topics, from the packet path before their PUBACK (amqtt_private):
+        decided now, in the order the device sent them; replies leave once committed."""
+        ota_topic = parse_upstream(topic)
+        if ota_topic is None:
+            return False  # not ours: amqtt routes it (the ACL decides)
         engine = self.runtime.engine
-        if ota_topic is None or engine is None or engine.catalog is None:
-            return
-        device = session_device(self.context.get_session(client_id))
+        device = session_device(session)
+        if engine is None or engine.catalog is None:
+            log.warning("%s from %s dropped: the OTA plugin is not running", topic, device)
+            return True
         if device != ota_topic.device:
             log.warning("client %r (%s) published to %s, which is not its own topic; ignored",
-                        client_id, device, message.topic)
-            return
+                        session.client_id, device, topic)
+            return True
         try:
-            await self._handle(ota_topic.kind, device, message)
-        except Exception:  # a bad message must never take the plugin down
-            log.exception("error handling %s from %s", message.topic, device)
+            self._handle(engine, ota_topic.kind, device, topic, data)
+        except Exception:  # a bad message must never take the broker's reader down
+            log.exception("error handling %s from %s", topic, device)
+        return True
 
-    async def _handle(self, kind: str, device: DeviceId, message: ApplicationMessage) -> None:
-        engine = self.runtime.engine
-        assert engine is not None
+    def _handle(self, engine: OtaEngine, kind: str, device: DeviceId, topic: str, data: bytes) -> None:
         if kind == FILE_DOWNLOAD:
-            await self._block(device, message.data)
+            self.runtime.spawn(self._block(engine, device, data))
             return
         try:
-            payload = decode_json(message.data)
+            payload = decode_json(data)
             if kind == INFORM:
                 report = parse_version_report(payload)
-                await engine.on_version(device, report.module, report.version)
+                engine.decide_version(device, report.module, report.version)
             elif kind == PROGRESS:
                 progress = parse_progress(payload)
-                await engine.on_progress(device, progress.module, progress.step, progress.desc)
+                engine.decide_progress(device, progress.module, progress.step, progress.desc)
             elif kind == FIRMWARE_GET:
                 request = parse_firmware_request(payload)
-                data = await engine.offer(device, request.module)
-                await self._reply_firmware(device, {"code": 200, "id": request.id, "message": "success",
-                                                    "version": request.version or "1.0", "data": data})
+                data_out = engine.decide_offer(device, request.module)
+                self._reply_firmware(engine, device, {"code": 200, "id": request.id, "message": "success",
+                                                      "version": request.version or "1.0", "data": data_out})
         except PayloadError as exc:
-            log.info("bad %s payload from %s on %s: %s", kind, device, message.topic, exc)
+            log.info("bad %s payload from %s on %s: %s", kind, device, topic, exc)
             if kind == FIRMWARE_GET:
                 reply_id = ""
                 try:
-                    reply_id = message_id(decode_json(message.data))
+                    reply_id = message_id(decode_json(data))
                 except PayloadError:
                     pass
-                await self._reply_firmware(device, {"code": 400, "id": reply_id, "message": str(exc), "data": {}})
+                self._reply_firmware(engine, device, {"code": 400, "id": reply_id, "message": str(exc), "data": {}})
 
-    async def _reply_firmware(self, device: DeviceId, reply: dict[str, Any]) -> None:
-        await self.runtime.delivery.send(device, firmware_get_reply_topic(device), encode_json(reply), 1)
+    def _reply_firmware(self, engine: OtaEngine, device: DeviceId, reply: dict[str, Any]) -> None:
+        # Through the outbox: the reply may name a job or URL that must be committed first.
+        engine.post([Send(device, firmware_get_reply_topic(device), encode_json(reply))])
 
-    async def _block(self, device: DeviceId, data: bytes | bytearray | None) -> None:
-        engine = self.runtime.engine
-        assert engine is not None
+    async def _block(self, engine: OtaEngine, device: DeviceId, data: bytes) -> None:
         try:
             payload = decode_json(data)
         except PayloadError as exc:
@@ -125,4 +132,4 @@ class OtaPlugin(BasePlugin):
                 frame = await engine.downloads.block(device, parse_block_request(payload))
             except PayloadError as exc:
                 frame = encode_block_reply({"id": message_id(payload), "code": 400, "msg": str(exc)}, None)
-        await self.runtime.delivery.send(device, download_reply_topic(device), frame, 1)
+        self.runtime.delivery.send(device, download_reply_topic(device), frame, 1)

@@ -1,10 +1,13 @@
-"""The OTA server's running parts inside one broker: settings, store, engine, HTTP sidecar."""
+"""The one place that assembles the OTA server inside a broker: settings, store, journal,
+engine, HTTP sidecar; and takes them down in order."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
 import ssl
+import time
+from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +17,7 @@ from fileserver.app import create_app
 from otacore.catalog import Catalog
 from otacore.credentials import check_mqtt_login
 from otacore.engine import OtaEngine
+from otacore.journal import Journal
 from otacore.data_dir import (DataDirLock, admin_token, database_path, remove_server_info, url_signing_key,
                               write_server_info)
 from otacore.settings import Settings
@@ -34,15 +38,18 @@ class OtaRuntime:
         self.http_url = ""
         self.startup_error: BaseException | None = None
         self._runner: web.AppRunner | None = None
-        self._timeouts: asyncio.Task[None] | None = None
         self._lock = DataDirLock(settings.data_dir)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()  # before touching the database another server may be using
-        self.store = await Store.open(database_path(settings.data_dir))
-        self.engine = OtaEngine(settings, self.store, self.delivery, url_signing_key(settings.data_dir))
+        database = database_path(settings.data_dir)
+        self.store = await Store.open(database)  # makes or migrates the schema first
+        journal = await asyncio.to_thread(Journal.open, database, time.time)
+        self.engine = OtaEngine(settings, self.store, journal, self.delivery, url_signing_key(settings.data_dir))
+        self.engine.start()
         self.engine.reload_listeners.append(self._drop_revoked_sessions)
         loaded = await self.engine.reload()
         self.admin_token = admin_token(settings.data_dir, settings.admin_token)
@@ -65,11 +72,21 @@ class OtaRuntime:
         for address in self._runner.addresses:
             log.info("OTA: file server listening on %s:%s", *address[:2])
         self._write_server_info()
-        self._timeouts = asyncio.get_running_loop().create_task(self.engine.run_timeouts())
         catalog = loaded.catalog
         log.info("OTA: public URL %s; catalog %s: %d products, %d packages, %d batches",
                  settings.public_url, catalog.path, len(catalog.products), len(catalog.packages),
                  len(catalog.batches))
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` on its own; kept referenced until done, its failure logged."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("OTA task failed", exc_info=task.exception())
 
     def _drop_revoked_sessions(self, catalog: Catalog) -> None:
         """After a reload, devices that were removed or whose secret changed lose their session:
@@ -88,12 +105,11 @@ class OtaRuntime:
                                                    "catalog": str(self.settings.catalog_path)})
 
     async def stop(self) -> None:
-        if self._timeouts is not None:
-            self._timeouts.cancel()
-            self._timeouts = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self.engine is not None:
+            await self.engine.stop()  # writes what is left
         if self.store is not None:
             await self.store.close()
             self.store = None

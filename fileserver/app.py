@@ -92,14 +92,14 @@ class PackageResponse(web.FileResponse):
         if self._engine is None or self._job_id is None or request.method != "GET":
             return await super().prepare(self._rewritten)
         sent = 0
-        await self._engine.downloads.started(self._job_id)
+        self._engine.downloads.started(self._job_id)
         try:
             writer = await super().prepare(self._rewritten)  # FileResponse sends the body here
             if self.status in (200, 206):
                 sent = self.content_length or 0
             return writer
         finally:
-            await self._engine.downloads.finished(self._job_id, sent)
+            self._engine.downloads.finished(self._job_id, sent)
 
 
 async def _set_package_etag(request: web.Request, response: web.StreamResponse) -> None:
@@ -134,7 +134,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         try:
             # The signature covers the path as sent (percent-encoded), not as decoded.
             device, job_id = engine.downloads.check_url(request.rel_url.raw_path, dict(request.query))
-            file = await engine.downloads.authorize(device, job_id, key)
+            file = engine.downloads.authorize(device, job_id, key)  # from memory
         except UrlRejected as exc:
             return _error(403, str(exc))
         except Refused as exc:
@@ -208,7 +208,7 @@ async def get_ota_info(request: web.Request) -> web.Response:
     try:
         if query.get("version"):
             report = parse_version_report({"params": {**params, "version": query["version"]}})
-            await engine.on_version(device, report.module, report.version, deliver=False)
+            engine.decide_version(device, report.module, report.version, deliver=False)
             module = report.module
         else:
             module = parse_firmware_request({"params": params}).module
@@ -246,6 +246,7 @@ async def admin_status(request: web.Request) -> web.Response:
     if (denied := _admin_only(request)) is not None:
         return denied
     engine = request.app[ENGINE]
+    await engine.settled()  # the database shows what memory knows
     return web.json_response({"batches": await batch_summaries(engine.store, engine.catalog, sha_of=engine.current_sha)})
 
 
@@ -254,6 +255,7 @@ async def admin_batch(request: web.Request) -> web.Response:
         return denied
     engine = request.app[ENGINE]
     name = request.match_info["name"]
+    await engine.settled()
     report = await batch_report(engine.store, engine.catalog, name, sha_of=engine.current_sha)
     if report is None:
         return _error(404, f"no batch named {name!r}")
@@ -265,6 +267,7 @@ async def admin_job(request: web.Request) -> web.Response:
         return denied
     engine = request.app[ENGINE]
     raw = request.match_info["job_id"]
+    await engine.settled()
     job = await engine.store.job(int(raw)) if raw.isdigit() and len(raw) <= 18 else None
     if job is None:
         return _error(404, "no such job")
@@ -334,6 +337,7 @@ async def status_page(request: web.Request) -> web.Response:
     if not _is_admin(request, browser=True):
         return _browser_login()
     engine = request.app[ENGINE]
+    await engine.settled()
     summaries = await batch_summaries(engine.store, engine.catalog, sha_of=engine.current_sha)
     return web.Response(text=batches_page(summaries), content_type="text/html")
 
@@ -343,6 +347,7 @@ async def batch_status_page(request: web.Request) -> web.Response:
         return _browser_login()
     engine = request.app[ENGINE]
     name = request.match_info["name"]
+    await engine.settled()
     report = await batch_report(engine.store, engine.catalog, name, sha_of=engine.current_sha)
     if report is None:
         return web.Response(status=404, text=f"no batch named {name!r}\n")

@@ -1,5 +1,9 @@
 """Serving a job's file: signed URLs, who may fetch what, MQTT blocks (PROTOCOL.md 3e, 5),
-and the bytes served per job, which the engine reads as activity."""
+and the bytes served per job, which the engine reads as activity.
+
+Everything is decided from memory (the job as the engine holds it); bytes served are
+telemetry, written by the journal with its next commit.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -12,19 +16,22 @@ from .block_cache import BlockCache
 from .codec import BlockRequest, encode_block_reply
 from .credentials import DeviceId
 from .errors import Refused
+from .fleet_state import FleetState
+from .jobs import Job
 from .package_files import DownloadFile
 from .signed_urls import sign_url, verify_url
-from .store import Job, Store
 
 log = logging.getLogger("ota.downloads")
 
 
 class Downloads:
-    def __init__(self, store: Store, url_key: bytes, file_of: Callable[[Job], DownloadFile | None]) -> None:
+    def __init__(self, state: FleetState, url_key: bytes, file_of: Callable[[Job], DownloadFile | None],
+                 clock: Callable[[], float]) -> None:
         """`file_of(job)`: the file a job's device downloads, per the live catalog."""
-        self.store = store
+        self.state = state
         self._url_key = url_key
         self._file_of = file_of
+        self._clock = clock
         self._blocks = BlockCache()
         self._in_flight: Counter[int] = Counter()  # job id -> HTTP transfers under way
 
@@ -38,9 +45,9 @@ class Downloads:
     def file_token(self, job_id: int) -> str:
         return hmac.new(self._url_key, f"stream:{job_id}".encode(), hashlib.sha256).hexdigest()[:32]
 
-    async def authorize(self, device: DeviceId, job_id: int, file_key: str) -> DownloadFile:
+    def authorize(self, device: DeviceId, job_id: int, file_key: str) -> DownloadFile:
         """The file a signed URL may fetch: the job must be this device's, open, and for this file."""
-        job = await self.store.job(job_id)
+        job = self.state.jobs.get(job_id)
         download = self._file_of(job) if job is not None else None
         if job is None or job.device != device or download is None or download.key != file_key:
             raise Refused(403, "this URL is not valid for that device and file")
@@ -52,17 +59,23 @@ class Downloads:
             raise Refused(409, "the package file changed on the server; try again later")
         return download
 
-    async def started(self, job_id: int) -> None:
+    def _count(self, job_id: int, count: int) -> None:
+        # Serving bytes is activity too: a device downloading silently has not timed out.
+        job = self.state.jobs.get(job_id)
+        if job is not None:
+            self.state.update(job, self._clock(), bytes_served=job.bytes_served + count)
+
+    def started(self, job_id: int) -> None:
         """A device is fetching this job's file: it is active, whatever it has reported."""
         self._in_flight[job_id] += 1
-        await self.store.add_bytes_served(job_id, 0)  # touches updated_at
+        self._count(job_id, 0)
 
-    async def finished(self, job_id: int, count: int) -> None:
+    def finished(self, job_id: int, count: int) -> None:
         """`count`: bytes sent (0 when the transfer broke off; aiohttp cannot say how many)."""
         self._in_flight[job_id] -= 1
         if self._in_flight[job_id] <= 0:
             del self._in_flight[job_id]
-        await self.store.add_bytes_served(job_id, count)
+        self._count(job_id, count)
 
     def in_flight(self, job_id: int) -> bool:
         return job_id in self._in_flight
@@ -72,7 +85,7 @@ class Downloads:
         def error(code: int, message: str) -> bytes:
             return encode_block_reply({"id": request.id, "code": code, "msg": message}, None)
 
-        job = await self.store.job(request.stream_id)
+        job = self.state.jobs.get(request.stream_id)
         download = self._file_of(job) if job is not None else None
         if job is None or download is None or request.file_id != 1:
             return error(404, f"unknown stream {request.stream_id}/{request.file_id}")
@@ -89,7 +102,7 @@ class Downloads:
         if not download.is_current():
             return error(404, "the package file changed on the server since it was hashed")
         tail = await self._blocks.block_with_crc(download, request.offset, request.size)  # block + CRC
-        await self.store.add_bytes_served(job.id, len(tail) - 2)
+        self._count(job.id, len(tail) - 2)
         header = {"id": request.id, "code": 200, "msg": "success",
                   "data": {"fileToken": token, "fileLength": size, "bSize": len(tail) - 2, "bOffset": request.offset}}
         return encode_block_reply(header, None) + tail

@@ -39,7 +39,7 @@ async def test_direct_delivery_reaches_a_live_session_subscribed_or_not(server: 
     from otacore.credentials import DeviceId
     delivery = server.plugin.runtime.delivery
     device = DeviceId("a1Test", "direct-1")
-    assert not await delivery.send(device, "/ota/device/upgrade/a1Test/direct-1", b"offline", 1)
+    assert not delivery.send(device, "/ota/device/upgrade/a1Test/direct-1", b"offline", 1)
     async with Device(server, "direct-1", subscribe=False) as client:
-        assert await delivery.send(device, "/ota/device/upgrade/a1Test/direct-1", b"unsolicited", 1)
+        assert delivery.send(device, "/ota/device/upgrade/a1Test/direct-1", b"unsolicited", 1)
         assert await client.receive("/upgrade/a1Test/direct-1") == b"unsolicited"

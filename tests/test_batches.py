@@ -288,9 +288,9 @@ async def test_downloading_is_activity_and_a_late_success_counts(tmp_path: Path)
             await device.inform("1.0.0")
             await device.next_push()
             job = (await engine.store.jobs())[0]
-            await engine.downloads.started(job.id)  # a transfer under way, as the file server reports it
+            engine.downloads.started(job.id)  # a transfer under way, as the file server reports it
             assert await engine.fail_stale_jobs(now=time.time() + 120) == 0
-            await engine.downloads.finished(job.id, 1000)
+            engine.downloads.finished(job.id, 1000)
             assert await engine.fail_stale_jobs(now=time.time() + 120) == 1
             await device.progress(100, "installed")  # it was still working: the report arrives late
             await device.inform("1.1.0")

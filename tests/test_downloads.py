@@ -97,6 +97,7 @@ async def test_admin_token_downloads_without_signature(server: OtaServer) -> Non
 async def test_bytes_served_are_counted_per_job(server: OtaServer, url: str) -> None:
     await fetch("GET", url, Range="bytes=0-999")
     await fetch("HEAD", url)
+    await server.engine.settled()  # bytes served are telemetry: written with the next commit
     job = (await server.engine.store.jobs())[0]
     assert job.bytes_served == 1000
 

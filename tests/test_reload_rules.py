@@ -71,12 +71,12 @@ async def test_a_new_build_loses_its_verification(tmp_path: Path) -> None:
         await server.engine.on_progress(v1, "default", 100, "")
         await server.engine.on_version(v1, "default", "1.1.0")
         package = server.engine.catalog.packages["fw-1.1.0"]
-        assert await server.engine.package_status(package) == "verified"
+        assert server.engine.package_status(package) == "verified"
         write_catalog(tmp_path, "", base=BASE)  # drop the batch, then replace the file
         await server.engine.reload()
         make_firmware(tmp_path / "packages" / "fw-1.1.0.bin", 170_000, 7)
         await server.engine.reload()
-        assert await server.engine.package_status(server.engine.catalog.packages["fw-1.1.0"]) == "unverified"
+        assert server.engine.package_status(server.engine.catalog.packages["fw-1.1.0"]) == "unverified"
     finally:
         await server.stop()
 
@@ -99,7 +99,7 @@ async def test_canceled_verify_job_decides_nothing_and_the_device_can_rejoin(tmp
         await engine.on_version(v1, "default", "1.0.0")  # back on a qualifying version: a new job
         await engine.on_progress(v1, "default", 100, "")
         await engine.on_version(v1, "default", "1.1.0")
-        assert await engine.package_status(engine.catalog.packages["fw-1.1.0"]) == "verified"
+        assert engine.package_status(engine.catalog.packages["fw-1.1.0"]) == "verified"
     finally:
         await server.stop()
 

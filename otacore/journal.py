@@ -1,0 +1,190 @@
+"""The journal: writes the engine's in-memory changes to SQLite with group commit.
+
+One writer (a sqlite3 connection used from one worker thread at a time), one transaction per
+tick, many events per transaction. Each tick writes the latest value of every row that
+changed (jobs, reported versions, batches, package statuses) and the history events in
+order, so progress and bytes served cost one row write per tick however often they change.
+
+`commit()` is how a promise is kept: it returns once everything changed before the call is
+on disk; the engine awaits it before a push, URL, streamId or reply that names a new state
+leaves the process. Many such waits share one commit. A failed commit (disk full, I/O error)
+keeps its changes for the next attempt; waiters wait until they are written.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .fleet_state import Changes, FleetState
+from .store import load_state
+
+log = logging.getLogger("ota.journal")
+
+TICK_SECONDS = 0.02
+RETRY_SECONDS = 1.0
+
+_JOB_UPSERT = (
+    "INSERT INTO jobs (id, batch, product_key, device_name, module, package_id, from_version, target_version, "
+    "state, progress, code, message, file_key, file_size, bytes_served, created_at, updated_at, superseded) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+    "from_version = excluded.from_version, state = excluded.state, progress = excluded.progress, "
+    "code = excluded.code, message = excluded.message, file_key = excluded.file_key, "
+    "file_size = excluded.file_size, bytes_served = excluded.bytes_served, updated_at = excluded.updated_at, "
+    "superseded = excluded.superseded")
+_EVENT_INSERT = "INSERT INTO job_events (job_id, at, from_state, to_state, progress, reason) VALUES (?, ?, ?, ?, ?, ?)"
+_VERSION_UPSERT = (
+    "INSERT INTO device_versions VALUES (?, ?, ?, ?, ?) ON CONFLICT (product_key, device_name, module) "
+    "DO UPDATE SET version = excluded.version, reported_at = excluded.reported_at")
+_BATCH_UPSERT = (
+    "INSERT INTO batches (name, package_id, fingerprint, state, created_at, started_at, ended_at, reason) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET package_id = excluded.package_id, "
+    "fingerprint = excluded.fingerprint, state = excluded.state, started_at = excluded.started_at, "
+    "ended_at = excluded.ended_at, reason = excluded.reason")
+_TARGET_INSERT = "INSERT OR IGNORE INTO batch_targets VALUES (?, ?, ?)"
+_PACKAGE_UPSERT = (
+    "INSERT INTO package_status (package_id, status, updated_at, sha256) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (package_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at, "
+    "sha256 = excluded.sha256")
+# In this order: a job's row before its events, so the history never names a missing job.
+_ORDER = (_JOB_UPSERT, _EVENT_INSERT, _VERSION_UPSERT, _BATCH_UPSERT, _TARGET_INSERT, _PACKAGE_UPSERT)
+
+Rows = dict[str, list[tuple[Any, ...]]]
+
+
+class Journal:
+    """Open with `Journal.open(path)` after `Store.open` has made the schema; then `start()`."""
+
+    def __init__(self, db: sqlite3.Connection, state: FleetState, clock: Callable[[], float]) -> None:
+        self._db = db
+        self.state = state
+        self._clock = clock
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._last_error = ""
+        self._writing = False
+        self.commits = 0
+
+    @classmethod
+    def open(cls, path: Path, clock: Callable[[], float]) -> "Journal":
+        """Connect and load the state the database holds (blocking; once at start)."""
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # a committed transaction survives kill -9
+            db.execute("PRAGMA busy_timeout=5000")
+            state = load_state(db)
+        except BaseException:
+            db.close()
+            raise
+        return cls(db, state, clock)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ota-journal")
+
+    async def close(self) -> None:
+        """Write what is left, then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self.state.changes:
+            await asyncio.to_thread(self._write, self._rows(self.state.take_changes()))
+        self._db.close()
+
+    async def commit(self) -> None:
+        """Return once every change made before this call is committed."""
+        if not self.state.changes and not self._writing:
+            return
+        if self._task is None:  # not started (or closed): write in place
+            await self._flush()
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._wake.set()
+        await waiter
+
+    async def _run(self) -> None:
+        while not self._closing:
+            if not self._waiters:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), TICK_SECONDS)
+                except TimeoutError:
+                    pass
+            self._wake.clear()
+            if not await self._flush():
+                await asyncio.sleep(RETRY_SECONDS)
+        await self._flush()
+
+    async def _flush(self) -> bool:
+        """One transaction with everything changed so far; True when it is on disk (or empty)."""
+        changes, waiters = self.state.take_changes(), self._waiters
+        self._waiters = []
+        if changes:
+            self._writing = True
+            try:
+                await asyncio.to_thread(self._write, self._rows(changes))
+            except (sqlite3.Error, OSError) as exc:
+                self.state.give_back(changes)
+                self._waiters[:0] = waiters
+                if str(exc) != self._last_error:
+                    log.error("cannot write the database (%s); retrying every %gs, devices wait for "
+                              "what they were promised", exc, RETRY_SECONDS)
+                    self._last_error = str(exc)
+                return False
+            finally:
+                self._writing = False
+            if self._last_error:
+                log.info("database writes work again")
+                self._last_error = ""
+            self.commits += 1
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        return True
+
+    def _rows(self, changes: Changes) -> Rows:
+        """Parameters for each statement, taken from memory now (in the event loop), so the
+        writer thread never reads state that decisions are changing."""
+        state = self.state
+        jobs = [state.jobs[job_id] for job_id in sorted(changes.jobs)]  # older jobs first
+        versions = []
+        for device, module in changes.versions:
+            version, at = state.versions[(device, module)]
+            versions.append((device.product_key, device.device_name, module, version, at))
+        batches = [(row.name, row.package_id, json.dumps(row.fingerprint, sort_keys=True), row.state,
+                    row.created_at, row.started_at, row.ended_at, row.reason)
+                   for row in (state.batches[name] for name in changes.batches)]
+        now = self._clock()
+        return {
+            _JOB_UPSERT: [(j.id, j.batch, j.device.product_key, j.device.device_name, j.module, j.package_id,
+                           j.from_version, j.target_version, j.state.value, j.progress, j.code, j.message,
+                           j.file_key, j.file_size, j.bytes_served, j.created_at, j.updated_at, j.superseded)
+                          for j in jobs],
+            _EVENT_INSERT: changes.events,
+            _VERSION_UPSERT: versions,
+            _BATCH_UPSERT: batches,
+            _TARGET_INSERT: changes.targets,
+            _PACKAGE_UPSERT: [(package_id, *state.package_status[package_id][:1], now,
+                               state.package_status[package_id][1]) for package_id in changes.packages],
+        }
+
+    def _write(self, rows: Rows) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _ORDER:
+                if rows[statement]:
+                    db.executemany(statement, rows[statement])
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
