@@ -145,6 +145,22 @@ async def _reload(runtime: Any) -> None:
         log.exception("SIGHUP: reload failed")
 
 
+def raise_open_files_limit() -> None:
+    """Every device is a socket: take the hard limit of open files, not the soft default (often 1,024)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (ImportError, ValueError, OSError) as exc:
+        log.warning("cannot raise the open-files limit (%s); it caps how many devices can connect", exc)
+        return
+    log.debug("open-files limit %d", soft)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -166,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"ota-server: {exc}", file=sys.stderr)
         return 2
+    raise_open_files_limit()
     try:
+        # asyncio's own loop, not uvloop: under uvloop aiohttp cannot sendfile and reads
+        # package files through a thread pool instead (slower, and buffers in memory).
         return asyncio.run(serve(broker_config))
     except KeyboardInterrupt:
         return 0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,10 +39,11 @@ class ServerProcess:
     """Runs `command` (default: ota-server) with `--config`; `start` returns once MQTT accepts."""
 
     def __init__(self, config: Path, mqtt_port: int, command: list[str] | None = None,
-                 capture: bool = True, extra_args: tuple[str, ...] = ()) -> None:
+                 capture: bool = True, extra_args: tuple[str, ...] = (), log: Path | None = None) -> None:
+        """`capture`: keep what it prints (read by `stop`); `log`: append it to this file instead."""
         self.config, self.mqtt_port = config, mqtt_port
         self.command = command or [sys.executable, "-m", "broker_plugin.server"]
-        self.capture, self.extra_args = capture, extra_args
+        self.capture, self.extra_args, self.log = capture and log is None, extra_args, log
         self.process: subprocess.Popen[str] | None = None
 
     @property
@@ -50,9 +52,13 @@ class ServerProcess:
         return self.process.pid
 
     def start(self, timeout: float = 30) -> None:
-        output = subprocess.PIPE if self.capture else None
+        output: Any = subprocess.PIPE if self.capture else None
+        if self.log is not None:
+            output = self.log.open("a", encoding="utf-8")
         self.process = subprocess.Popen([*self.command, "--config", str(self.config), *self.extra_args], cwd=ROOT,
-                                        stdout=output, stderr=subprocess.STDOUT if self.capture else None, text=True)
+                                        stdout=output, stderr=subprocess.STDOUT if output else None, text=True)
+        if self.log is not None:
+            output.close()  # the child holds its own copy
         deadline = time.time() + timeout
         while True:
             if self.process.poll() is not None or time.time() > deadline:

@@ -128,3 +128,10 @@ async def test_a_file_replaced_in_place_is_not_served_under_the_old_hash(server:
 async def test_several_ranges_get_the_whole_file(server: OtaServer, url: str) -> None:
     status, _, body = await fetch("GET", url, Range="bytes=0-9,20-29")
     assert status == 200 and len(body) == 160_000
+
+
+def test_package_files_skip_the_thread_pool() -> None:
+    # fileserver/app.py sends package files through aiohttp's FileResponse internals without
+    # its per-request thread hops; if aiohttp moved them it silently falls back: say so here.
+    from fileserver.app import _DIRECT_FILE_SEND
+    assert _DIRECT_FILE_SEND, "aiohttp's FileResponse internals moved; update PackageResponse._send"

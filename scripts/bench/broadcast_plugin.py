@@ -19,8 +19,8 @@ class BroadcastOtaPlugin(ota.OtaPlugin):
     def __init__(self, context: Any) -> None:
         super().__init__(context)
 
-        async def broadcast(device: DeviceId, topic: str, payload: bytes, qos: int) -> bool:
-            await context.broadcast_message(topic, payload, None)  # None: each subscriber's own QoS
+        def broadcast(device: DeviceId, topic: str, payload: bytes, qos: int) -> bool:
+            self.runtime.spawn(context.broadcast_message(topic, payload, None))  # None: each subscriber's QoS
             return True
 
         self.runtime.delivery.send = broadcast  # type: ignore[method-assign]

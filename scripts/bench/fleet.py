@@ -86,7 +86,8 @@ async def run(args: argparse.Namespace) -> None:
         root = Path(tmp)
         mqtt_port, http_port = free_port(), free_port()
         config = write_config(root, mqtt_port, http_port, args.size)
-        server = ServerProcess(config, mqtt_port, capture=False, extra_args=("--log-level", "WARNING"))
+        server_log = root / "server.log"
+        server = ServerProcess(config, mqtt_port, log=server_log, extra_args=("--log-level", "WARNING"))
         server.start()
         try:
             idle_rss = peak_rss_mib(server.pid)
@@ -113,6 +114,12 @@ async def run(args: argparse.Namespace) -> None:
             sim_cpu = time.process_time() - own_cpu_before
         finally:
             server.stop()
+            log_lines = server_log.read_text(encoding="utf-8", errors="replace").splitlines()
+            if args.server_log:
+                Path(args.server_log).write_text("\n".join(log_lines) + "\n", encoding="utf-8")
+    # The readiness probe (a bare TCP connect) is the one warning every run logs.
+    problems = [line for line in log_lines if (" WARNING " in line or " ERROR " in line or "Traceback" in line)
+                and "No data to decode MQTT packet fixed header" not in line]
     upgraded = sum(r.outcome == "upgraded" for r in results)
     failed = len(results) - upgraded
     per_device = sorted(r.seconds for r in results)
@@ -130,6 +137,7 @@ async def run(args: argparse.Namespace) -> None:
                                   f"{per_device[int(len(per_device) * 0.99) - 1]:.2f} s"),
         ("server RSS idle / peak", f"{idle_rss:.0f} MiB / {peak:.0f} MiB"),
         ("CPU server / devices", f"{server_cpu:.1f} s / {sim_cpu:.1f} s"),
+        ("server log", f"{len(problems)} warning/error lines" + (f", first: {problems[0][:160]}" if problems else "")),
         ("machine", f"{os.cpu_count()} cores"),
     ]
     width = max(len(name) for name, _ in rows)
@@ -149,6 +157,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=65536, help="bytes per Range request or MQTT block")
     parser.add_argument("--protocol", choices=["http", "mqtt"], default="http")
     parser.add_argument("--timeout", type=float, default=300.0, help="per device")
+    parser.add_argument("--server-log", metavar="PATH", help="keep the server's log here")
     asyncio.run(run(parser.parse_args()))
 
 
