@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import math
 from collections.abc import Callable
@@ -40,6 +41,7 @@ log = logging.getLogger("ota.broker")
 _HARDENED = "_ota_hardened"
 _CONSUMER = "_ota_upstream_consumer"
 PUBACK_TIMEOUT_SECONDS = 30.0
+_SUBSCRIPTION_REFUSED = 0x80  # SUBACK return code
 
 # Called with (session, topic, payload) for each QoS 0/1 PUBLISH before it is acknowledged;
 # True when it consumed the message (it is then not routed).
@@ -65,6 +67,7 @@ def check_internals(broker: Broker) -> None:
     """Fail loudly at start, not quietly under load, when amqtt's internals moved."""
     # plugins_manager is not set yet while plugins are built; it is looked up at call time.
     needed = ("_sessions", "_subscriptions", "_retained_messages", "_authenticate", "_delete_session",
+              "add_subscription", "_del_subscription", "_del_all_subscriptions",
               "_initialize_client_session", "_publish_retained_messages_for_subscription", "_matches",
               "_topic_filtering", "_get_handler", "config")
     missing = [name for name in needed if not hasattr(broker, name)]
@@ -87,8 +90,12 @@ def harden(broker: Broker) -> None:
     broker._initialize_client_session = _hardened_initializer(broker)  # type: ignore[method-assign]
     broker._publish_retained_messages_for_subscription = _retained_for_own_filters(broker)  # type: ignore[method-assign]
     # amqtt logs `repr(self._subscriptions)` on every SUBSCRIBE, at any log level: with a
-    # fleet that is every session's repr, per subscribe. Same dict, cheap repr.
-    broker._subscriptions = _SubscriptionTable(broker._subscriptions)
+    # fleet that is every session's repr, per subscribe. Same dict, cheap repr, and an
+    # index of the filters each client holds (see _SubscriptionTable).
+    table = _SubscriptionTable(broker._subscriptions)
+    broker._subscriptions = table
+    broker.add_subscription = _indexed_add_subscription(broker, table)  # type: ignore[method-assign]
+    broker._del_all_subscriptions = _indexed_del_all_subscriptions(broker, table)  # type: ignore[method-assign]
     setattr(broker, _HARDENED, True)
 
 
@@ -103,6 +110,7 @@ def _hardened_initializer(broker: Broker) -> Any:
             raise
         if session.clean_session and not session.client_id:
             session.client_id = gen_client_id()
+        _CONNECTING.set(session.client_id)  # this task now handles this client's connect
         # Bug (1): amqtt resolves (and may wipe) the stored session for this client id
         # before authenticating; we refuse bad credentials before touching anything.
         if not await broker._authenticate(session, None):
@@ -197,9 +205,58 @@ async def publish_qos1(handler: BrokerProtocolHandler, session: Session, topic: 
         session.inflight_out.pop(packet_id, None)
 
 
+# The client id whose CONNECT the current task is handling (set by the hardened initializer).
+_CONNECTING: contextvars.ContextVar[str | None] = contextvars.ContextVar("ota_connecting_client", default=None)
+
+
 class _SubscriptionTable(dict):
+    """amqtt's filter -> [(session, qos)] table, plus the filters each client id holds.
+
+    amqtt walks every filter on the broker for each connect (offering retained messages)
+    and for each session it deletes: O(fleet) per device, so at 10,000 devices (30,000
+    filters) connects and reconnects cost milliseconds each. With the index, deleting a
+    session visits only its own filters, and inside a connecting client's task iterating
+    the table yields only that client's filters (the only ones whose retained messages it
+    may get; see _retained_for_own_filters). `keys()`/`items()` still see every filter.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.held: dict[str, set[str]] = {}
+
+    def __iter__(self) -> Any:
+        client_id = _CONNECTING.get()
+        if client_id is None:
+            return super().__iter__()
+        return iter([topic_filter for topic_filter in self.held.get(client_id, ()) if topic_filter in self])
+
+    def clear(self) -> None:
+        super().clear()
+        self.held.clear()
+
     def __repr__(self) -> str:
         return f"<{len(self)} subscription filters>"
+
+
+def _indexed_add_subscription(broker: Broker, table: _SubscriptionTable) -> Any:
+    add = broker.add_subscription
+
+    async def add_subscription(subscription: tuple[str, int], session: Session) -> int:
+        qos = await add(subscription, session)
+        if qos != _SUBSCRIPTION_REFUSED and session.client_id is not None:
+            table.held.setdefault(session.client_id, set()).add(subscription[0])
+        return qos
+
+    return add_subscription
+
+
+def _indexed_del_all_subscriptions(broker: Broker, table: _SubscriptionTable) -> Any:
+    async def del_all_subscriptions(session: Session) -> None:
+        for topic_filter in table.held.pop(session.client_id, ()):
+            if broker._del_subscription(topic_filter, session) and not table.get(topic_filter, True):
+                del table[topic_filter]
+
+    return del_all_subscriptions
 
 
 def _retained_for_own_filters(broker: Broker) -> Any:

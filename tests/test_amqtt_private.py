@@ -1,6 +1,7 @@
 """The amqtt internals broker_plugin/amqtt_private.py relies on: fail loudly if they move."""
 from __future__ import annotations
 
+import asyncio
 import inspect
 from importlib.metadata import version
 
@@ -43,3 +44,19 @@ async def test_direct_delivery_reaches_a_live_session_subscribed_or_not(server: 
     async with Device(server, "direct-1", subscribe=False) as client:
         assert delivery.send(device, "/ota/device/upgrade/a1Test/direct-1", b"unsolicited", 1)
         assert await client.receive("/upgrade/a1Test/direct-1") == b"unsolicited"
+
+
+async def test_a_session_is_removed_through_its_own_filters_only(server: OtaServer) -> None:
+    # amqtt walks the whole filter table per deleted session; the index makes it visit only
+    # the session's own filters, and must leave no filter or index entry behind.
+    assert server.broker is not None
+    table = server.broker._subscriptions
+    async with Device(server, "idx-1") as first, Device(server, "idx-2"):
+        await first.subscribe("/a1Test/idx-1/user/#")
+        assert table.held["idx-1"] >= {"/a1Test/idx-1/user/#", "/ota/device/upgrade/a1Test/idx-1"}
+        assert len(table) == 7  # three downstream OTA topics each, and one more
+    for _ in range(100):
+        if not table and not table.held:
+            break
+        await asyncio.sleep(0.02)
+    assert dict(table) == {} and table.held == {}
