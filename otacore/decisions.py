@@ -299,10 +299,11 @@ class OtaCore:
     def _late_success(self, device: DeviceId, module: str, version: str, now: float) -> bool:
         """A device whose last job failed (e.g. timed out while it was still working) and
         that now reports that job's target version did upgrade: the job succeeded after all."""
-        job = self.state.latest_job(device, module)
-        if job is None or job.state != F or job.superseded or job.target_version != version \
-                or job.batch not in self.running:
+        failed = [job for job in (self.state.current_job(name, device) for name in self.running)
+                  if job is not None and job.module == module and job.state == F and job.target_version == version]
+        if not failed:
             return False
+        job = max(failed, key=lambda j: j.id)  # its latest failure; a placeholder elsewhere does not hide it
         self.state.move(job, S, f"device reported target version {version} after the job had failed", now,
                         progress=100)
         self._after_final(job, now)
@@ -340,6 +341,8 @@ class OtaCore:
             download = files.download_for(package, version)
             self.state.move(job, job.state, f"device now reports {version}", now, from_version=version,
                             file_key=download.key, file_size=download.digest.size)
+        else:
+            self.state.touch(job, now)  # a report is activity: the timeout counts from here
         if deliver and batch.push:
             self._push(job, now)
 

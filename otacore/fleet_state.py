@@ -155,6 +155,11 @@ class FleetState:
         is written with the next commit, without an event."""
         self._set(job, job.state, now, fields)
 
+    def touch(self, job: Job, now: float) -> None:
+        """The device showed it is alive (a report that changed nothing): kept in memory for
+        the timeout, written with the job's next change; such a report writes nothing."""
+        job.updated_at = now
+
     def _set(self, job: Job, to: JobState, now: float, fields: dict[str, Any]) -> None:
         old = job.state
         for name, value in fields.items():

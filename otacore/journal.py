@@ -67,6 +67,7 @@ class Journal:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._closed = False
         self._last_error = ""
         self._writing = False
         self.commits = 0
@@ -88,23 +89,32 @@ class Journal:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ota-journal")
 
-    async def close(self) -> None:
-        """Write what is left, then stop."""
+    async def close(self, attempts: int = 5) -> None:
+        """Write what is left (trying a few times), then stop."""
         self._closing = True
         self._wake.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if self.state.changes:
-            await asyncio.to_thread(self._write, self._rows(self.state.take_changes()))
+        for _ in range(attempts):
+            if await self._flush():
+                break
+            await asyncio.sleep(RETRY_SECONDS)
+        else:
+            log.error("shutting down with changes the database did not take; the devices concerned will "
+                      "report again and be offered their upgrade again")
+        self._closed = True
         self._db.close()
 
     async def commit(self) -> None:
         """Return once every change made before this call is committed."""
+        if self._closed:
+            raise RuntimeError("the journal is closed")
         if not self.state.changes and not self._writing:
             return
-        if self._task is None:  # not started (or closed): write in place
-            await self._flush()
+        if self._task is None:  # not started: write in place, until it works
+            while not await self._flush():
+                await asyncio.sleep(RETRY_SECONDS)
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -121,7 +131,6 @@ class Journal:
             self._wake.clear()
             if not await self._flush():
                 await asyncio.sleep(RETRY_SECONDS)
-        await self._flush()
 
     async def _flush(self) -> bool:
         """One transaction with everything changed so far; True when it is on disk (or empty)."""
