@@ -18,12 +18,15 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import logging
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
+import amqtt.mqtt.protocol.broker_handler as amqtt_broker_handler
+import amqtt.session as amqtt_session
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -33,6 +36,7 @@ from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
+from transitions import MachineError
 
 from otacore.credentials import DeviceId, parse_username
 from otacore.topics import filters_matching
@@ -42,10 +46,12 @@ _HARDENED = "_ota_hardened"
 _CONSUMER = "_ota_upstream_consumer"
 PUBACK_TIMEOUT_SECONDS = 30.0
 _SUBSCRIPTION_REFUSED = 0x80  # SUBACK return code
+T = TypeVar("T")
 
-# Called with (session, topic, payload) for each QoS 0/1 PUBLISH before it is acknowledged;
-# True when it consumed the message (it is then not routed).
-UpstreamConsumer = Callable[[Session, str, bytes], bool]
+# Called with (session, topic, payload) for each QoS 0/1 PUBLISH before it is acknowledged:
+# False when the message is not the consumer's (amqtt routes it); True when it consumed it;
+# or an awaitable when it consumed it and the PUBACK must wait for it (a promise being written).
+UpstreamConsumer = Callable[[Session, str, bytes], "bool | Awaitable[Any]"]
 
 
 def set_upstream_consumer(broker: Broker, consumer: UpstreamConsumer | None) -> None:
@@ -71,6 +77,9 @@ def check_internals(broker: Broker) -> None:
               "_initialize_client_session", "_publish_retained_messages_for_subscription", "_matches",
               "_topic_filtering", "_get_handler", "config")
     missing = [name for name in needed if not hasattr(broker, name)]
+    session_hooks = ("_init_states", "_on_enter_connected", "_on_enter_disconnected")
+    if not all(hasattr(Session, name) for name in session_hooks):
+        raise AmqttInternalsChanged(f"amqtt Session lacks one of {session_hooks}; pin amqtt to 0.12.x")
     if missing or not all(hasattr(BrokerProtocolHandler, name) for name in (
             "init_from_connect", "handle_read_timeout", "handle_publish", "mqtt_publish")) \
             or not hasattr(Session, "next_packet_id"):
@@ -92,6 +101,11 @@ def harden(broker: Broker) -> None:
     # amqtt logs `repr(self._subscriptions)` on every SUBSCRIBE, at any log level: with a
     # fleet that is every session's repr, per subscribe. Same dict, cheap repr, and an
     # index of the filters each client holds (see _SubscriptionTable).
+    Session._init_states = _light_session_states  # type: ignore[method-assign]
+    # Four asyncio.Queues per connection (each four preallocated deques and an Event) were
+    # another quarter of an idle connection's memory; these queues have one reader each.
+    amqtt_session.Queue = LightQueue  # type: ignore[misc]
+    amqtt_broker_handler.Queue = LightQueue  # type: ignore[misc]
     table = _SubscriptionTable(broker._subscriptions)
     broker._subscriptions = table
     broker.add_subscription = _indexed_add_subscription(broker, table)  # type: ignore[method-assign]
@@ -162,12 +176,15 @@ def _consuming_publish(broker: Broker, handler: BrokerProtocolHandler, session: 
     async def handle_publish(packet: PublishPacket) -> None:
         consumer: UpstreamConsumer | None = getattr(broker, _CONSUMER, None)
         topic, data, qos = packet.topic_name, packet.data, packet.qos
-        if consumer is not None and topic is not None and data is not None and qos in (0, 1) \
-                and consumer(session, topic, bytes(data)):
-            if qos == 1 and packet.variable_header is not None:
-                await _write(handler, PubackPacket.build(packet.variable_header.packet_id))
+        consumed = consumer is not None and topic is not None and data is not None and qos in (0, 1) \
+            and consumer(session, topic, bytes(data))
+        if consumed is False:
+            await routed(packet)
             return
-        await routed(packet)
+        if consumed is not True:
+            await consumed  # e.g. a final state on its way to disk: acknowledged once kept
+        if qos == 1 and packet.variable_header is not None:
+            await _write(handler, PubackPacket.build(packet.variable_header.packet_id))
 
     return handle_publish
 
@@ -203,6 +220,91 @@ async def publish_qos1(handler: BrokerProtocolHandler, session: Session, topic: 
     finally:
         handler._puback_waiters.pop(packet_id, None)
         session.inflight_out.pop(packet_id, None)
+
+
+class SessionStates:
+    """What amqtt uses of a session's `transitions` state machine (new -> connected <->
+    disconnected), without building a `transitions.Machine` per session: that machine was a
+    third of the memory of an idle connection (16 KiB of 55 KiB)."""
+
+    __slots__ = ("_session", "state")
+
+    def __init__(self, session: Session) -> None:
+        self._session, self.state = session, "new"
+
+    def connect(self) -> None:
+        if self.state == "connected":
+            raise MachineError("Can't trigger event connect from state connected!")
+        self.state = "connected"
+        self._session._on_enter_connected()
+
+    def disconnect(self) -> None:
+        self.state = "disconnected"
+        self._session._on_enter_disconnected()
+
+    def is_new(self) -> bool:
+        return self.state == "new"
+
+    def is_connected(self) -> bool:
+        return self.state == "connected"
+
+    def is_disconnected(self) -> bool:
+        return self.state == "disconnected"
+
+
+class LightQueue(Generic[T]):
+    """The part of asyncio.Queue that amqtt uses on a connection's queues (unbounded,
+    put/get/qsize/empty and their nowait forms), allocating only once something is queued."""
+
+    __slots__ = ("_items", "_getters")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[T] | None = None
+        self._getters: list[asyncio.Future[None]] | None = None
+
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def put_nowait(self, item: T) -> None:
+        if self._items is None:
+            self._items = collections.deque()
+        self._items.append(item)
+        while self._getters:
+            getter = self._getters.pop(0)
+            if not getter.done():
+                getter.set_result(None)
+                break
+
+    async def put(self, item: T) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> T:
+        if not self._items:
+            raise asyncio.QueueEmpty
+        return self._items.popleft()
+
+    async def get(self) -> T:
+        while not self._items:
+            getter = asyncio.get_running_loop().create_future()
+            if self._getters is None:
+                self._getters = []
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                if getter in self._getters:
+                    self._getters.remove(getter)
+                if getter.done() and not getter.cancelled() and self._items:
+                    self.put_nowait(self._items.popleft())  # wake the next getter instead
+                raise
+        return self._items.popleft()
+
+
+def _light_session_states(session: Session) -> None:
+    session.transitions = SessionStates(session)  # type: ignore[assignment]
 
 
 # The client id whose CONNECT the current task is handling (set by the hardened initializer).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Awaitable
 from typing import Any
 
 from amqtt.plugins.base import BasePlugin
@@ -70,9 +71,10 @@ class OtaPlugin(BasePlugin):
         if device is not None:
             self.runtime.delivery.remember(device, client_id)
 
-    def consume(self, session: Session, topic: str, data: bytes) -> bool:
+    def consume(self, session: Session, topic: str, data: bytes) -> bool | Awaitable[None]:
         """The device OTA topics, from the packet path before their PUBACK (amqtt_private):
-        decided now, in the order the device sent them; replies leave once committed."""
+        decided now, in the order the device sent them; replies leave once committed, and a
+        report that made a promise (a job, a final state) is acknowledged once it is on disk."""
         ota_topic = parse_upstream(topic)
         if ota_topic is None:
             return False  # not ours: amqtt routes it (the ACL decides)
@@ -85,11 +87,12 @@ class OtaPlugin(BasePlugin):
             log.warning("client %r (%s) published to %s, which is not its own topic; ignored",
                         session.client_id, device, topic)
             return True
+        promises = engine.state.promises
         try:
             self._handle(engine, ota_topic.kind, device, topic, data)
         except Exception:  # a bad message must never take the broker's reader down
             log.exception("error handling %s from %s", topic, device)
-        return True
+        return engine.settled() if engine.state.promises != promises else True
 
     def _handle(self, engine: OtaEngine, kind: str, device: DeviceId, topic: str, data: bytes) -> None:
         if kind == FILE_DOWNLOAD:

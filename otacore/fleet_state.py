@@ -13,8 +13,9 @@ from typing import Any
 from .credentials import DeviceId
 from .jobs import FINAL_STATES, OPEN_STATES, Job, JobState, NewJob, check_move
 
-# The job states that make a promise to the outside world once they leave the process.
-_PROMISED = frozenset({JobState.NOTIFIED}) | FINAL_STATES
+# Job states that are promises: the device was told (notified), or told us something it
+# will not repeat (installed, a final state); committed before they are acknowledged.
+_PROMISED = frozenset({JobState.NOTIFIED, JobState.INSTALLED}) | FINAL_STATES
 
 
 @dataclass(slots=True)

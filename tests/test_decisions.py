@@ -46,7 +46,7 @@ BASE = BASE_CATALOG.rstrip() + """
 
 UP = "- {name: up, package: fw-1.1.0, mode: dynamic, push: true}\n"
 UP_QUIET = "- {name: up, package: fw-1.1.0, mode: dynamic, push: false}\n"
-_PROMISED = {N} | FINAL_STATES
+_PROMISED = {N, I} | FINAL_STATES  # told, installed, or final
 
 
 class TrackedState(FleetState):
@@ -104,7 +104,7 @@ def recount(state: FleetState) -> dict[str, Counter[str]]:
 
 
 def promise_events(events: list[tuple]) -> int:
-    """Job creations and moves into notified or a final state."""
+    """Job creations and moves into notified, installed or a final state."""
     return sum(1 for _, _, old, new, _, _ in events if old is None or (new != old and new in _PROMISED))
 
 
