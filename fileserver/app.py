@@ -1,16 +1,18 @@
 """The HTTP side of the OTA server: translates requests into engine calls (PROTOCOL.md 4-5)."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import inspect
 import mimetypes
+import os
 import binascii
 import hmac
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from aiohttp import web, web_fileresponse
 from aiohttp.abc import AbstractStreamWriter
@@ -21,6 +23,7 @@ from otacore.codec import (PayloadError, decode_json, parse_firmware_request, pa
 from otacore.credentials import DeviceId, check_http_login
 from otacore.engine import OtaEngine
 from otacore.errors import ConfigError, Refused
+from otacore.package_files import DownloadFile
 from otacore.signed_urls import UrlRejected
 from otacore.status import batch_report, batch_summaries
 
@@ -36,6 +39,8 @@ MAX_DEVICE_BODY = 64 * 1024
 def create_app(engine: OtaEngine, admin_token: str) -> web.Application:
     app = web.Application(client_max_size=MAX_DEVICE_BODY)
     app[ENGINE], app[ADMIN_TOKEN] = engine, admin_token
+    app[OPEN_FILES] = OpenPackageFiles()
+    app.on_cleanup.append(_close_open_files)
     app.router.add_get("/files/{key}/{name}", download)  # also answers HEAD
     app.router.add_get("/base-api/api/v1/get_ota_info", get_ota_info)
     app.router.add_post("/base-api/api/v1/write_ota_info", write_ota_info)
@@ -49,6 +54,10 @@ def create_app(engine: OtaEngine, admin_token: str) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.on_response_prepare.append(_set_package_etag)
     return app
+
+
+async def _close_open_files(app: web.Application) -> None:
+    app[OPEN_FILES].close()
 
 
 def _error(status: int, message: str, challenge: str | None = None) -> web.Response:
@@ -86,8 +95,10 @@ class PackageResponse(web.FileResponse):
     that answers the request as rewritten by `download` and tells the engine about the
     transfer of a device's job (started, and the bytes sent when it completed)."""
 
-    def __init__(self, path: Path, etag: str, rewritten: web.Request, engine: OtaEngine | None,
+    def __init__(self, file: DownloadFile, etag: str, rewritten: web.Request, engine: OtaEngine | None,
                  job_id: int | None, headers: dict[str, str]) -> None:
+        path = file.path
+        self._file = file
         headers = {"Content-Type": _content_type(path.name), **headers}  # guessed once per name
         if _DIRECT_FILE_SEND:
             # FileResponse.__init__ only parses `path` into a Path again (a tenth of the CPU of
@@ -114,24 +125,58 @@ class PackageResponse(web.FileResponse):
 
 
     async def _send(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        """FileResponse.prepare without its two thread-pool hops per request (stat + open, then
-        close). A package file is a local file the server hashed and `download` has just
-        stat'ed, so these take microseconds, less than the hops; at thousands of Range requests
-        a second the hops were a fifth of the server's CPU. Falls back to FileResponse's own
-        path for anything but a plain send, or if aiohttp's internals moved."""
-        if not _DIRECT_FILE_SEND:
+        """FileResponse.prepare without its thread-pool hops and without an open() per request:
+        a plain (Range) GET over plain TCP is sent with sendfile from the package's shared
+        handle (OpenPackageFiles). At thousands of Range requests a second the hops were a
+        fifth of the server's CPU, and a descriptor per transfer runs a large fleet out of
+        them. Anything else (TLS, If-Modified-Since, aiohttp's internals moved) goes through
+        FileResponse's own path."""
+        transport = request.transport
+        if not _DIRECT_FILE_SEND or transport is None or transport.get_extra_info("sslcontext") is not None \
+                or "If-Modified-Since" in request.headers or "If-Unmodified-Since" in request.headers:
             return await super().prepare(request)
         try:
-            # "": packages are sent as they are, never a .gz/.br sibling with Content-Encoding.
-            result, handle, stat, _ = self._make_response(request, "")
+            handle, stat = request.app[OPEN_FILES].get(self._file)
         except OSError:
             return await super().prepare(request)  # FileResponse answers 403/404 itself
-        if result is not _SEND_FILE or handle is None:
-            return await super().prepare(request)
-        try:
-            return await self._prepare_open_file(request, handle, stat, None)
-        finally:
+        return await self._prepare_open_file(request, handle, stat, None)
+
+
+class OpenPackageFiles:
+    """One open handle per package file, shared by all its transfers over plain TCP.
+
+    sendfile reads at explicit offsets, so transfers never disturb each other (TLS transfers
+    read through the file position instead and open their own). A file replaced on disk gets
+    a new handle; the old one is closed a while later, once transfers of it have ended.
+    """
+
+    def __init__(self, grace_seconds: float = 600.0) -> None:
+        self._grace = grace_seconds
+        self._open: dict[Path, tuple[tuple[int, int], BinaryIO, os.stat_result]] = {}
+
+    def get(self, file: DownloadFile) -> tuple[BinaryIO, os.stat_result]:
+        """The handle and stat of `file` as it was hashed; OSError if it is gone or changed."""
+        wanted = (file.digest.size, file.digest.mtime_ns)
+        entry = self._open.get(file.path)
+        if entry is not None and entry[0] == wanted:
+            return entry[1], entry[2]
+        handle = file.path.open("rb")
+        stat = os.fstat(handle.fileno())
+        if (stat.st_size, stat.st_mtime_ns) != wanted:
             handle.close()
+            raise FileNotFoundError(f"{file.path} changed since it was hashed")
+        if entry is not None:
+            asyncio.get_running_loop().call_later(self._grace, entry[1].close)
+        self._open[file.path] = (wanted, handle, stat)
+        return handle, stat
+
+    def close(self) -> None:
+        for _, handle, _ in self._open.values():
+            handle.close()
+        self._open.clear()
+
+
+OPEN_FILES = web.AppKey("open_files", OpenPackageFiles)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -188,7 +233,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     rewritten = _rewrite_conditions(request, etag)
     if isinstance(rewritten, web.StreamResponse):
         return rewritten
-    return PackageResponse(file.path, etag, rewritten, engine, job_id,
+    return PackageResponse(file, etag, rewritten, engine, job_id,
                            headers={"Cache-Control": "private, no-transform"})
 
 

@@ -8,6 +8,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 import aiohttp
 import pytest
 
+from fileserver.app import OPEN_FILES
 from harness import Device, OtaServer
 from otacore.credentials import DeviceId
 from otacore.signed_urls import sign_url
@@ -135,3 +136,16 @@ def test_package_files_skip_the_thread_pool() -> None:
     # its per-request thread hops; if aiohttp moved them it silently falls back: say so here.
     from fileserver.app import _DIRECT_FILE_SEND
     assert _DIRECT_FILE_SEND, "aiohttp's FileResponse internals moved; update PackageResponse._send"
+
+
+async def test_concurrent_ranges_share_one_handle_and_get_their_own_bytes(server: OtaServer, url: str) -> None:
+    # Transfers over plain TCP share one open handle per package file (sendfile reads at
+    # explicit offsets); interleaved transfers must still each get exactly their slice.
+    import asyncio
+    _, _, whole = await fetch("GET", url)
+    pieces = [(start, min(start + 9_999, len(whole) - 1)) for start in range(0, len(whole), 10_000)]
+    results = await asyncio.gather(*(fetch("GET", url, Range=f"bytes={a}-{b}") for a, b in pieces * 4))
+    for (a, b), (status, _, body) in zip(pieces * 4, results):
+        assert status == 206 and body == whole[a:b + 1]
+    open_files = server.plugin.runtime._runner.app[OPEN_FILES]  # type: ignore[union-attr]
+    assert len(open_files._open) == 1
