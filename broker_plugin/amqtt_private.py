@@ -72,7 +72,7 @@ def broker_of(context: Any) -> Broker:
 def check_internals(broker: Broker) -> None:
     """Fail loudly at start, not quietly under load, when amqtt's internals moved."""
     # plugins_manager is not set yet while plugins are built; it is looked up at call time.
-    needed = ("_sessions", "_subscriptions", "_retained_messages", "_authenticate", "_delete_session",
+    needed = ("_servers", "_sessions", "_subscriptions", "_retained_messages", "_authenticate", "_delete_session",
               "add_subscription", "_del_subscription", "_del_all_subscriptions",
               "_initialize_client_session", "_publish_retained_messages_for_subscription", "_matches",
               "_topic_filtering", "_get_handler", "config")
@@ -84,6 +84,16 @@ def check_internals(broker: Broker) -> None:
             "init_from_connect", "handle_read_timeout", "handle_publish", "mqtt_publish")) \
             or not hasattr(Session, "next_packet_id"):
         raise AmqttInternalsChanged(f"amqtt Broker lacks {missing or 'handler hooks'}; pin amqtt to 0.12.x")
+
+
+def mqtt_connections(broker: Broker) -> int:
+    """Connections the broker's listeners hold now."""
+    return sum(getattr(server, "conn_count", 0) for server in broker._servers.values())
+
+
+def mqtt_listening_sockets(broker: Broker) -> list[Any]:
+    return [sock for server in broker._servers.values()
+            for sock in (getattr(getattr(server, "instance", None), "sockets", None) or ())]
 
 
 def session_device(session: Session | None) -> DeviceId | None:
@@ -395,7 +405,7 @@ class SessionDelivery:
     """Publishes the server's OTA messages straight to one device's live session."""
 
     def __init__(self, broker: Broker) -> None:
-        self._broker = broker
+        self.broker = broker
         # Client ids each device connected with, latest last: a second connection with the
         # same credentials (a debugging mosquitto_sub) must not steal the device's messages.
         self._client_ids: dict[DeviceId, dict[str, None]] = {}
@@ -413,7 +423,7 @@ class SessionDelivery:
         """The device's most recent connection that is still up."""
         ids = self._client_ids.get(device, {})
         for client_id in reversed(list(ids)):
-            entry = self._broker._sessions.get(client_id)
+            entry = self.broker._sessions.get(client_id)
             if entry is None:
                 del ids[client_id]
             elif entry[0].transitions.state == "connected" and session_device(entry[0]) == device:
@@ -422,7 +432,7 @@ class SessionDelivery:
 
     def subscribed_qos(self, session: Session, device: DeviceId, topic: str) -> int | None:
         best = None
-        subscriptions = self._broker._subscriptions
+        subscriptions = self.broker._subscriptions
         for topic_filter in filters_matching(device, topic):
             for subscriber, qos in subscriptions.get(topic_filter, ()):
                 if subscriber.client_id == session.client_id:
@@ -457,7 +467,7 @@ class SessionDelivery:
     def drop_sessions(self, keep: Callable[[Session], bool]) -> int:
         """Disconnect every connected session that `keep` rejects; returns how many."""
         dropped = 0
-        for session, handler in list(self._broker._sessions.values()):
+        for session, handler in list(self.broker._sessions.values()):
             if session.transitions.state == "connected" and not keep(session):
                 asyncio.ensure_future(handler.handle_connection_closed())
                 dropped += 1

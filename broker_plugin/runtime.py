@@ -23,7 +23,8 @@ from otacore.data_dir import (DataDirLock, admin_token, database_path, remove_se
 from otacore.settings import Settings
 from otacore.store import Store
 
-from .amqtt_private import SessionDelivery, broker_of
+from .amqtt_private import SessionDelivery, broker_of, mqtt_connections, mqtt_listening_sockets
+from .connection_budget import ConnectionBudget
 
 log = logging.getLogger("ota.server")
 
@@ -40,6 +41,7 @@ class OtaRuntime:
         self._runner: web.AppRunner | None = None
         self._lock = DataDirLock(settings.data_dir)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._budget: ConnectionBudget | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -53,7 +55,9 @@ class OtaRuntime:
         self.engine.reload_listeners.append(self._drop_revoked_sessions)
         loaded = await self.engine.reload()
         self.admin_token = admin_token(settings.data_dir, settings.admin_token)
-        self._runner = web.AppRunner(create_app(self.engine, self.admin_token), access_log=None)
+        # keepalive 15 s: an idle download connection holds a descriptor a large fleet needs.
+        self._runner = web.AppRunner(create_app(self.engine, self.admin_token), access_log=None,
+                                     keepalive_timeout=15)
         await self._runner.setup()
         tls = None
         if settings.tls_certfile is not None:
@@ -72,10 +76,21 @@ class OtaRuntime:
         for address in self._runner.addresses:
             log.info("OTA: file server listening on %s:%s", *address[:2])
         self._write_server_info()
+        self._budget = ConnectionBudget(self._connections, self._listening_sockets)
+        self._budget.start()
         catalog = loaded.catalog
         log.info("OTA: public URL %s; catalog %s: %d products, %d packages, %d batches",
                  settings.public_url, catalog.path, len(catalog.products), len(catalog.packages),
                  len(catalog.batches))
+
+    def _connections(self) -> int:
+        http = len(self._runner.server.connections) if self._runner is not None and self._runner.server else 0
+        return mqtt_connections(self.delivery.broker) + http
+
+    def _listening_sockets(self) -> list[Any]:
+        sites = self._runner.sites if self._runner is not None else ()
+        http = [sock for site in sites for sock in (getattr(getattr(site, "_server", None), "sockets", None) or ())]
+        return [*mqtt_listening_sockets(self.delivery.broker), *http]
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` on its own; kept referenced until done, its failure logged."""
@@ -105,6 +120,9 @@ class OtaRuntime:
                                                    "catalog": str(self.settings.catalog_path)})
 
     async def stop(self) -> None:
+        if self._budget is not None:
+            await self._budget.stop()
+            self._budget = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
