@@ -142,6 +142,32 @@ class PackageResponse(web.FileResponse):
         return await self._prepare_open_file(request, handle, stat, None)
 
 
+    async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int, count: int) -> AbstractStreamWriter:
+        """FileResponse._sendfile, first offering the range to one non-blocking sendfile(2) over
+        plain TCP: on a fast link it all goes at once. Only the rest goes through the loop's
+        sendfile, which pauses reading and registers a writer each time (four epoll changes
+        and several futures per request: half the cost of a 64 KiB Range request)."""
+        writer = await web.StreamResponse.prepare(self, request)  # the headers, written now
+        assert writer is not None
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None \
+                and transport.get_write_buffer_size() == 0 and not self.compression:
+            try:
+                sent = os.sendfile(sock.fileno(), fobj.fileno(), offset, count)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:  # the peer went away
+                raise ConnectionResetError(str(exc)) from exc
+            offset, count = offset + sent, count - sent
+        if count > 0:
+            await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
+        await web.StreamResponse.write_eof(self)
+        return writer
+
+
 class OpenPackageFiles:
     """One open handle per package file, shared by all its transfers over plain TCP.
 
