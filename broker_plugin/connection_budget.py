@@ -44,7 +44,7 @@ class ConnectionBudget:
         self._connections = connections
         self._listeners = listeners
         limit = limit if limit is not None else open_files_limit()
-        reserve = max(64, limit // 20)
+        reserve = max(64, limit // 50)
         self.high = limit - reserve - descriptors_in_use()
         self.low = self.high - reserve
         self._paused: dict[int, tuple[Any, Any]] = {}  # listening fd -> its accept callback and args

@@ -34,6 +34,7 @@ SIGN_METHODS = {"hmacmd5": hashlib.md5, "hmacsha1": hashlib.sha1, "hmacsha256": 
 FILE_HASHES = {"md5": hashlib.md5, "sha256": hashlib.sha256}  # push signMethod, lowercased
 MQTT_BLOCK_MIN, MQTT_BLOCK_MAX = 256, 131072  # PROTOCOL.md 3e: allowed fileBlock.size
 HTTP_READ_PIECE = 8192
+HTTP_RETRIES = 5  # a download whose connection fails resumes, like device SDKs do
 
 
 # ----------------------------------------------------------------------------- config
@@ -412,6 +413,7 @@ class Device:
         self.stage = "starting"  # what we are doing: names the cause of a timeout
         self.result = DeviceResult(cfg.device_name, "failed", cfg.version)
         self.received = 0  # payload bytes read off the wire
+        self._offset = 0  # bytes of the current HTTP download already hashed
         self._next_report = cfg.progress_every
 
     async def run(self) -> None:
@@ -499,16 +501,23 @@ class Device:
         resume with a fresh session from the bytes already received."""
         url = yarl.URL(offer.url, encoded=True)  # keep the signature's bytes untouched
         ssl_arg = self._ssl_context()
-        offset, total = 0, offer.size
-        while True:  # runs twice only when a drop was simulated
+        self._offset, total = 0, offer.size
+        retries = 0
+        while True:  # again after a simulated drop, or a connection that failed (as SDKs retry)
             async with aiohttp.ClientSession(auto_decompress=False) as session:
                 try:
-                    await self._http_ranges(session, url, ssl_arg, offset, total, hasher, keep)
+                    await self._http_ranges(session, url, ssl_arg, self._offset, total, hasher, keep)
                     return
                 except _Dropped as drop:
-                    offset, total = drop.offset, drop.total
+                    self._offset, total = drop.offset, drop.total
                     self.result.resumed = True
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                    retries += 1
+                    if retries > HTTP_RETRIES:
+                        raise DeviceFailure(-2, f"HTTP download after {self.received} B, {HTTP_RETRIES} retries: "
+                                                f"{describe(exc)}") from None
+                    await asyncio.sleep(min(2 ** retries, 10))  # then resume where it stopped
+                except (aiohttp.ClientError, ValueError) as exc:
                     raise DeviceFailure(-2, f"HTTP download after {self.received} B: {describe(exc)}") from None
 
     async def _http_ranges(self, session: aiohttp.ClientSession, url: yarl.URL, ssl_arg: Any,
@@ -527,7 +536,7 @@ class Device:
                 if first != offset or end < first or end > limit:
                     raise ValueError(f"Content-Range {first}-{end}/{length} for {headers['Range']}")
                 total = length  # the server's file length rules the loop; size is verified later
-                offset = await self._read_body(resp, offset, end + 1, total, hasher, keep)
+                offset = self._offset = await self._read_body(resp, offset, end + 1, total, hasher, keep)
 
     async def _read_body(self, resp: aiohttp.ClientResponse, offset: int, stop: int, total: int,
                          hasher: Any, keep: bytearray | None) -> int:
@@ -536,7 +545,7 @@ class Device:
         async for data in resp.content.iter_chunked(piece):
             data = data[: stop - offset]
             self._consume(data, hasher, keep)
-            offset += len(data)
+            offset = self._offset = offset + len(data)  # where a retry resumes
             await self._on_progress(offset, total)
             if drop_at is not None and offset >= drop_at and offset < stop:
                 resp.close()  # body unread: aiohttp aborts the TCP connection
