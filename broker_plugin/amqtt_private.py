@@ -34,7 +34,7 @@ from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacke
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
-from amqtt.session import OutgoingApplicationMessage, Session
+from amqtt.session import Session
 from amqtt.utils import gen_client_id
 from transitions import MachineError
 
@@ -44,7 +44,8 @@ from otacore.topics import filters_matching
 log = logging.getLogger("ota.broker")
 _HARDENED = "_ota_hardened"
 _CONSUMER = "_ota_upstream_consumer"
-PUBACK_TIMEOUT_SECONDS = 30.0
+WRITE_NOW_LIMIT = 64 * 1024  # bytes a connection may have unsent before writers wait
+MAX_UNACKED = 64  # QoS 1 pushes per connection whose PUBACK we still match
 _SUBSCRIPTION_REFUSED = 0x80  # SUBACK return code
 T = TypeVar("T")
 
@@ -194,42 +195,62 @@ def _consuming_publish(broker: Broker, handler: BrokerProtocolHandler, session: 
         if consumed is not True:
             await consumed  # e.g. a final state on its way to disk: acknowledged once kept
         if qos == 1 and packet.variable_header is not None:
-            await _write(handler, PubackPacket.build(packet.variable_header.packet_id))
+            await _write(handler, PubackPacket.build(packet.variable_header.packet_id).to_bytes())
 
     return handle_publish
 
 
-async def _write(handler: BrokerProtocolHandler, packet: Any) -> bool:
-    """Write one packet to the client; False when the connection is gone."""
+def _transport(handler: BrokerProtocolHandler) -> asyncio.WriteTransport | None:
+    writer = handler.writer
+    stream = getattr(writer, "_writer", None) if writer is not None and not writer.is_closed else None
+    transport = getattr(stream, "transport", None)
+    return None if transport is None or transport.is_closing() else transport
+
+
+def _write_now(handler: BrokerProtocolHandler, data: bytes) -> bool | None:
+    """Write one packet's bytes at once while the connection's send buffer is small: True;
+    False when the connection is gone; None when the device is not reading and the caller
+    must wait for the buffer to drain (so a device cannot make the server hold more than
+    WRITE_NOW_LIMIT for it). One write of the whole packet never interleaves with another."""
+    transport = _transport(handler)
+    if transport is None:
+        return False
+    if transport.get_write_buffer_size() > WRITE_NOW_LIMIT:
+        return None
+    transport.write(data)
+    return True
+
+
+async def _write(handler: BrokerProtocolHandler, data: bytes) -> bool:
+    """Write one packet's bytes, waiting for the buffer to drain when it must."""
+    done = _write_now(handler, data)
+    if done is not None:
+        return done
     writer = handler.writer
     if writer is None:
         return False
     try:
         async with handler._write_lock:
-            await packet.to_stream(writer)
+            writer.write(data)
+            await writer.drain()
     except (ConnectionError, BrokenPipeError, RuntimeError):
         return False
     return True
 
 
-async def publish_qos1(handler: BrokerProtocolHandler, session: Session, topic: str, payload: bytes) -> bool:
-    """PUBLISH at QoS 1 and wait for its PUBACK (registered before the PUBLISH is written)."""
+def _expect_puback(handler: BrokerProtocolHandler, session: Session) -> int:
+    """A packet id for a QoS 1 PUBLISH, with a waiter amqtt's PUBACK handling will find
+    (registered before the PUBLISH is written: see the module docstring). The server does
+    not resend, so nobody awaits it; it is dropped when the PUBACK comes, or as the oldest
+    of too many that never came."""
     packet_id = session.next_packet_id
-    message = OutgoingApplicationMessage(packet_id, topic, 1, payload, False)
+    waiters = handler._puback_waiters
     waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    handler._puback_waiters[packet_id] = waiter
-    session.inflight_out[packet_id] = message
-    try:
-        if not await _write(handler, message.build_publish_packet()):
-            return False
-        await asyncio.wait_for(waiter, PUBACK_TIMEOUT_SECONDS)
-        return True
-    except TimeoutError:
-        log.info("no PUBACK from %r for %s within %gs", session.client_id, topic, PUBACK_TIMEOUT_SECONDS)
-        return False
-    finally:
-        handler._puback_waiters.pop(packet_id, None)
-        session.inflight_out.pop(packet_id, None)
+    waiter.add_done_callback(lambda done: waiters.get(packet_id) is done and waiters.pop(packet_id))
+    waiters[packet_id] = waiter
+    while len(waiters) > MAX_UNACKED:
+        waiters.pop(next(iter(waiters))).cancel()
+    return packet_id
 
 
 class SessionStates:
@@ -454,12 +475,13 @@ class SessionDelivery:
         sub_qos = self.subscribed_qos(session, device, topic)
         if sub_qos is not None:
             qos = min(qos, sub_qos)
-        # Not awaited: a QoS 1 publish waits for the PUBACK, and one slow device must not
-        # hold up the engine. The task is kept so it is not garbage-collected mid-flight.
-        if qos >= 1:
-            task = asyncio.ensure_future(publish_qos1(handler, session, topic, payload))
-        else:
-            task = asyncio.ensure_future(_write(handler, PublishPacket.build(topic, payload, None, False, 0, False)))
+        packet_id = _expect_puback(handler, session) if qos >= 1 else None
+        data = PublishPacket.build(topic, payload, packet_id, False, min(qos, 1), False).to_bytes()
+        done = _write_now(handler, data)
+        if done is not None:
+            return done
+        # The device is not reading: wait on its own, kept referenced meanwhile.
+        task = asyncio.ensure_future(_write(handler, data))
         self._in_flight.add(task)
         task.add_done_callback(self._finished)
         return True

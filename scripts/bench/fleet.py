@@ -17,11 +17,13 @@ import asyncio
 import json
 import os
 import random
+import re
 import sqlite3
 import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -143,10 +145,9 @@ async def run(args: argparse.Namespace) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
-    for result in results:
-        if result.outcome != "upgraded":
-            print(f"  {result.device_name}: {result.outcome} {result.reason}")
-            break
+    reasons = Counter(re.sub(r"\d+", "N", f"{r.outcome} {r.reason}")[:110] for r in results if r.outcome != "upgraded")
+    for reason, count in reasons.most_common(8):
+        print(f"  {count} devices: {reason}")
 
 
 def main() -> None:
