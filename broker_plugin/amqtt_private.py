@@ -44,6 +44,7 @@ from otacore.topics import filters_matching
 log = logging.getLogger("ota.broker")
 _HARDENED = "_ota_hardened"
 _CONSUMER = "_ota_upstream_consumer"
+_KEEP_ALIVE = "_ota_keep_alive_watch"
 WRITE_NOW_LIMIT = 64 * 1024  # bytes a connection may have unsent before writers wait
 MAX_UNACKED = 64  # QoS 1 pushes per connection whose PUBACK we still match
 _SUBSCRIPTION_REFUSED = 0x80  # SUBACK return code
@@ -170,8 +171,10 @@ def _hardened_initializer(broker: Broker) -> Any:
         if session.keep_alive > 0:
             # Bug (3): amqtt never closes a silent client. MQTT allows 1.5x keep-alive.
             delay = broker.config.get("timeout-disconnect-delay", 0)
-            session.keep_alive = math.ceil(session.keep_alive * 1.5) + (delay if isinstance(delay, int) else 0)
-            handler.handle_read_timeout = lambda: _expire(handler, session)
+            allowed = math.ceil(session.keep_alive * 1.5) + (delay if isinstance(delay, int) else 0)
+            _keep_alive_watch(broker).watch(handler, session, reader, allowed)
+            # 0: amqtt reads without its per-packet timeout (a task and a timer per packet).
+            session.keep_alive = 0
         handler.handle_publish = _consuming_publish(broker, handler, session)
         return handler, session
 
@@ -416,10 +419,56 @@ def _retained_for_own_filters(broker: Broker) -> Any:
     return publish_retained
 
 
-def _expire(handler: BrokerProtocolHandler, session: Session) -> None:
-    log.info("client %r sent nothing for %ss; closing it (keep-alive)", session.client_id, session.keep_alive)
-    # handle_connection_closed ends the client loop as an abnormal disconnect: the will fires.
-    asyncio.ensure_future(handler.handle_connection_closed())
+class _KeepAliveWatch:
+    """Closes connections that sent nothing for longer than their keep-alive allows, with one
+    sweep a second over the broker's connections instead of amqtt's read timeout, which
+    costs a task and a timer for every packet read."""
+
+    SWEEP_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self._watched: dict[BrokerProtocolHandler, tuple[Session, int, list[float]]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def watch(self, handler: BrokerProtocolHandler, session: Session, reader: Any, allowed: int) -> None:
+        loop = asyncio.get_running_loop()
+        last_read = [loop.time()]
+        read = reader.read
+
+        async def read_and_note(n: int = -1) -> bytes:
+            data = await read(n)
+            last_read[0] = loop.time()
+            return data
+
+        reader.read = read_and_note
+        self._watched[handler] = (session, allowed, last_read)
+        if self._timer is None:
+            self._timer = loop.call_later(self.SWEEP_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for handler, (session, allowed, last_read) in list(self._watched.items()):
+            state = session.transitions.state
+            if state == "disconnected":
+                del self._watched[handler]
+            elif now - last_read[0] > allowed:
+                del self._watched[handler]
+                if state != "connected":
+                    continue  # its connect never completed: nothing to close
+                log.info("client %r sent nothing for %ss; closing it (keep-alive)", session.client_id, allowed)
+                # Ends the client loop as an abnormal disconnect: the will fires.
+                asyncio.ensure_future(handler.handle_connection_closed())
+        # A timer, not a task: nothing is left pending when the broker and its loop stop.
+        self._timer = loop.call_later(self.SWEEP_SECONDS, self._sweep) if self._watched else None
+
+
+def _keep_alive_watch(broker: Broker) -> _KeepAliveWatch:
+    watch = getattr(broker, _KEEP_ALIVE, None)
+    if watch is None:
+        watch = _KeepAliveWatch()
+        setattr(broker, _KEEP_ALIVE, watch)
+    return watch
 
 
 class SessionDelivery:
