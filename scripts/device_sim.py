@@ -270,7 +270,10 @@ class MqttLink:
             username=username, password=password, timeout=self.cfg.timeout,
             # paho leaves Nagle on: block request/reply round trips would stall on
             # delayed ACKs (~40 ms each) and we would measure TCP, not the server.
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+                            # A device that reboots loses its TCP state: no FIN, no TIME_WAIT
+                            # (10,000 of those would use up the loopback's ephemeral ports).
+                            (socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))],
         )
         # The gate bounds simultaneous connects (the handshake is the broker's hot spot).
         async with self.gate or contextlib.nullcontext():
