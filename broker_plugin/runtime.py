@@ -56,8 +56,8 @@ class OtaRuntime:
         loaded = await self.engine.reload()
         self.admin_token = admin_token(settings.data_dir, settings.admin_token)
         # keepalive 15 s: an idle download connection holds a descriptor a large fleet needs.
-        self._runner = web.AppRunner(create_app(self.engine, self.admin_token), access_log=None,
-                                     keepalive_timeout=15)
+        app = create_app(self.engine, self.admin_token, crowded=self._crowded)
+        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=15)
         await self._runner.setup()
         tls = None
         if settings.tls_certfile is not None:
@@ -82,6 +82,9 @@ class OtaRuntime:
         log.info("OTA: public URL %s; catalog %s: %d products, %d packages, %d batches",
                  settings.public_url, catalog.path, len(catalog.products), len(catalog.packages),
                  len(catalog.batches))
+
+    def _crowded(self) -> bool:
+        return self._budget is not None and self._budget.paused
 
     def _connections(self) -> int:
         http = len(self._runner.server.connections) if self._runner is not None and self._runner.server else 0

@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from aiohttp import web, web_fileresponse
@@ -33,12 +34,15 @@ log = logging.getLogger("ota.http")
 
 ENGINE = web.AppKey("engine", OtaEngine)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
+CROWDED = web.AppKey("crowded", Callable[[], bool])
 MAX_DEVICE_BODY = 64 * 1024
 
 
-def create_app(engine: OtaEngine, admin_token: str) -> web.Application:
+def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] = lambda: False) \
+        -> web.Application:
+    """`crowded()`: True while the server is short of connections (the listeners wait)."""
     app = web.Application(client_max_size=MAX_DEVICE_BODY)
-    app[ENGINE], app[ADMIN_TOKEN] = engine, admin_token
+    app[ENGINE], app[ADMIN_TOKEN], app[CROWDED] = engine, admin_token, crowded
     app[OPEN_FILES] = OpenPackageFiles()
     app.on_cleanup.append(_close_open_files)
     app.router.add_get("/files/{key}/{name}", download)  # also answers HEAD
@@ -259,8 +263,13 @@ async def download(request: web.Request) -> web.StreamResponse:
     rewritten = _rewrite_conditions(request, etag)
     if isinstance(rewritten, web.StreamResponse):
         return rewritten
-    return PackageResponse(file, etag, rewritten, engine, job_id,
-                           headers={"Cache-Control": "private, no-transform"})
+    response = PackageResponse(file, etag, rewritten, engine, job_id,
+                               headers={"Cache-Control": "private, no-transform"})
+    if request.app[CROWDED]():
+        # Short of connections: each transfer gets its own, so devices waiting to connect
+        # take turns with the ones downloading instead of waiting for whole downloads.
+        response.force_close()
+    return response
 
 
 _REWRITTEN = ("If-Match", "If-None-Match", "If-Range")

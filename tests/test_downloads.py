@@ -149,3 +149,21 @@ async def test_concurrent_ranges_share_one_handle_and_get_their_own_bytes(server
         assert status == 206 and body == whole[a:b + 1]
     open_files = server.plugin.runtime._runner.app[OPEN_FILES]  # type: ignore[union-attr]
     assert len(open_files._open) == 1
+
+
+async def test_short_of_connections_each_transfer_closes_its_own(server: OtaServer, url: str) -> None:
+    # Near the open-files limit the listeners wait; transfers then close their connection so
+    # devices waiting to connect take turns instead of waiting for whole downloads.
+    from aiohttp.test_utils import TestServer
+    from fileserver.app import create_app
+    crowded = TestServer(create_app(server.engine, server.admin_token, crowded=lambda: True), host="127.0.0.1")
+    await crowded.start_server()
+    try:
+        parts = urlsplit(url)
+        status, headers, body = await fetch("GET", f"http://127.0.0.1:{crowded.port}{parts.path}?{parts.query}",
+                                            Range="bytes=0-99")
+        assert status == 206 and len(body) == 100 and headers["connection"].lower() == "close"
+        status, headers, _ = await fetch("GET", url, Range="bytes=0-99")  # the real server is not crowded
+        assert status == 206 and headers.get("connection", "").lower() != "close"
+    finally:
+        await crowded.close()
