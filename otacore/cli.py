@@ -17,7 +17,7 @@ from typing import Any
 
 from .catalog import Package, load_catalog
 from .config_files import load_settings
-from .engine import LoadedCatalog, prepare_catalog
+from .catalog_loading import LoadedCatalog, prepare_catalog
 from .package_files import HashCache
 from .errors import ConfigError, ConfigIssue
 from .reload_rules import reload_issues

@@ -11,11 +11,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .catalog import Catalog, Package, load_catalog
+from .catalog import Catalog, Package
+from .catalog_loading import LoadedCatalog, prepare_catalog
 from .credentials import DeviceId
 from .decisions import OtaCore, Send
 from .downloads import Downloads
@@ -36,20 +36,6 @@ class Notifier(Protocol):
 
     def send(self, device: DeviceId, topic: str, payload: bytes, qos: int) -> bool:
         """Hand a message to the device's live session; False when it is not connected."""
-
-
-@dataclass(frozen=True)
-class LoadedCatalog:
-    catalog: Catalog
-    files: PackageFiles
-
-
-def prepare_catalog(settings: Settings, catalog_path: Path | None = None) -> LoadedCatalog:
-    """Load, validate and prepare files for a catalog (blocking; run in a thread)."""
-    catalog = load_catalog(catalog_path or settings.catalog_path, settings)
-    files = PackageFiles(settings.data_dir)
-    files.prepare(catalog)
-    return LoadedCatalog(catalog, files)
 
 
 class OtaEngine:

@@ -24,7 +24,7 @@ from harness import BASE_CATALOG, PK, write_catalog
 from otacore.credentials import DeviceId
 from otacore.decisions import OtaCore, Send
 from otacore.downloads import Downloads
-from otacore.engine import prepare_catalog
+from otacore.catalog_loading import prepare_catalog
 from otacore.errors import Refused
 from otacore.fleet_state import Changes, FleetState
 from otacore.jobs import FINAL_STATES, LEGAL_MOVES, Job, JobState

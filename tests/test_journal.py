@@ -18,7 +18,7 @@ from harness import BASE_CATALOG, PK, write_catalog
 from otacore.credentials import DeviceId
 from otacore.decisions import OtaCore
 from otacore.downloads import Downloads
-from otacore.engine import prepare_catalog
+from otacore.catalog_loading import prepare_catalog
 from otacore.fleet_state import FleetState
 from otacore.jobs import Job, JobState, NewJob
 from otacore.journal import Journal
