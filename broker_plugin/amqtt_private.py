@@ -306,6 +306,9 @@ class LightQueue(Generic[T]):
         if self._items is None:
             self._items = collections.deque()
         self._items.append(item)
+        self._wake_next()
+
+    def _wake_next(self) -> None:
         while self._getters:
             getter = self._getters.pop(0)
             if not getter.done():
@@ -331,8 +334,8 @@ class LightQueue(Generic[T]):
             except BaseException:
                 if getter in self._getters:
                     self._getters.remove(getter)
-                if getter.done() and not getter.cancelled() and self._items:
-                    self.put_nowait(self._items.popleft())  # wake the next getter instead
+                if self._items:
+                    self._wake_next()  # an item this getter may have been woken for
                 raise
         return self._items.popleft()
 

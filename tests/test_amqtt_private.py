@@ -60,3 +60,17 @@ async def test_a_session_is_removed_through_its_own_filters_only(server: OtaServ
             break
         await asyncio.sleep(0.02)
     assert dict(table) == {} and table.held == {}
+
+
+async def test_light_queue_keeps_order_and_hands_items_on_when_a_getter_is_cancelled() -> None:
+    from broker_plugin.amqtt_private import LightQueue
+    queue: LightQueue[int] = LightQueue()
+    first, second = asyncio.ensure_future(queue.get()), asyncio.ensure_future(queue.get())
+    await asyncio.sleep(0)
+    queue.put_nowait(1)
+    first.cancel()  # woken for item 1, but canceled before it ran: item 1 goes to the next getter
+    assert await second == 1
+    for item in (2, 3, 4):
+        await queue.put(item)
+    assert queue.qsize() == 3 and [queue.get_nowait(), await queue.get(), queue.get_nowait()] == [2, 3, 4]
+    assert queue.empty()
