@@ -45,7 +45,8 @@ log = logging.getLogger("ota.broker")
 _HARDENED = "_ota_hardened"
 _CONSUMER = "_ota_upstream_consumer"
 _KEEP_ALIVE = "_ota_keep_alive_watch"
-WRITE_NOW_LIMIT = 64 * 1024  # bytes a connection may have unsent before writers wait
+CONNECT_TIMEOUT = 10.0  # seconds from accepting a connection to its CONNECT
+MAX_UNSENT = 1024 * 1024  # bytes a connection may have unsent before it counts as not reading
 MAX_UNACKED = 64  # QoS 1 pushes per connection whose PUBACK we still match
 _SUBSCRIPTION_REFUSED = 0x80  # SUBACK return code
 T = TypeVar("T")
@@ -122,13 +123,19 @@ def harden(broker: Broker) -> None:
     broker._subscriptions = table
     broker.add_subscription = _indexed_add_subscription(broker, table)  # type: ignore[method-assign]
     broker._del_all_subscriptions = _indexed_del_all_subscriptions(broker, table)  # type: ignore[method-assign]
+    broker._del_subscription = _indexed_del_subscription(broker, table)  # type: ignore[method-assign]
     setattr(broker, _HARDENED, True)
 
 
 def _hardened_initializer(broker: Broker) -> Any:
     async def initialize(reader: Any, writer: Any, remote_address: str, remote_port: int) -> tuple[Any, Session]:
         try:
-            handler, session = await BrokerProtocolHandler.init_from_connect(reader, writer, broker.plugins_manager)
+            # amqtt waits for the CONNECT forever: an idle socket would hold a descriptor for good.
+            handler, session = await asyncio.wait_for(
+                BrokerProtocolHandler.init_from_connect(reader, writer, broker.plugins_manager), CONNECT_TIMEOUT)
+        except TimeoutError:
+            await writer.close()
+            raise AMQTTError(f"no CONNECT within {CONNECT_TIMEOUT:g}s") from None
         except (AMQTTError, NoDataError) as exc:
             raise AMQTTError(exc) from exc
         except MQTTError:
@@ -190,15 +197,19 @@ def _consuming_publish(broker: Broker, handler: BrokerProtocolHandler, session: 
     async def handle_publish(packet: PublishPacket) -> None:
         consumer: UpstreamConsumer | None = getattr(broker, _CONSUMER, None)
         topic, data, qos = packet.topic_name, packet.data, packet.qos
-        consumed = consumer is not None and topic is not None and data is not None and qos in (0, 1) \
+        consumed = consumer is not None and topic is not None and data is not None \
             and consumer(session, topic, bytes(data))
         if consumed is False:
             await routed(packet)
             return
         if consumed is not True:
             await consumed  # e.g. a final state on its way to disk: acknowledged once kept
-        if qos == 1 and packet.variable_header is not None:
-            await _write(handler, PubackPacket.build(packet.variable_header.packet_id).to_bytes())
+        if qos == 2:
+            # amqtt's PUBREC/PUBREL/PUBCOMP exchange; the message it then hands the broker is
+            # an upstream OTA topic, which the ACL keeps from everyone.
+            await routed(packet)
+        elif qos == 1 and packet.variable_header is not None:
+            _write(handler, PubackPacket.build(packet.variable_header.packet_id).to_bytes())
 
     return handle_publish
 
@@ -210,34 +221,23 @@ def _transport(handler: BrokerProtocolHandler) -> asyncio.WriteTransport | None:
     return None if transport is None or transport.is_closing() else transport
 
 
-def _write_now(handler: BrokerProtocolHandler, data: bytes) -> bool | None:
-    """Write one packet's bytes at once while the connection's send buffer is small: True;
-    False when the connection is gone; None when the device is not reading and the caller
-    must wait for the buffer to drain (so a device cannot make the server hold more than
-    WRITE_NOW_LIMIT for it). One write of the whole packet never interleaves with another."""
+def _write(handler: BrokerProtocolHandler, data: bytes) -> bool:
+    """Write one packet's bytes now; False when the connection is gone.
+
+    One write of the whole packet, so it never interleaves with another; no task, lock or
+    drain per message. A device that stops reading gets MAX_UNSENT bytes buffered for it and
+    is then disconnected: otherwise each push, PUBACK or block for it would wait in memory.
+    """
     transport = _transport(handler)
     if transport is None:
         return False
-    if transport.get_write_buffer_size() > WRITE_NOW_LIMIT:
-        return None
+    if transport.get_write_buffer_size() > MAX_UNSENT:
+        session = handler.session
+        log.warning("client %r does not read what it is sent (%d bytes waiting); disconnecting it",
+                    session.client_id if session else None, transport.get_write_buffer_size())
+        transport.abort()  # the reader sees the connection end; the will fires
+        return False
     transport.write(data)
-    return True
-
-
-async def _write(handler: BrokerProtocolHandler, data: bytes) -> bool:
-    """Write one packet's bytes, waiting for the buffer to drain when it must."""
-    done = _write_now(handler, data)
-    if done is not None:
-        return done
-    writer = handler.writer
-    if writer is None:
-        return False
-    try:
-        async with handler._write_lock:
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, BrokenPipeError, RuntimeError):
-        return False
     return True
 
 
@@ -389,11 +389,27 @@ def _indexed_add_subscription(broker: Broker, table: _SubscriptionTable) -> Any:
     return add_subscription
 
 
+def _indexed_del_subscription(broker: Broker, table: _SubscriptionTable) -> Any:
+    """amqtt's UNSUBSCRIBE leaves an empty list under the filter for good; drop it, and the
+    filter from the client's index."""
+    delete = broker._del_subscription
+
+    def del_subscription(topic_filter: str, session: Session) -> int:
+        deleted = delete(topic_filter, session)
+        if table.get(topic_filter, True) == []:
+            del table[topic_filter]
+        held = table.held.get(session.client_id or "")
+        if held is not None:
+            held.discard(topic_filter)
+        return deleted
+
+    return del_subscription
+
+
 def _indexed_del_all_subscriptions(broker: Broker, table: _SubscriptionTable) -> Any:
     async def del_all_subscriptions(session: Session) -> None:
-        for topic_filter in table.held.pop(session.client_id, ()):
-            if broker._del_subscription(topic_filter, session) and not table.get(topic_filter, True):
-                del table[topic_filter]
+        for topic_filter in list(table.held.pop(session.client_id, ())):
+            broker._del_subscription(topic_filter, session)
 
     return del_all_subscriptions
 
@@ -429,7 +445,8 @@ class _KeepAliveWatch:
 
     SWEEP_SECONDS = 1.0
 
-    def __init__(self) -> None:
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
         self._watched: dict[BrokerProtocolHandler, tuple[Session, int, list[float]]] = {}
         self._timer: asyncio.TimerHandle | None = None
 
@@ -453,8 +470,9 @@ class _KeepAliveWatch:
         now = loop.time()
         for handler, (session, allowed, last_read) in list(self._watched.items()):
             state = session.transitions.state
-            if state == "disconnected":
-                del self._watched[handler]
+            current = self._broker._sessions.get(session.client_id)
+            if state == "disconnected" or (current is not None and current[1] is not handler):
+                del self._watched[handler]  # gone, or the session lives on another connection
             elif now - last_read[0] > allowed:
                 del self._watched[handler]
                 if state != "connected":
@@ -469,7 +487,7 @@ class _KeepAliveWatch:
 def _keep_alive_watch(broker: Broker) -> _KeepAliveWatch:
     watch = getattr(broker, _KEEP_ALIVE, None)
     if watch is None:
-        watch = _KeepAliveWatch()
+        watch = _KeepAliveWatch(broker)
         setattr(broker, _KEEP_ALIVE, watch)
     return watch
 
@@ -482,7 +500,6 @@ class SessionDelivery:
         # Client ids each device connected with, latest last: a second connection with the
         # same credentials (a debugging mosquitto_sub) must not steal the device's messages.
         self._client_ids: dict[DeviceId, dict[str, None]] = {}
-        self._in_flight: set[asyncio.Task[Any]] = set()
 
     def remember(self, device: DeviceId, client_id: str) -> None:
         """Call once a connection of `device` was accepted."""
@@ -528,15 +545,7 @@ class SessionDelivery:
         if sub_qos is not None:
             qos = min(qos, sub_qos)
         packet_id = _expect_puback(handler, session) if qos >= 1 else None
-        data = PublishPacket.build(topic, payload, packet_id, False, min(qos, 1), False).to_bytes()
-        done = _write_now(handler, data)
-        if done is not None:
-            return done
-        # The device is not reading: wait on its own, kept referenced meanwhile.
-        task = asyncio.ensure_future(_write(handler, data))
-        self._in_flight.add(task)
-        task.add_done_callback(self._finished)
-        return True
+        return _write(handler, PublishPacket.build(topic, payload, packet_id, False, min(qos, 1), False).to_bytes())
 
     def drop_sessions(self, keep: Callable[[Session], bool]) -> int:
         """Disconnect every connected session that `keep` rejects; returns how many."""
@@ -547,7 +556,3 @@ class SessionDelivery:
                 dropped += 1
         return dropped
 
-    def _finished(self, task: asyncio.Task[Any]) -> None:
-        self._in_flight.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.info("delivery failed: %r", task.exception())
