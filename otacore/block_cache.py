@@ -7,9 +7,10 @@ between the CPU going to CRC and going to the protocol.
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from collections import OrderedDict
-from pathlib import Path
+from typing import BinaryIO
 
 from .codec import crc16_arc
 from .package_files import DownloadFile
@@ -21,14 +22,17 @@ class BlockCache:
         self._blocks: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
         self._bytes = 0
 
-    async def block_with_crc(self, download: DownloadFile, offset: int, size: int) -> bytes:
-        """The block's bytes followed by its little-endian CRC-16/ARC (the tail of a reply frame)."""
+    async def block_with_crc(self, download: DownloadFile, offset: int, size: int) -> bytes | None:
+        """The block's bytes followed by its little-endian CRC-16/ARC (the tail of a reply
+        frame); None when the file on disk is no longer the one that was hashed."""
         key = (download.digest.sha256, offset, size)
         cached = self._blocks.get(key)
         if cached is not None:
             self._blocks.move_to_end(key)
             return cached
-        cached = await asyncio.to_thread(_read_with_crc, download.path, offset, size)
+        cached = await asyncio.to_thread(_read_with_crc, download, offset, size)
+        if cached is None:
+            return None
         self._blocks[key] = cached
         self._bytes += len(cached)
         while self._bytes > self.max_bytes and self._blocks:
@@ -37,8 +41,23 @@ class BlockCache:
         return cached
 
 
-def _read_with_crc(path: Path, offset: int, size: int) -> bytes:
-    with path.open("rb") as handle:
-        handle.seek(offset)
-        block = handle.read(size)
+def _read_with_crc(download: DownloadFile, offset: int, size: int) -> bytes | None:
+    """Read through a handle whose file is checked, before and after, to be the hashed one
+    (same size and mtime): a file replaced or rewritten meanwhile must not put other bytes
+    under the old hash, in this reply or in the cache every device reads from."""
+    wanted = (download.digest.size, download.digest.mtime_ns)
+    try:
+        with download.path.open("rb") as handle:
+            if _identity(handle) != wanted:
+                return None
+            block = os.pread(handle.fileno(), size, offset)
+            if _identity(handle) != wanted:
+                return None
+    except OSError:
+        return None
     return block + struct.pack("<H", crc16_arc(block))
+
+
+def _identity(handle: BinaryIO) -> tuple[int, int]:
+    stat = os.fstat(handle.fileno())
+    return stat.st_size, stat.st_mtime_ns

@@ -102,6 +102,8 @@ class Downloads:
         if not download.is_current():
             return error(404, "the package file changed on the server since it was hashed")
         tail = await self._blocks.block_with_crc(download, request.offset, request.size)  # block + CRC
+        if tail is None:
+            return error(404, "the package file changed on the server since it was hashed")
         self._count(job.id, len(tail) - 2)
         header = {"id": request.id, "code": 200, "msg": "success",
                   "data": {"fileToken": token, "fileLength": size, "bSize": len(tail) - 2, "bOffset": request.offset}}
