@@ -9,6 +9,7 @@ backlog (clients see a slower connect, not an error) and the log says once what 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -19,7 +20,7 @@ from typing import Any
 
 log = logging.getLogger("ota.server")
 
-CHECK_SECONDS = 0.1
+CHECK_SECONDS = 0.05
 
 
 def open_files_limit() -> int:
@@ -34,6 +35,32 @@ def descriptors_in_use() -> int:
         return 64
 
 
+class AcceptErrorFilter(logging.Filter):
+    """asyncio logs an error with a traceback for every accept() that fails for want of
+    descriptors, and retries many times a second: one line per interval is enough."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        super().__init__()
+        self._interval, self._last, self._suppressed = interval, -interval, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("socket.accept() out of system resource"):
+            return True
+        now = record.created
+        if now - self._last < self._interval:
+            self._suppressed += 1
+            return False
+        self._last = now
+        if self._suppressed:
+            record.msg = f"{record.msg} ({self._suppressed} more since the last report)"
+            self._suppressed = 0
+        record.exc_info = None  # the traceback says nothing new
+        return True
+
+
+_ACCEPT_ERRORS = AcceptErrorFilter()
+
+
 class ConnectionBudget:
     """`connections()`: sockets the listeners have accepted and not closed; `listeners()`:
     the listening sockets to pause. Descriptors other than connections are counted once, at
@@ -44,13 +71,16 @@ class ConnectionBudget:
         self._connections = connections
         self._listeners = listeners
         limit = limit if limit is not None else open_files_limit()
-        reserve = max(64, limit // 50)
+        reserve = max(128, limit // 50)  # more than one accept burst (asyncio takes up to 100)
         self.high = limit - reserve - descriptors_in_use()
-        self.low = self.high - reserve
-        self._paused: dict[int, tuple[Any, Any]] = {}  # listening fd -> its accept callback and args
+        self.low = self.high - min(reserve, self.high // 2)  # resume below this
+        self._known: dict[int, tuple[Any, Any]] = {}  # listening fd -> its accept callback and args
+        self.paused = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        if _ACCEPT_ERRORS not in logging.getLogger("asyncio").filters:
+            logging.getLogger("asyncio").addFilter(_ACCEPT_ERRORS)
         loop = asyncio.get_running_loop()
         if not isinstance(getattr(loop, "_selector", None), selectors.BaseSelector):
             log.debug("event loop without a selector; connection budget off")
@@ -62,11 +92,9 @@ class ConnectionBudget:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        self._resume()
-
-    @property
-    def paused(self) -> bool:
-        return bool(self._paused)
+        if self.paused:
+            loop = asyncio.get_running_loop()
+            self._resume(loop, self._registered(loop))
 
     async def _run(self) -> None:
         while True:
@@ -78,34 +106,38 @@ class ConnectionBudget:
 
     def check(self) -> None:
         used = self._connections()
-        if not self._paused and used >= self.high:
-            self._pause()
+        loop: Any = asyncio.get_running_loop()
+        registered = self._registered(loop)
+        self._known.update(registered)  # how each listener accepts, to restore it later
+        if not self.paused and used >= self.high:
+            self.paused = True
             log.warning("%d connections open, near the open-files limit (%d): new connections wait until "
                         "some close; raise `ulimit -n` for a larger fleet", used, open_files_limit())
-        elif self._paused and used <= self.low:
-            self._resume()
+        elif self.paused and used <= self.low:
+            self._resume(loop, registered)
             log.info("%d connections open: accepting new connections again", used)
+        if self.paused:
+            # Also when asyncio put a listener back itself (it retries accept a second after EMFILE).
+            for fd in registered:
+                loop.remove_reader(fd)
 
-    def _pause(self) -> None:
-        loop: Any = asyncio.get_running_loop()
+    def _resume(self, loop: Any, registered: dict[int, tuple[Any, Any]]) -> None:
+        self.paused = False
+        for fd, (callback, args) in self._known.items():
+            if fd not in registered:
+                with contextlib.suppress(ValueError, OSError):  # the listener closed meanwhile
+                    loop.add_reader(fd, callback, *args)
+
+    def _registered(self, loop: Any) -> dict[int, tuple[Any, Any]]:
+        """The listening sockets the loop serves now, with their accept callbacks."""
+        found = {}
         for listener in self._listeners():
             fd = listener.fileno()
             try:
                 key = loop._selector.get_key(fd)
             except (KeyError, ValueError):
-                continue  # not being served (or already paused by asyncio itself)
+                continue  # not served now (paused, or asyncio backs off after EMFILE)
             handle = key.data[0] if key.data else None
-            if handle is not None and fd not in self._paused:
-                self._paused[fd] = (handle._callback, handle._args)  # remove_reader clears them
-                loop.remove_reader(fd)
-
-    def _resume(self) -> None:
-        if not self._paused:
-            return
-        loop = asyncio.get_event_loop()
-        for fd, (callback, args) in self._paused.items():
-            try:
-                loop.add_reader(fd, callback, *args)
-            except (ValueError, OSError):
-                continue  # the listener closed meanwhile
-        self._paused.clear()
+            if handle is not None and not handle.cancelled():
+                found[fd] = (handle._callback, handle._args)
+        return found

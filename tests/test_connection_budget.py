@@ -45,3 +45,19 @@ async def test_listeners_pause_near_the_limit_and_resume(caplog: pytest.LogCaptu
             writer.close()
         server.close()
         await budget.stop()
+
+
+def test_accept_errors_are_reported_once_per_interval() -> None:
+    from broker_plugin.connection_budget import AcceptErrorFilter
+    accept_filter = AcceptErrorFilter(interval=10)
+
+    def record(at: float, msg: str = "socket.accept() out of system resource") -> logging.LogRecord:
+        made = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+        made.created = at
+        return made
+
+    shown = [r for r in (record(100 + i * 0.01) for i in range(500)) if accept_filter.filter(r)]
+    assert len(shown) == 1 and shown[0].exc_info is None
+    later = record(111)
+    assert accept_filter.filter(later) and "499 more" in later.msg
+    assert accept_filter.filter(record(111.5, "something else"))
