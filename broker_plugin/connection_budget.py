@@ -76,6 +76,7 @@ class ConnectionBudget:
         self.low = self.high - min(reserve, self.high // 2)  # resume below this
         self._known: dict[int, tuple[Any, Any]] = {}  # listening fd -> its accept callback and args
         self.paused = False
+        self._warned = -60.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -111,8 +112,12 @@ class ConnectionBudget:
         self._known.update(registered)  # how each listener accepts, to restore it later
         if not self.paused and used >= self.high:
             self.paused = True
-            log.warning("%d connections open, near the open-files limit (%d): new connections wait until "
-                        "some close; raise `ulimit -n` for a larger fleet", used, open_files_limit())
+            # Warn once a minute at most: under a steady overload it pauses every few seconds.
+            now = loop.time()
+            level = logging.WARNING if now - self._warned >= 60 else logging.INFO
+            self._warned = now if level == logging.WARNING else self._warned
+            log.log(level, "%d connections open, near the open-files limit (%d): new connections wait until "
+                    "some close; raise `ulimit -n` for a larger fleet", used, open_files_limit())
         elif self.paused and used <= self.low:
             self._resume(loop, registered)
             log.info("%d connections open: accepting new connections again", used)

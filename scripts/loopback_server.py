@@ -18,8 +18,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_broker_yaml(root: Path, mqtt_port: int, http_port: int) -> Path:
+def write_broker_yaml(root: Path, mqtt_port: int, http_port: int, max_file_mb: int | None = None) -> Path:
     """broker.yaml in `root` with the three OTA plugins, catalog `ota.yaml` and data_dir `var`."""
+    limits = f"\n    limits: {{max_file_mb: {max_file_mb}}}" if max_file_mb else ""
     path = root / "broker.yaml"
     path.write_text(f"""
 listeners:
@@ -30,7 +31,7 @@ plugins:
   broker_plugin.ota.OtaPlugin:
     catalog: ota.yaml
     data_dir: var
-    http: {{bind: 127.0.0.1:{http_port}, public_url: http://127.0.0.1:{http_port}}}
+    http: {{bind: 127.0.0.1:{http_port}, public_url: http://127.0.0.1:{http_port}}}{limits}
 """, encoding="utf-8")
     return path
 

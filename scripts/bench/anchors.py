@@ -61,8 +61,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 import anchor_lib  # noqa: E402
+from loopback_server import free_port, write_broker_yaml  # noqa: E402
 
 PK, PRODUCT_SECRET = "a1Anchor", "anchor-secret"
 CACHE = Path("/tmp/ota-anchor-cache")
@@ -107,12 +109,6 @@ class Children:
         for process in reversed(self.processes):
             self.stop(process, timeout=5)
         self.processes.clear()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_port(port: int, process: subprocess.Popen[Any], log: Path, timeout: float) -> None:
@@ -298,20 +294,7 @@ packages:
 batches:
   - {{name: anchor, package: fw-big, type: upgrade, protocol: http, mode: dynamic, push: true}}
 """, encoding="utf-8")
-    config = root / "broker.yaml"
-    config.write_text(f"""
-listeners:
-  default: {{type: tcp, bind: 127.0.0.1:{mqtt_port}, max_connections: 50000}}
-plugins:
-  broker_plugin.auth.DeviceAuthPlugin: {{}}
-  broker_plugin.acl.DeviceTopicPlugin: {{}}
-  broker_plugin.ota.OtaPlugin:
-    catalog: ota.yaml
-    data_dir: var
-    http: {{bind: 127.0.0.1:{http_port}, public_url: http://127.0.0.1:{http_port}}}
-    limits: {{max_file_mb: {max_mb}}}
-""", encoding="utf-8")
-    return config
+    return write_broker_yaml(root, mqtt_port, http_port, max_file_mb=max_mb)
 
 
 @dataclass
