@@ -160,11 +160,6 @@ class Store:
         async with self._db.execute("SELECT device_name FROM batch_targets WHERE batch = ?", (batch,)) as cursor:
             return {row[0] async for row in cursor}
 
-    async def is_target(self, batch: str, device: DeviceId) -> bool:
-        async with self._db.execute("SELECT 1 FROM batch_targets WHERE batch = ? AND product_key = ? AND "
-                                    "device_name = ?", (batch, device.product_key, device.device_name)) as cursor:
-            return await cursor.fetchone() is not None
-
     # -- packages ----------------------------------------------------------------------
     async def package_statuses(self) -> dict[str, tuple[str, str]]:
         """package id -> (status, sha256 of the file the status was earned with)."""
@@ -175,40 +170,6 @@ class Store:
         async with self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)) as cursor:
             row = await cursor.fetchone()
         return _job(row) if row else None
-
-    async def open_job(self, device: DeviceId, module: str) -> Job | None:
-        async with self._db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE product_key = ? AND device_name = ? AND module = ? "
-                f"AND state IN {OPEN_STATES}", (device.product_key, device.device_name, module)) as cursor:
-            row = await cursor.fetchone()
-        return _job(row) if row else None
-
-    async def latest_job(self, device: DeviceId, module: str) -> Job | None:
-        async with self._db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE product_key = ? AND device_name = ? AND module = ? "
-                "ORDER BY id DESC LIMIT 1", (device.product_key, device.device_name, module)) as cursor:
-            row = await cursor.fetchone()
-        return _job(row) if row else None
-
-    async def latest_job_in_batch(self, batch: str, device: DeviceId) -> Job | None:
-        async with self._db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE batch = ? AND product_key = ? AND device_name = ? "
-                "ORDER BY id DESC LIMIT 1", (batch, device.product_key, device.device_name)) as cursor:
-            row = await cursor.fetchone()
-        return _job(row) if row else None
-
-    async def open_jobs(self, product_key: str, module: str) -> list[Job]:
-        async with self._db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE product_key = ? AND module = ? AND state IN {OPEN_STATES}",
-                (product_key, module)) as cursor:
-            return [_job(row) async for row in cursor]
-
-    async def has_job_in_batch(self, batch: str, device: DeviceId) -> bool:
-        """Has the device a job here that no later job may replace?"""
-        async with self._db.execute("SELECT 1 FROM jobs WHERE batch = ? AND product_key = ? AND device_name = ? "
-                                    "AND superseded = 0",
-                                    (batch, device.product_key, device.device_name)) as cursor:
-            return await cursor.fetchone() is not None
 
     async def jobs(self, batch: str | None = None, open_only: bool = False) -> list[Job]:
         where, args = [], []
