@@ -1,19 +1,20 @@
 """Every use of amqtt 0.12 internals, in one place, each checked by tests/test_amqtt_private.py.
 
 - `broker_of`: the Broker behind a plugin context (to find sibling plugins and sessions).
-- `harden`: defends against amqtt bugs: the three of DESIGN.md (a CONNECT with a wrong
-  password wiping the real client's session, a second CONNECT with the same client id
-  leaving the first connection open, keep-alive never enforced) and one found here: on
-  connect, amqtt sends a client the retained messages of every filter on the broker,
-  past the ACL. It also removes two per-connection costs that grow with the fleet.
+- `harden`: defends against amqtt bugs: a CONNECT with a wrong password wiping the real
+  client's session, a second CONNECT with the same client id leaving the first connection
+  open, keep-alive never enforced, no deadline for the CONNECT, and retained messages of
+  every filter on the broker sent past the ACL on connect. It also removes per-connection
+  and per-packet costs (a state machine and four queues per session, a walk of the whole
+  filter table per connect and per deleted session, a task and timer per packet read).
 - `set_upstream_consumer`: hands the device OTA topics to the OTA plugin from the packet
   path, synchronously, before the PUBACK: a report acknowledged is a report counted, in the
   order the device sent it (amqtt's own hook runs later, as a detached task).
 - `SessionDelivery`: publishes straight to one device's session, instead of
-  `broadcast_message`, whose cost grows with every subscription filter on the broker. Its
-  QoS 1 publish waits for the PUBACK registered before the PUBLISH is written (amqtt
-  registers it after, so a fast device's PUBACK arrives first: "Received PUBACK for unknown
-  pending message Id" and a 5 s timeout).
+  `broadcast_message`, whose cost grows with every subscription filter on the broker. It
+  writes at once, and registers a QoS 1 publish's PUBACK waiter before the PUBLISH is
+  written (amqtt registers it after, so a fast device's PUBACK arrived first: "Received
+  PUBACK for unknown pending message Id" and a 5 s timeout).
 """
 from __future__ import annotations
 

@@ -3,9 +3,9 @@ device OTA topics into engine decisions (PROTOCOL.md 3). Thin: the engine decide
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Awaitable
 from typing import Any
 
 from amqtt.plugins.base import BasePlugin

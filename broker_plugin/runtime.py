@@ -16,10 +16,10 @@ from amqtt.session import Session
 from fileserver.app import create_app
 from otacore.catalog import Catalog
 from otacore.credentials import check_mqtt_login
-from otacore.engine import OtaEngine
-from otacore.journal import Journal
 from otacore.data_dir import (DataDirLock, admin_token, database_path, remove_server_info, url_signing_key,
                               write_server_info)
+from otacore.engine import OtaEngine
+from otacore.journal import Journal
 from otacore.settings import Settings
 from otacore.store import Store
 
