@@ -11,10 +11,23 @@ from .errors import ConfigError, ConfigIssue
 DEFAULT_EXTENSIONS = (".bin", ".dav", ".tar", ".gz", ".zip", ".gzip", ".apk", ".tar.gz", ".tar.xz", ".pack")
 PLUGIN_PATH = "broker_plugin.ota.OtaPlugin"
 
+# Limits on what a client can make the server hold: (key under `limits`, default, smallest
+# allowed, what it bounds). docs/operations.md "Limits" explains each.
+NETWORK_LIMITS: tuple[tuple[str, float, float, str], ...] = (
+    ("connect_timeout_seconds", 10, 1, "seconds from an MQTT connection's accept to its CONNECT"),
+    ("header_timeout_seconds", 10, 1, "seconds an HTTP connection has to send a request's headers"),
+    ("max_unauthenticated", 1000, 10, "connections not yet authenticated; past it the oldest is dropped"),
+    ("max_subscriptions", 100, 1, "subscription filters per MQTT client"),
+    ("max_retained_kb", 64, 0, "retained message bytes per device (never on OTA topics)"),
+    ("session_expiry_hours", 24, 0, "hours a disconnected clean_session=0 session is kept"),
+    ("max_unsent_kb", 1024, 64, "bytes unsent to a connection before it counts as not reading"),
+    ("log_field_max", 200, 16, "characters of a client-sent value in a log line"),
+)
+
 _KNOWN = {
     "catalog": None, "data_dir": None, "url_ttl_seconds": None,
     "http": {"bind", "public_url", "tls"},
-    "limits": {"max_file_mb", "extensions"},
+    "limits": {"max_file_mb", "extensions", *(name for name, *_ in NETWORK_LIMITS)},
     "auth": {"allow_plain_secret"},
     "admin": {"token"},
 }
@@ -39,6 +52,14 @@ class Settings:
     allow_plain_secret: bool = True
     admin_token: str | None = None
     source: Path = field(default=Path("broker.yaml"))
+    connect_timeout_seconds: float = 10
+    header_timeout_seconds: float = 10
+    max_unauthenticated: int = 1000
+    max_subscriptions: int = 100
+    max_retained_kb: int = 64
+    session_expiry_hours: float = 24
+    max_unsent_kb: int = 1024
+    log_field_max: int = 200
 
     @property
     def tls_enabled(self) -> bool:
@@ -180,6 +201,15 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
         ext_tuple = DEFAULT_EXTENSIONS
     if any(not e.startswith(".") for e in ext_tuple):
         bad("limits.extensions", "each ending starts with a dot, like .bin")
+    network_limits: dict[str, float] = {}
+    for name, default, smallest, _ in NETWORK_LIMITS:
+        value = sub("limits", name, default)
+        whole = isinstance(default, int) and not name.endswith(("_seconds", "_hours"))
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or value < smallest:
+            kind = "a whole number" if whole else "a number"
+            bad(f"limits.{name}", f"must be {kind}, at least {smallest:g} (default {default:g})")
+            value = default
+        network_limits[name] = value
     allow_plain = sub("auth", "allow_plain_secret", True)
     if not isinstance(allow_plain, bool):
         bad("auth.allow_plain_secret", "must be true or false")
@@ -196,5 +226,5 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
         public_url=public_url.rstrip("/"), tls_certfile=certfile, tls_keyfile=keyfile,
         tls_host=tls_host, tls_port=tls_port, tls_public_url=tls_public_url.rstrip("/") if tls_public_url else None,
         url_ttl_seconds=ttl, max_file_mb=max_mb, extensions=ext_tuple,
-        allow_plain_secret=allow_plain, admin_token=token, source=source,
+        allow_plain_secret=allow_plain, admin_token=token, source=source, **network_limits,
     )
