@@ -7,7 +7,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 
-from otacore.topics import in_namespace, parse_upstream
+from otacore.topics import in_namespace, is_ota_topic
 
 from .amqtt_private import session_device
 
@@ -26,6 +26,7 @@ class DeviceTopicPlugin(BaseTopicPlugin):
             return False
         if not in_namespace(device, topic):
             return False
-        # The server consumes these; denying the PUBLISH keeps them from other subscribers,
-        # while the OTA plugin still sees them through on_broker_message_received.
-        return not (action == Action.PUBLISH and parse_upstream(topic) is not None)
+        # Upstream OTA topics are the server's to consume (it takes them from the packet path,
+        # so denying the PUBLISH keeps them from other subscribers); downstream ones are the
+        # server's to send: a device publishing its own upgrade push could forge one.
+        return not (action == Action.PUBLISH and is_ota_topic(topic))

@@ -24,6 +24,7 @@ import contextvars
 import logging
 import math
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import amqtt.mqtt.protocol.broker_handler as amqtt_broker_handler
@@ -40,15 +41,43 @@ from amqtt.utils import gen_client_id
 from transitions import MachineError
 
 from otacore.credentials import DeviceId, parse_username
-from otacore.topics import filters_matching
+from otacore.log_hygiene import Burst
+from otacore.topics import filters_matching, is_ota_topic
 
 log = logging.getLogger("ota.broker")
+refused_log = logging.getLogger("ota.broker.refused")
+refused_log.addFilter(Burst(("refused CONNECT",), burst=5, interval=10.0))
+# amqtt repeats each refusal as "Failed to initialize client session"; ours is the one line.
+logging.getLogger("amqtt.broker").addFilter(Burst(("Failed to initialize client session",), burst=0))
 _HARDENED = "_ota_hardened"
 _CONSUMER = "_ota_upstream_consumer"
 _KEEP_ALIVE = "_ota_keep_alive_watch"
-CONNECT_TIMEOUT = 10.0  # seconds from accepting a connection to its CONNECT
-MAX_UNSENT = 1024 * 1024  # bytes a connection may have unsent before it counts as not reading
+_LIMITS = "_ota_limits"
+_EDGE = "_ota_edge"
 MAX_UNACKED = 64  # QoS 1 pushes per connection whose PUBACK we still match
+MAX_SESSIONS_PER_DEVICE = 8  # client ids a device's stored sessions may use; the oldest offline go first
+
+
+@dataclass(frozen=True)
+class BrokerLimits:
+    """What one client can make the broker hold (broker.yaml `limits.*`, see otacore.settings)."""
+
+    connect_timeout: float = 10.0  # seconds from accepting a connection to its CONNECT
+    max_unauthenticated: int = 1000  # connections without an accepted CONNECT; the oldest is dropped past it
+    max_subscriptions: int = 100  # filters per device, over all its client ids
+    max_retained_bytes: int = 64 * 1024  # retained topic+payload bytes per device
+    session_expiry_seconds: float = 86400.0  # a disconnected clean_session=0 session is kept this long
+    max_unsent: int = 1024 * 1024  # bytes unsent to a connection before it counts as not reading
+
+
+def set_limits(broker: Broker, limits: BrokerLimits) -> None:
+    setattr(broker, _LIMITS, limits)
+    # amqtt's own session monitor (once a second) drops disconnected sessions this old.
+    broker.config.session_expiry_interval = int(limits.session_expiry_seconds)
+
+
+def limits_of(broker: Broker) -> BrokerLimits:
+    return getattr(broker, _LIMITS, None) or BrokerLimits()
 _SUBSCRIPTION_REFUSED = 0x80  # SUBACK return code
 T = TypeVar("T")
 
@@ -79,7 +108,7 @@ def check_internals(broker: Broker) -> None:
     needed = ("_servers", "_sessions", "_subscriptions", "_retained_messages", "_authenticate", "_delete_session",
               "add_subscription", "_del_subscription", "_del_all_subscriptions",
               "_initialize_client_session", "_publish_retained_messages_for_subscription", "_matches",
-              "_topic_filtering", "_get_handler", "config")
+              "_topic_filtering", "_get_handler", "config", "retain_message")
     missing = [name for name in needed if not hasattr(broker, name)]
     session_hooks = ("_init_states", "_on_enter_connected", "_on_enter_disconnected")
     if not all(hasattr(Session, name) for name in session_hooks):
@@ -112,6 +141,7 @@ def harden(broker: Broker) -> None:
     check_internals(broker)
     broker._initialize_client_session = _hardened_initializer(broker)  # type: ignore[method-assign]
     broker._publish_retained_messages_for_subscription = _retained_for_own_filters(broker)  # type: ignore[method-assign]
+    broker.retain_message = _bounded_retain(broker)  # type: ignore[method-assign]
     # amqtt logs `repr(self._subscriptions)` on every SUBSCRIBE, at any log level: with a
     # fleet that is every session's repr, per subscribe. Same dict, cheap repr, and an
     # index of the filters each client holds (see _SubscriptionTable).
@@ -129,38 +159,55 @@ def harden(broker: Broker) -> None:
 
 
 def _hardened_initializer(broker: Broker) -> Any:
+    edge = _edge(broker)
+
     async def initialize(reader: Any, writer: Any, remote_address: str, remote_port: int) -> tuple[Any, Session]:
+        """Bug (10): amqtt releases a connection's slot under `max_connections` only for the
+        three amqtt errors; anything else raised before CONNACK (a reset while it answers a
+        refused CONNECT) leaked the slot for good, and a failed CONNECT left the socket open
+        (CLOSE-WAIT). Every failure here closes the socket and is one of those errors."""
+        edge.arrived(writer)
+        try:
+            return await _accept(reader, writer, remote_address, remote_port)
+        except (AMQTTError, MQTTError) as exc:
+            _abort(writer)
+            raise AMQTTError(edge.refused(exc)) from None
+        except NoDataError:
+            _abort(writer)
+            raise AMQTTError(edge.refused("the connection closed before its CONNECT")) from None
+        except asyncio.CancelledError:
+            _abort(writer)
+            raise
+        except Exception as exc:  # OSError, a reset mid-CONNACK, a CONNECT amqtt cannot decode
+            _abort(writer)
+            raise AMQTTError(edge.refused(f"{type(exc).__name__}: {exc}")) from None
+        finally:
+            edge.settled(writer)
+
+    async def _accept(reader: Any, writer: Any, remote_address: str, remote_port: int) -> tuple[Any, Session]:
+        limits = limits_of(broker)
         try:
             # amqtt waits for the CONNECT forever: an idle socket would hold a descriptor for good.
             handler, session = await asyncio.wait_for(
-                BrokerProtocolHandler.init_from_connect(reader, writer, broker.plugins_manager), CONNECT_TIMEOUT)
+                BrokerProtocolHandler.init_from_connect(reader, writer, broker.plugins_manager), limits.connect_timeout)
         except TimeoutError:
-            await writer.close()
-            raise AMQTTError(f"no CONNECT within {CONNECT_TIMEOUT:g}s") from None
-        except (AMQTTError, NoDataError) as exc:
-            raise AMQTTError(exc) from exc
-        except MQTTError:
-            await writer.close()
-            raise
+            raise AMQTTError(f"no CONNECT within {limits.connect_timeout:g}s") from None
         if session.clean_session and not session.client_id:
             session.client_id = gen_client_id()
         _CONNECTING.set(session.client_id)  # this task now handles this client's connect
         # Bug (1): amqtt resolves (and may wipe) the stored session for this client id
         # before authenticating; we refuse bad credentials before touching anything.
         if not await broker._authenticate(session, None):
-            log.warning("refused CONNECT from %s:%s (client id %r, username %r): not authorized",
-                        remote_address, remote_port, session.client_id, session.username)
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
-            await writer.close()
-            raise AMQTTError("not authorized")
+            raise AMQTTError(f"CONNECT from {remote_address}:{remote_port} (client id {session.client_id!r}, "
+                             f"username {session.username!r}) not authorized: unknown device, malformed "
+                             "username, wrong secret or a refused will")
         existing = broker._sessions.get(session.client_id)
         if existing is not None and session_device(existing[0]) != session_device(session):
             # Sessions are keyed by client id alone: another device must not take this one over.
-            log.warning("refused CONNECT from %s:%s: client id %r belongs to %s, not %s", remote_address,
-                        remote_port, session.client_id, session_device(existing[0]), session_device(session))
             await ConnackPacket.build(0, IDENTIFIER_REJECTED).to_stream(writer)
-            await writer.close()
-            raise AMQTTError("client id of another device")
+            raise AMQTTError(f"CONNECT from {remote_address}:{remote_port}: client id {session.client_id!r} "
+                             f"belongs to {session_device(existing[0])}, not {session_device(session)}")
         if existing is not None and existing[0].transitions.is_connected():
             # Bug (2): a second CONNECT with the same client id must close the first.
             log.info("client id %r connected again; closing its previous connection", session.client_id)
@@ -171,11 +218,13 @@ def _hardened_initializer(broker: Broker) -> Any:
             session.parent = 0
         elif existing is not None:
             stored = existing[0]
-            for name in ("will_flag", "will_message", "will_topic", "will_qos", "keep_alive", "username", "password"):
+            for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
+                         "username", "password"):
                 setattr(stored, name, getattr(session, name))
             session, session.parent = stored, 1
         else:
             session.parent = 0
+        await edge.stored(session)
         if session.keep_alive > 0:
             # Bug (3): amqtt never closes a silent client. MQTT allows 1.5x keep-alive.
             delay = broker.config.get("timeout-disconnect-delay", 0)
@@ -187,6 +236,79 @@ def _hardened_initializer(broker: Broker) -> Any:
         return handler, session
 
     return initialize
+
+
+def _abort(writer: Any) -> None:
+    """Close a connection at once (RST): nothing more is owed to a client refused or gone."""
+    transport = getattr(getattr(writer, "_writer", None), "transport", None)
+    if transport is not None and not transport.is_closing():
+        transport.abort()
+
+
+class _Edge:
+    """The connections not yet accepted, and the stored sessions of each device.
+
+    - Connections without an accepted CONNECT are capped at `max_unauthenticated`: past
+      it the oldest is dropped, so an attacker holding sockets open pushes out his own
+      oldest sockets, while devices behind one NAT are never capped by address.
+    - Refusals are logged in bursts with a count (a flood of refused CONNECTs is one line
+      per interval, not one per attempt).
+    - A device's stored sessions are capped: clean_session=0 with a new client id per
+      connect (Aliyun's ids carry a timestamp) otherwise stores a session per connect.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._pending: collections.OrderedDict[Any, None] = collections.OrderedDict()
+        self._client_ids: dict[DeviceId, collections.OrderedDict[str, None]] = {}
+
+    def arrived(self, writer: Any) -> None:
+        self._pending[writer] = None
+        limit = limits_of(self._broker).max_unauthenticated
+        while len(self._pending) > limit:
+            oldest, _ = self._pending.popitem(last=False)
+            _abort(oldest)
+            refused_log.warning("refused CONNECT: over limits.max_unauthenticated (%d) connections "
+                                "not yet logged in; dropped the oldest", limit)
+
+    def settled(self, writer: Any) -> None:
+        self._pending.pop(writer, None)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def refused(self, reason: object) -> str:
+        refused_log.warning("refused CONNECT: %s", reason)
+        return str(reason)
+
+    async def stored(self, session: Session) -> None:
+        """Note the session a device now uses; drop its oldest offline sessions past the cap."""
+        device = session_device(session)
+        if device is None or session.client_id is None:
+            return
+        ids = self._client_ids.setdefault(device, collections.OrderedDict())
+        ids.pop(session.client_id, None)
+        ids[session.client_id] = None
+        if len(ids) <= MAX_SESSIONS_PER_DEVICE:
+            return
+        for client_id in list(ids):
+            entry = self._broker._sessions.get(client_id)
+            if entry is None:
+                del ids[client_id]  # expired or cleaned already
+            elif client_id != session.client_id and not entry[0].transitions.is_connected():
+                del ids[client_id]
+                await self._broker._delete_session(client_id)
+            if len(ids) <= MAX_SESSIONS_PER_DEVICE:
+                return
+
+
+def _edge(broker: Broker) -> _Edge:
+    edge = getattr(broker, _EDGE, None)
+    if edge is None:
+        edge = _Edge(broker)
+        setattr(broker, _EDGE, edge)
+    return edge
 
 
 def _consuming_publish(broker: Broker, handler: BrokerProtocolHandler, session: Session) -> Any:
@@ -210,7 +332,8 @@ def _consuming_publish(broker: Broker, handler: BrokerProtocolHandler, session: 
             # an upstream OTA topic, which the ACL keeps from everyone.
             await routed(packet)
         elif qos == 1 and packet.variable_header is not None:
-            _write(handler, PubackPacket.build(packet.variable_header.packet_id).to_bytes())
+            _write(handler, PubackPacket.build(packet.variable_header.packet_id).to_bytes(),
+                   limits_of(broker).max_unsent)
 
     return handle_publish
 
@@ -222,17 +345,17 @@ def _transport(handler: BrokerProtocolHandler) -> asyncio.WriteTransport | None:
     return None if transport is None or transport.is_closing() else transport
 
 
-def _write(handler: BrokerProtocolHandler, data: bytes) -> bool:
+def _write(handler: BrokerProtocolHandler, data: bytes, max_unsent: int) -> bool:
     """Write one packet's bytes now; False when the connection is gone.
 
     One write of the whole packet, so it never interleaves with another; no task, lock or
-    drain per message. A device that stops reading gets MAX_UNSENT bytes buffered for it and
-    is then disconnected: otherwise each push, PUBACK or block for it would wait in memory.
+    drain per message. A device that stops reading gets `max_unsent` bytes buffered for it
+    and is then disconnected: otherwise each push, PUBACK or block for it would wait in memory.
     """
     transport = _transport(handler)
     if transport is None:
         return False
-    if transport.get_write_buffer_size() > MAX_UNSENT:
+    if transport.get_write_buffer_size() > max_unsent:
         session = handler.session
         log.warning("client %r does not read what it is sent (%d bytes waiting); disconnecting it",
                     session.client_id if session else None, transport.get_write_buffer_size())
@@ -363,6 +486,41 @@ class _SubscriptionTable(dict):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.held: dict[str, set[str]] = {}
+        self.per_device: dict[DeviceId, int] = {}  # filters held, over the device's client ids
+        self._device_of: dict[str, DeviceId | None] = {}
+
+    def hold(self, client_id: str, topic_filter: str, device: DeviceId | None) -> None:
+        filters = self.held.setdefault(client_id, set())
+        if topic_filter not in filters:
+            filters.add(topic_filter)
+            self._device_of[client_id] = device
+            if device is not None:
+                self.per_device[device] = self.per_device.get(device, 0) + 1
+
+    def release(self, client_id: str, topic_filter: str | None = None) -> list[str]:
+        """Forget one filter of the client (or all of them); returns the filters forgotten."""
+        filters = self.held.get(client_id)
+        if filters is None:
+            return []
+        if topic_filter is None:
+            gone = list(filters)
+            del self.held[client_id]
+        elif topic_filter in filters:
+            filters.discard(topic_filter)
+            gone = [topic_filter]
+        else:
+            return []
+        device = self._device_of.get(client_id)
+        if device is not None:
+            left = self.per_device.get(device, 0) - len(gone)
+            if left > 0:
+                self.per_device[device] = left
+            else:
+                self.per_device.pop(device, None)
+        if client_id not in self.held or not filters:
+            self.held.pop(client_id, None)
+            self._device_of.pop(client_id, None)
+        return gone
 
     def __iter__(self) -> Any:
         client_id = _CONNECTING.get()
@@ -373,18 +531,29 @@ class _SubscriptionTable(dict):
     def clear(self) -> None:
         super().clear()
         self.held.clear()
+        self.per_device.clear()
+        self._device_of.clear()
 
     def __repr__(self) -> str:
         return f"<{len(self)} subscription filters>"
 
 
 def _indexed_add_subscription(broker: Broker, table: _SubscriptionTable) -> Any:
+    """Also caps the filters of one device (over all its client ids) at max_subscriptions:
+    100,000 filters from one device made every later connect of every device slow."""
     add = broker.add_subscription
 
     async def add_subscription(subscription: tuple[str, int], session: Session) -> int:
+        held = table.held.get(session.client_id or "", ())
+        device = session_device(session)
+        if subscription[0] not in held and device is not None:
+            limit = limits_of(broker).max_subscriptions
+            if table.per_device.get(device, 0) >= limit:
+                log.info("%s: SUBSCRIBE %r refused: over limits.max_subscriptions (%d)", device, subscription[0], limit)
+                return _SUBSCRIPTION_REFUSED
         qos = await add(subscription, session)
         if qos != _SUBSCRIPTION_REFUSED and session.client_id is not None:
-            table.held.setdefault(session.client_id, set()).add(subscription[0])
+            table.hold(session.client_id, subscription[0], device)
         return qos
 
     return add_subscription
@@ -399,9 +568,7 @@ def _indexed_del_subscription(broker: Broker, table: _SubscriptionTable) -> Any:
         deleted = delete(topic_filter, session)
         if table.get(topic_filter, True) == []:
             del table[topic_filter]
-        held = table.held.get(session.client_id or "")
-        if held is not None:
-            held.discard(topic_filter)
+        table.release(session.client_id or "", topic_filter)
         return deleted
 
     return del_subscription
@@ -409,7 +576,7 @@ def _indexed_del_subscription(broker: Broker, table: _SubscriptionTable) -> Any:
 
 def _indexed_del_all_subscriptions(broker: Broker, table: _SubscriptionTable) -> Any:
     async def del_all_subscriptions(session: Session) -> None:
-        for topic_filter in list(table.held.pop(session.client_id, ())):
+        for topic_filter in table.release(session.client_id or ""):
             broker._del_subscription(topic_filter, session)
 
     return del_all_subscriptions
@@ -437,6 +604,51 @@ def _retained_for_own_filters(broker: Broker) -> Any:
                 await handler.mqtt_publish(retained.topic, retained.data, qos, retain=True)
 
     return publish_retained
+
+
+def _bounded_retain(broker: Broker) -> Any:
+    """Retained messages from devices, bounded: never on an OTA topic (a retained fake push
+    would be replayed to every later subscriber, a retained report would be stale), and at
+    most max_retained_bytes (topic + payload) per device. amqtt kept any number of any size,
+    for good, after the device left; a cleared topic also stayed as an empty entry."""
+    retain = broker.retain_message
+    sizes: dict[str, tuple[DeviceId, int]] = {}  # retained topic -> (device, bytes)
+    per_device: dict[DeviceId, int] = {}
+
+    def forget(topic: str) -> None:
+        owner = sizes.pop(topic, None)
+        if owner is not None:
+            left = per_device.get(owner[0], 0) - owner[1]
+            if left > 0:
+                per_device[owner[0]] = left
+            else:
+                per_device.pop(owner[0], None)
+
+    async def retain_message(source: Session | None, topic: str | None, data: Any, qos: int | None = None) -> None:
+        device = session_device(source)
+        if device is None or topic is None:  # the broker's own messages
+            await retain(source, topic, data, qos)
+            return
+        if is_ota_topic(topic):
+            log.info("%s: retained message on OTA topic %r not kept (OTA topics are never retained)", device, topic)
+            return
+        if not data:
+            forget(topic)
+            broker._retained_messages.pop(topic, None)
+            return
+        size = len(topic) + len(data)
+        limit = limits_of(broker).max_retained_bytes
+        held = per_device.get(device, 0) - (sizes[topic][1] if topic in sizes else 0)
+        if held + size > limit:
+            log.info("%s: retained message on %r not kept: over limits.max_retained_kb (%d bytes)",
+                     device, topic, limit)
+            return
+        forget(topic)
+        sizes[topic] = (device, size)
+        per_device[device] = held + size
+        await retain(source, topic, data, qos)
+
+    return retain_message
 
 
 class _KeepAliveWatch:
@@ -546,7 +758,8 @@ class SessionDelivery:
         if sub_qos is not None:
             qos = min(qos, sub_qos)
         packet_id = _expect_puback(handler, session) if qos >= 1 else None
-        return _write(handler, PublishPacket.build(topic, payload, packet_id, False, min(qos, 1), False).to_bytes())
+        return _write(handler, PublishPacket.build(topic, payload, packet_id, False, min(qos, 1), False).to_bytes(),
+                      limits_of(self.broker).max_unsent)
 
     def drop_sessions(self, keep: Callable[[Session], bool]) -> int:
         """Disconnect every connected session that `keep` rejects; returns how many."""

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
-from otacore.credentials import check_mqtt_login
-from otacore.topics import in_namespace
+from otacore.credentials import DeviceId, check_mqtt_login
+from otacore.topics import in_namespace, is_ota_topic
 
-from .amqtt_private import broker_of, harden
+from .amqtt_private import broker_of, harden, refused_log
 from .runtime import find_runtime
 
 log = logging.getLogger("ota.auth")
@@ -34,14 +34,25 @@ class DeviceAuthPlugin(BaseAuthPlugin):
             return False
         device = check_mqtt_login(runtime.engine.catalog, session.client_id, session.username, session.password,
                                   runtime.settings.allow_plain_secret)
-        if device is None:
-            log.info("refused client %r username %r: unknown device, malformed username or wrong secret",
-                     session.client_id, session.username)
+        if device is None:  # the CONNECT's refusal is logged once, with the client id and username
             return False
-        if session.will_flag and not in_namespace(device, session.will_topic or ""):
-            # amqtt publishes a will without the PUBLISH ACL: a will on another device's
-            # topic would be a forged message (e.g. an upgrade push) delivered for us.
-            log.warning("refused %s (client %r): its will topic %r is outside its own topics",
-                        device, session.client_id, session.will_topic)
+        problem = _will_problem(device, session) if session.will_flag else None
+        if problem:
+            refused_log.warning("refused CONNECT of %s (client %r): its will %s", device, session.client_id, problem)
             return False
         return True
+
+
+def _will_problem(device: DeviceId, session: Session) -> str | None:
+    """Why a CONNECT's will must be refused, or None. amqtt publishes a will without the
+    PUBLISH ACL and without checking its QoS, so it is checked here as a PUBLISH would be."""
+    topic = session.will_topic or ""
+    if session.will_qos not in (0, 1, 2):
+        return f"has QoS {session.will_qos} (MQTT allows 0, 1, 2)"
+    if not in_namespace(device, topic) or "+" in topic or "#" in topic:
+        # On another device's topic it would be a forged message (e.g. an upgrade push).
+        return f"topic {topic!r} is outside its own topics"
+    if is_ota_topic(topic):
+        # A will is not a report (it would arrive after the device is gone) nor a push.
+        return f"topic {topic!r} is an OTA topic; report state with a PUBLISH instead"
+    return None

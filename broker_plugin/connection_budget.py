@@ -18,6 +18,8 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from otacore.log_hygiene import Burst
+
 log = logging.getLogger("ota.server")
 
 CHECK_SECONDS = 0.05
@@ -35,30 +37,13 @@ def descriptors_in_use() -> int:
         return 64
 
 
-class AcceptErrorFilter(logging.Filter):
+def accept_error_filter() -> Burst:
     """asyncio logs an error with a traceback for every accept() that fails for want of
     descriptors, and retries many times a second: one line per interval is enough."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        super().__init__()
-        self._interval, self._last, self._suppressed = interval, -interval, 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("socket.accept() out of system resource"):
-            return True
-        now = record.created
-        if now - self._last < self._interval:
-            self._suppressed += 1
-            return False
-        self._last = now
-        if self._suppressed:
-            record.msg = f"{record.msg} ({self._suppressed} more since the last report)"
-            self._suppressed = 0
-        record.exc_info = None  # the traceback says nothing new
-        return True
+    return Burst(("socket.accept() out of system resource",), burst=1, interval=10.0)
 
 
-_ACCEPT_ERRORS = AcceptErrorFilter()
+_ACCEPT_ERRORS = accept_error_filter()
 
 
 class ConnectionBudget:

@@ -11,6 +11,7 @@ from typing import Any
 from amqtt.plugins.base import BasePlugin
 from amqtt.session import Session
 
+from otacore import log_hygiene
 from otacore.codec import (PayloadError, decode_json, encode_block_reply, encode_json, message_id,
                            parse_block_request, parse_firmware_request, parse_progress, parse_version_report)
 from otacore.credentials import DeviceId
@@ -20,10 +21,13 @@ from otacore.settings import settings_from_mapping
 from otacore.topics import (FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS, download_reply_topic,
                             firmware_get_reply_topic, parse_upstream)
 
-from .amqtt_private import SessionDelivery, broker_of, session_device, set_upstream_consumer
+from .amqtt_private import BrokerLimits, SessionDelivery, broker_of, session_device, set_limits, set_upstream_consumer
 from .runtime import OtaRuntime
 
 log = logging.getLogger("ota.mqtt")
+# Block requests of one device being answered at once. SDKs ask for one block at a time;
+# a device asking for thousands without reading would have the server read them all.
+MAX_BLOCKS_IN_FLIGHT = 4
 
 
 class OtaPlugin(BasePlugin):
@@ -49,7 +53,13 @@ class OtaPlugin(BasePlugin):
         base = Path(config.base_dir) if config.base_dir else Path.cwd()
         settings = settings_from_mapping(options, base / "broker.yaml")
         broker = broker_of(context)
+        set_limits(broker, BrokerLimits(
+            connect_timeout=settings.connect_timeout_seconds, max_unauthenticated=settings.max_unauthenticated,
+            max_subscriptions=settings.max_subscriptions, max_retained_bytes=settings.max_retained_kb * 1024,
+            session_expiry_seconds=settings.session_expiry_hours * 3600, max_unsent=settings.max_unsent_kb * 1024))
+        log_hygiene.install(settings.log_field_max)
         self.runtime = OtaRuntime(settings, SessionDelivery(broker))
+        self._blocks_in_flight: dict[DeviceId, int] = {}
         set_upstream_consumer(broker, self.consume)
         # In someone's own broker the log is the only report; ota-server prints it itself.
         self.log_startup_error = True
@@ -96,6 +106,13 @@ class OtaPlugin(BasePlugin):
 
     def _handle(self, engine: OtaEngine, kind: str, device: DeviceId, topic: str, data: bytes) -> None:
         if kind == FILE_DOWNLOAD:
+            in_flight = self._blocks_in_flight.get(device, 0)
+            if in_flight >= MAX_BLOCKS_IN_FLIGHT:
+                self.runtime.delivery.send(device, download_reply_topic(device), encode_block_reply(
+                    {"id": "", "code": 429, "msg": f"over {MAX_BLOCKS_IN_FLIGHT} block requests unanswered; "
+                                                   "wait for each reply before the next request"}, None), 0)
+                return
+            self._blocks_in_flight[device] = in_flight + 1
             self.runtime.spawn(self._block(engine, device, data))
             return
         try:
@@ -126,6 +143,14 @@ class OtaPlugin(BasePlugin):
         engine.post([Send(device, firmware_get_reply_topic(device), encode_json(reply))])
 
     async def _block(self, engine: OtaEngine, device: DeviceId, data: bytes) -> None:
+        try:
+            await self._answer_block(engine, device, data)
+        finally:
+            left = self._blocks_in_flight.pop(device, 1) - 1
+            if left > 0:
+                self._blocks_in_flight[device] = left
+
+    async def _answer_block(self, engine: OtaEngine, device: DeviceId, data: bytes) -> None:
         try:
             payload = decode_json(data)
         except PayloadError as exc:

@@ -30,6 +30,23 @@ def parse_upstream(topic: str) -> OtaTopic | None:
     return None
 
 
+def parse_downstream(topic: str) -> DeviceId | None:
+    """The device a server -> device OTA topic (upgrade push, firmware/get and block replies)
+    is addressed to; None for anything else. Only the server publishes these."""
+    parts = topic.split("/")
+    if len(parts) == 6 and parts[0] == "" and parts[1:4] == ["ota", "device", "upgrade"]:
+        return DeviceId(parts[4], parts[5])
+    if len(parts) == 8 and parts[0] == "" and parts[1] == "sys" and parts[4:] == ["thing", "ota", "firmware", "get_reply"]:
+        return DeviceId(parts[2], parts[3])
+    if len(parts) == 7 and parts[0] == "" and parts[1] == "sys" and parts[4:] == ["thing", "file", "download_reply"]:
+        return DeviceId(parts[2], parts[3])
+    return None
+
+
+def is_ota_topic(topic: str) -> bool:
+    return parse_upstream(topic) is not None or parse_downstream(topic) is not None
+
+
 def upgrade_topic(device: DeviceId) -> str:
     return f"/ota/device/upgrade/{device.product_key}/{device.device_name}"
 

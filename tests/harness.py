@@ -71,8 +71,9 @@ def write_catalog(root: Path, batches_yaml: str = "", extra: str = "", base: str
 
 class OtaServer:
     def __init__(self, root: Path, *, mqtt_port: int | None = None, http_port: int | None = None,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, listener: dict[str, Any] | None = None) -> None:
         self.root = root
+        self.listener = listener or {}
         self.mqtt_port = mqtt_port or free_port()
         self.http_port = http_port or free_port()
         self.http_url = f"http://127.0.0.1:{self.http_port}"
@@ -84,7 +85,7 @@ class OtaServer:
                "http": {"bind": f"127.0.0.1:{self.http_port}", "public_url": self.http_url},
                "base_dir": str(self.root)}
         ota.update(self.options)
-        return {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.mqtt_port}"}},
+        return {"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.mqtt_port}", **self.listener}},
                 "plugins": {"broker_plugin.auth.DeviceAuthPlugin": {}, "broker_plugin.acl.DeviceTopicPlugin": {},
                             "broker_plugin.ota.OtaPlugin": ota}}
 

@@ -48,8 +48,8 @@ async def test_listeners_pause_near_the_limit_and_resume(caplog: pytest.LogCaptu
 
 
 def test_accept_errors_are_reported_once_per_interval() -> None:
-    from broker_plugin.connection_budget import AcceptErrorFilter
-    accept_filter = AcceptErrorFilter(interval=10)
+    from broker_plugin.connection_budget import accept_error_filter
+    accept_filter = accept_error_filter()
 
     def record(at: float, msg: str = "socket.accept() out of system resource") -> logging.LogRecord:
         made = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)

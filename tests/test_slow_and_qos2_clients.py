@@ -64,9 +64,13 @@ async def test_a_device_that_stops_reading_is_disconnected_not_buffered_for(serv
     assert closed, "the server kept buffering for a device that does not read"
 
 
-async def test_a_socket_that_never_sends_connect_is_closed(server: OtaServer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import broker_plugin.amqtt_private as amqtt_private
-    monkeypatch.setattr(amqtt_private, "CONNECT_TIMEOUT", 0.5)
+async def test_a_socket_that_never_sends_connect_is_closed(server: OtaServer) -> None:
+    import dataclasses
+
+    from broker_plugin import amqtt_private
+    assert server.broker is not None
+    limits = amqtt_private.limits_of(server.broker)
+    amqtt_private.set_limits(server.broker, dataclasses.replace(limits, connect_timeout=0.5))
     reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
     writer.write(b"\x10")  # half a CONNECT, then silence
     assert await asyncio.wait_for(reader.read(), 5) == b""

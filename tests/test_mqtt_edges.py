@@ -1,0 +1,265 @@
+"""Hostile MQTT clients: what one can make the broker hold is bounded (connection slots,
+sockets not yet logged in, subscriptions, retained messages, sessions, block replies, log
+lines), and what it must not publish (OTA topics, odd wills) is refused."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import raw_mqtt
+from harness import Device, OtaServer, write_catalog
+from raw_mqtt import connack, device_connect, open_raw, reset
+
+from broker_plugin import amqtt_private
+from otacore.credentials import DeviceId
+
+UPGRADE = """
+- name: up-1.1.0
+  package: fw-1.1.0
+  type: upgrade
+  protocol: http
+  mode: dynamic
+  push: true
+"""
+
+MQTT_UPGRADE = """
+- name: up-mqtt
+  package: fw-1.1.0
+  type: upgrade
+  protocol: mqtt
+  mode: dynamic
+  push: true
+"""
+
+
+@pytest.fixture
+async def limited(tmp_path: Path) -> AsyncIterator[OtaServer]:
+    """A server with small limits, so each is reached in a few packets."""
+    write_catalog(tmp_path, UPGRADE)
+    running = await OtaServer(tmp_path, listener={"max_connections": 20}, options={"limits": {
+        "max_unauthenticated": 10, "max_subscriptions": 5, "max_retained_kb": 4, "log_field_max": 40,
+        "connect_timeout_seconds": 2}}).start()
+    yield running
+    await running.stop()
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def _until(check, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if check():
+            return True
+        await asyncio.sleep(0.05)
+    return check()
+
+
+async def test_refused_connects_reset_by_the_client_give_their_slot_back(limited: OtaServer) -> None:
+    # amqtt answered the protocol-5 CONNECT, the write hit the reset and raised past its
+    # handler: the slot under max_connections (20 here) was never released.
+    for _ in range(60):
+        reader, writer = await open_raw(limited.mqtt_port)
+        writer.write(device_connect("dev-1", level=5))
+        reset(writer)
+    assert limited.broker is not None
+    assert await _until(lambda: amqtt_private.mqtt_connections(limited.broker) == 0), \
+        f"{amqtt_private.mqtt_connections(limited.broker)} slots still held"
+    async with Device(limited, "dev-1") as device:
+        await device.inform("1.0.0")
+        assert (await device.next_push())["data"]["version"] == "1.1.0"
+
+
+async def test_sockets_closed_before_or_during_connect_are_closed_here_too(limited: OtaServer) -> None:
+    before = _open_descriptors()
+    for i in range(150):
+        reader, writer = await open_raw(limited.mqtt_port)
+        if i % 3 == 1:
+            writer.write(device_connect("dev-1")[:9])  # half a CONNECT
+        elif i % 3 == 2:
+            writer.write(b"\x10\xff\xff\xff\xff\x7f")  # a length no packet may have
+        await writer.drain()
+        writer.close()
+    # No CLOSE-WAIT left: every server-side socket of those is closed within a moment.
+    assert await _until(lambda: _open_descriptors() <= before + 2, 3.0), \
+        f"{_open_descriptors() - before} descriptors still open"
+
+
+async def test_idle_sockets_past_the_cap_drop_the_oldest_and_devices_still_connect(limited: OtaServer) -> None:
+    idle = [await open_raw(limited.mqtt_port) for _ in range(15)]  # the cap is 10
+    await asyncio.sleep(0.2)
+    async with Device(limited, "dev-2") as device:  # the 16th: still gets in
+        await device.inform("1.0.0")
+        await device.next_push()
+    closed = 0
+    for reader, _ in idle[:6]:  # the oldest were dropped to make room
+        if await asyncio.wait_for(reader.read(), 2) == b"":
+            closed += 1
+    assert closed == 6
+    for _, writer in idle:
+        writer.close()
+
+
+async def test_huge_client_ids_and_control_characters_stay_out_of_the_log(limited: OtaServer,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    for _ in range(30):
+        reader, writer = await open_raw(limited.mqtt_port)
+        writer.write(raw_mqtt.connect("x" * 65000, "y" * 65000 + "&a1Test", "wrong"))
+        assert await connack(reader) == 5  # not authorized
+        writer.close()
+    async with Device(limited, "dev-3") as device:
+        await device.inform("1.0.0")
+        await device.next_push()
+        await device.progress(-2, "disk\nFAKE 00:00 INFO ota: all is well\x1b[2J")
+        await limited.wait_state("dev-3", "failed")
+    lines = [record.getMessage() for record in caplog.records]
+    assert sum(len(line) for line in lines) < 40_000, "the log took what it was given"
+    assert all("\n" not in line and "\x1b" not in line for line in lines)
+    assert any("FAKE 00:00" in line for line in lines)  # kept, escaped: one line
+    refused = [line for line in lines if line.startswith("refused CONNECT")]
+    assert len(refused) <= 6, refused  # a burst, then held back (the window may be in use already)
+
+
+async def test_wills_are_checked_like_a_publish(limited: OtaServer) -> None:
+    cases = [("/a1Test/dev-4/status", b"gone", 3, False),  # QoS 3 does not exist
+             ("/ota/device/progress/a1Test/dev-4", b'{"params":{"step":-1}}', 1, False),  # not a report
+             ("/ota/device/upgrade/a1Test/dev-4", b'{"data":{"url":"http://evil/"}}', 1, True),  # a forged push
+             ("/a1Test/dev-5/status", b"gone", 0, False)]  # another device's topic
+    for will in cases:
+        reader, writer = await open_raw(limited.mqtt_port)
+        writer.write(device_connect("dev-4", will=will))
+        assert await connack(reader) == 5, will
+        writer.close()
+    reader, writer = await open_raw(limited.mqtt_port)
+    writer.write(device_connect("dev-4", will=("/a1Test/dev-4/status", b"gone", 1, False)))
+    assert await connack(reader) == 0
+    writer.close()
+
+
+async def test_devices_cannot_publish_or_retain_on_ota_topics(limited: OtaServer) -> None:
+    async with Device(limited, "dev-6") as listener:
+        reader, writer = await open_raw(limited.mqtt_port)
+        writer.write(device_connect("dev-6", client_id="dev-6-second"))
+        assert await connack(reader) == 0
+        fake = json.dumps({"data": {"url": "http://evil/", "version": "9.9.9"}}).encode()
+        writer.write(raw_mqtt.publish("/ota/device/upgrade/a1Test/dev-6", fake, retain=True))
+        writer.write(raw_mqtt.publish("/sys/a1Test/dev-6/thing/ota/firmware/get_reply", fake, retain=True))
+        await writer.drain()
+        await listener.expect_nothing(0.5)
+        writer.close()
+    assert limited.broker is not None
+    assert not limited.broker._retained_messages
+
+
+async def test_retained_messages_are_bounded_per_device(limited: OtaServer) -> None:
+    assert limited.broker is not None
+    reader, writer = await open_raw(limited.mqtt_port)
+    writer.write(device_connect("dev-7"))
+    assert await connack(reader) == 0
+    for i in range(30):
+        writer.write(raw_mqtt.publish(f"/a1Test/dev-7/r{i}", b"z" * 1000, retain=True))
+    await writer.drain()
+    reset(writer)
+    retained = limited.broker._retained_messages
+    assert await _until(lambda: len(retained) > 0)
+    await asyncio.sleep(0.2)
+    assert sum(len(topic) + len(message.data) for topic, message in retained.items()) <= 4 * 1024
+    # Clearing one (an empty retained payload) makes room for another.
+    reader, writer = await open_raw(limited.mqtt_port)
+    writer.write(device_connect("dev-7"))
+    assert await connack(reader) == 0
+    writer.write(raw_mqtt.publish("/a1Test/dev-7/r0", b"", retain=True))
+    writer.write(raw_mqtt.publish("/a1Test/dev-7/new", b"n" * 500, retain=True))
+    await writer.drain()
+    assert await _until(lambda: "/a1Test/dev-7/new" in retained and "/a1Test/dev-7/r0" not in retained)
+    writer.close()
+
+
+async def test_subscriptions_are_capped_per_device_over_its_client_ids(limited: OtaServer) -> None:
+    codes = []
+    for client in ("dev-8", "dev-8-b"):
+        reader, writer = await open_raw(limited.mqtt_port)
+        writer.write(device_connect("dev-8", client_id=client))
+        assert await connack(reader) == 0
+        for i in range(4):
+            writer.write(raw_mqtt.subscribe(f"/a1Test/dev-8/{client}/{i}", packet_id=i + 1))
+            suback = await asyncio.wait_for(reader.readexactly(5), 5)
+            codes.append(suback[4])
+        writer.close()
+        assert limited.broker is not None
+        table = limited.broker._subscriptions
+        # A clean session's filters go with it (amqtt's session monitor, within a second)...
+        assert await _until(lambda: not table.per_device.get(DeviceId("a1Test", "dev-8")))
+    assert codes == [1] * 8  # ...so each connection had its 4
+    reader, writer = await open_raw(limited.mqtt_port)
+    writer.write(device_connect("dev-8", client_id="dev-8-c"))
+    assert await connack(reader) == 0
+    codes = []
+    for i in range(7):
+        writer.write(raw_mqtt.subscribe(f"/a1Test/dev-8/c/{i}", packet_id=i + 1))
+        codes.append((await asyncio.wait_for(reader.readexactly(5), 5))[4])
+    assert codes == [1] * 5 + [0x80] * 2
+    writer.close()
+
+
+async def test_stored_sessions_are_capped_per_device_and_expire(tmp_path: Path) -> None:
+    write_catalog(tmp_path, UPGRADE)
+    server = await OtaServer(tmp_path, options={"limits": {"session_expiry_hours": 1 / 3600}}).start()
+    try:
+        assert server.broker is not None
+        sessions = server.broker._sessions
+        for i in range(20):  # Aliyun-style: a new client id per connect, clean_session=0
+            reader, writer = await open_raw(server.mqtt_port)
+            writer.write(device_connect("dev-9", client_id=f"dev-9|ts={i}|", clean=False))
+            assert await connack(reader) == 0
+            writer.write(raw_mqtt.subscribe("/a1Test/dev-9/cmd"))
+            await asyncio.wait_for(reader.readexactly(5), 5)
+            reset(writer)
+            await _until(lambda: sessions[f"dev-9|ts={i}|"][0].transitions.state == "disconnected")
+        assert len(sessions) <= amqtt_private.MAX_SESSIONS_PER_DEVICE
+        # amqtt's monitor runs once a second; the expiry here is one second.
+        assert await _until(lambda: not sessions, 5.0), list(sessions)
+        assert not server.broker._subscriptions.held and not server.broker._subscriptions.per_device
+    finally:
+        await server.stop()
+
+
+async def test_block_requests_from_a_device_that_does_not_read_are_bounded(tmp_path: Path) -> None:
+    write_catalog(tmp_path, MQTT_UPGRADE)
+    server = await OtaServer(tmp_path).start()
+    try:
+        async with Device(server, "dev-10") as device:
+            await device.inform("1.0.0")
+            push = await device.next_push()
+        stream = push["data"]["streamId"] if "streamId" in push["data"] else None
+        reader, writer = await open_raw(server.mqtt_port, rcvbuf=4096)
+        writer.write(device_connect("dev-10", client_id="dev-10-greedy"))
+        assert await connack(reader) == 0
+        request = json.dumps({"id": "1", "params": {"fileToken": push["data"].get("fileToken", ""),
+                              "fileInfo": {"streamId": stream, "fileId": 1},
+                              "fileBlock": {"size": 131072, "offset": 0}}}).encode()
+        block = raw_mqtt.publish("/sys/a1Test/dev-10/thing/file/download", request)
+        plugin = server.plugin
+        most = 0
+        try:
+            for _ in range(200):  # 2,000 requests of 128 KiB, never reading a reply
+                writer.write(block * 10)
+                await writer.drain()
+                most = max(most, plugin._blocks_in_flight.get(DeviceId("a1Test", "dev-10"), 0))
+                await asyncio.sleep(0)
+        except ConnectionError:
+            pass
+        assert most <= 4
+        # It is disconnected once it leaves too much unread, and nothing stays in flight.
+        assert await _until(lambda: not plugin._blocks_in_flight)
+        assert await _until(lambda: server.plugin.runtime.delivery.live_session(DeviceId("a1Test", "dev-10")) is None)
+        writer.close()
+    finally:
+        await server.stop()
