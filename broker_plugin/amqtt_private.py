@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import logging
 import math
@@ -211,8 +212,16 @@ def _hardened_initializer(broker: Broker) -> Any:
         if existing is not None and existing[0].transitions.is_connected():
             # Bug (2): a second CONNECT with the same client id must close the first.
             log.info("client id %r connected again; closing its previous connection", session.client_id)
+            # Bug (11): the old connection's will was published after the new CONNECT had
+            # replaced it (the new connection's "offline" went out while it was online). The
+            # client is back, so no will says it left.
+            existing[0].will_flag = False
             await existing[1].handle_connection_closed()
             await existing[1].stop()
+            # A clean_session=0 connect goes on with this same Session object: let the old
+            # connection's loop finish with it first, or it marks the session disconnected
+            # (and publishes the will copied below) while the new connection is live.
+            await existing[0].transitions.wait_disconnected(limits.connect_timeout)
         if session.clean_session:
             await broker._delete_session(session.client_id)
             session.parent = 0
@@ -385,10 +394,11 @@ class SessionStates:
     disconnected), without building a `transitions.Machine` per session: that machine was a
     third of the memory of an idle connection (16 KiB of 55 KiB)."""
 
-    __slots__ = ("_session", "state")
+    __slots__ = ("_session", "state", "_left")
 
     def __init__(self, session: Session) -> None:
         self._session, self.state = session, "new"
+        self._left: asyncio.Future[None] | None = None
 
     def connect(self) -> None:
         if self.state == "connected":
@@ -399,6 +409,18 @@ class SessionStates:
     def disconnect(self) -> None:
         self.state = "disconnected"
         self._session._on_enter_disconnected()
+        if self._left is not None and not self._left.done():
+            self._left.set_result(None)
+        self._left = None
+
+    async def wait_disconnected(self, timeout: float) -> None:
+        """Until the connection's loop marked the session disconnected (at most `timeout` s)."""
+        if self.state != "connected":
+            return
+        if self._left is None:
+            self._left = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._left), timeout)
 
     def is_new(self) -> bool:
         return self.state == "new"

@@ -263,3 +263,30 @@ async def test_block_requests_from_a_device_that_does_not_read_are_bounded(tmp_p
         writer.close()
     finally:
         await server.stop()
+
+
+async def test_a_take_over_publishes_no_will(limited: OtaServer) -> None:
+    reader, watcher = await open_raw(limited.mqtt_port)
+    watcher.write(device_connect("dev-11", client_id="dev-11-watch"))
+    assert await connack(reader) == 0
+    watcher.write(raw_mqtt.subscribe("/a1Test/dev-11/status"))
+    await asyncio.wait_for(reader.readexactly(5), 5)
+    for clean in (True, False):
+        first_reader, first = await open_raw(limited.mqtt_port)
+        first.write(device_connect("dev-11", clean=clean, will=("/a1Test/dev-11/status", b"offline-1", 0, False)))
+        assert await connack(first_reader) == 0
+        second_reader, second = await open_raw(limited.mqtt_port)
+        second.write(device_connect("dev-11", clean=clean, will=("/a1Test/dev-11/status", b"offline-2", 0, False)))
+        assert await connack(second_reader) == 0
+        try:  # the device is online: no will of either connection
+            early = await asyncio.wait_for(reader.read(100), 0.5)
+        except TimeoutError:
+            early = b""
+        assert early == b"", (clean, early)
+        # ...and the session is the new connection's (the old loop did not mark it disconnected).
+        assert limited.plugin.runtime.delivery.is_online(DeviceId("a1Test", "dev-11")), clean
+        reset(second)  # now it is gone: its own will, once
+        will = await asyncio.wait_for(reader.read(100), 5)
+        assert will.endswith(b"offline-2"), will
+        first.close()
+    watcher.close()
