@@ -493,4 +493,10 @@ async def batch_status_page(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.Response(text=json.dumps({"ok": True}), content_type="application/json")
+    """200 while the database takes writes; 503 with the reason while it does not (the journal
+    keeps the changes and retries) or was abandoned (data_dir deleted or replaced)."""
+    trouble = request.app[ENGINE].journal.trouble()
+    if trouble is None:
+        return web.Response(text=json.dumps({"ok": True, "status": "ok"}), content_type="application/json")
+    body = {"ok": False, "status": "degraded", "reason": trouble}
+    return web.Response(text=json.dumps(body), content_type="application/json", status=503)

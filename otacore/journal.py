@@ -8,11 +8,18 @@ order, so progress and bytes served cost one row write per tick however often th
 `commit()` is how a promise is kept: it returns once everything changed before the call is
 on disk; the engine awaits it before a push, URL, streamId or reply that names a new state
 leaves the process. Many such waits share one commit. A failed commit (disk full, I/O error)
-keeps its changes for the next attempt; waiters wait until they are written.
+keeps its changes for the next attempt, once a second; waiters wait until they are written, and
+`trouble()` says why meanwhile (for /healthz).
+
+Each transaction first checks (two stat() calls) that the database and its -wal are still the
+files the journal opened, and again after its COMMIT before anyone is told: a database deleted
+or replaced under the server gets nothing more, and the journal is abandoned for good (waiters
+are canceled: what they were waiting for was never kept).
 """
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import sqlite3
@@ -20,8 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .data_dir import file_id
 from .fleet_state import Changes, FleetState
-from .store import load_state
+from .store import StoreError, database_error, load_state
 
 log = logging.getLogger("ota.journal")
 
@@ -56,35 +64,48 @@ _ORDER = (_JOB_UPSERT, _EVENT_INSERT, _VERSION_UPSERT, _BATCH_UPSERT, _TARGET_IN
 Rows = dict[str, list[tuple[Any, ...]]]
 
 
+class DatabaseMoved(Exception):
+    """The database (or its -wal) at the journal's path is not the file it opened."""
+
+
 class Journal:
     """Open with `Journal.open(path)` after `Store.open` has made the schema; then `start()`."""
 
-    def __init__(self, db: sqlite3.Connection, state: FleetState, clock: Callable[[], float]) -> None:
+    def __init__(self, db: sqlite3.Connection, state: FleetState, clock: Callable[[], float], path: Path) -> None:
         self._db = db
         self.state = state
         self._clock = clock
+        self.path = path
+        # The -wal holds the latest commits until a checkpoint: deleting it loses them too.
+        self._files = (path, path.with_name(path.name + "-wal"))
+        self._ids = tuple(file_id(f) for f in self._files)
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
         self._last_error = ""
+        self._failing_since: float | None = None
+        self.abandoned: str | None = None  # why nothing more is written
         self._writing = False
         self.commits = 0
 
     @classmethod
     def open(cls, path: Path, clock: Callable[[], float]) -> "Journal":
         """Connect and load the state the database holds (blocking; once at start)."""
-        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # a committed transaction survives kill -9
-            db.execute("PRAGMA busy_timeout=5000")
-            state = load_state(db)
-        except BaseException:
-            db.close()
-            raise
-        return cls(db, state, clock)
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")  # after this the -wal exists until we close
+                db.execute("PRAGMA synchronous=NORMAL")  # a committed transaction survives kill -9
+                db.execute("PRAGMA busy_timeout=5000")
+                state = load_state(db)
+            except BaseException:
+                db.close()
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(database_error(path, exc)) from None
+        return cls(db, state, clock, path)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ota-journal")
@@ -97,23 +118,57 @@ class Journal:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         for _ in range(attempts):
-            if await self._flush():
+            if await self._flush() or self.abandoned is not None:
                 break
             await asyncio.sleep(RETRY_SECONDS)
-        else:
+        if self.state.changes:
             log.error("shutting down with changes the database did not take; the devices concerned will "
                       "report again and be offered their upgrade again")
+        self._cancel_waiters()  # nobody is told what was not kept
         self._closed = True
         self._db.close()
 
+    def moved(self) -> str | None:
+        """Why the database at our path is not the file we opened (deleted, replaced), or None."""
+        if tuple(file_id(f) for f in self._files) != self._ids:
+            return f"database {self.path} (or its -wal) was deleted or replaced while the server ran"
+        return None
+
+    def abandon(self, reason: str) -> None:
+        """Write nothing more, for good: the files at our path are not ours. Changes not yet
+        written stay so; whoever waits for them is canceled."""
+        if self.abandoned is None:
+            self.abandoned = reason
+            self._cancel_waiters()
+            self._wake.set()
+
+    def trouble(self) -> str | None:
+        """Why changes are not reaching the disk now, or None when they are."""
+        if self.abandoned is not None:
+            return self.abandoned
+        if self._failing_since is None:
+            return None
+        since = datetime.datetime.fromtimestamp(self._failing_since).astimezone().isoformat(timespec="seconds")
+        return f"database writes failing since {since}: {self._last_error}"
+
+    def _cancel_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.cancel()
+
     async def commit(self) -> None:
-        """Return once every change made before this call is committed."""
+        """Return once every change made before this call is committed. Canceled (CancelledError)
+        when the journal was abandoned: what the caller waits for will never be written."""
         if self._closed:
             raise RuntimeError("the journal is closed")
+        if self.abandoned is not None:
+            raise asyncio.CancelledError(self.abandoned)
         if not self.state.changes and not self._writing:
             return
         if self._task is None:  # not started: write in place, until it works
             while not await self._flush():
+                if self.abandoned is not None:
+                    raise asyncio.CancelledError(self.abandoned)
                 await asyncio.sleep(RETRY_SECONDS)
             return
         waiter = asyncio.get_running_loop().create_future()
@@ -122,42 +177,59 @@ class Journal:
         await waiter
 
     async def _run(self) -> None:
-        while not self._closing:
+        while not self._closing and self.abandoned is None:
             if not self._waiters:
                 try:
                     await asyncio.wait_for(self._wake.wait(), TICK_SECONDS)
                 except TimeoutError:
                     pass
             self._wake.clear()
-            if not await self._flush():
+            if not await self._flush() and self.abandoned is None:
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def _flush(self) -> bool:
         """One transaction with everything changed so far; True when it is on disk (or empty)."""
+        if self.abandoned is not None:
+            return False
         changes, waiters = self.state.take_changes(), self._waiters
         self._waiters = []
         if changes:
             self._writing = True
             try:
                 await asyncio.to_thread(self._write, self._rows(changes))
-            except (sqlite3.Error, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001  (whatever it was, the changes are kept)
                 self.state.give_back(changes)
                 self._waiters[:0] = waiters
-                if str(exc) != self._last_error:
-                    log.error("cannot write the database (%s); retrying every %gs, devices wait for "
-                              "what they were promised", exc, RETRY_SECONDS)
-                    self._last_error = str(exc)
+                self._failed(exc)
                 return False
             finally:
                 self._writing = False
-            if self._last_error:
-                log.info("database writes work again")
-                self._last_error = ""
-            self.commits += 1
+            self._succeeded()
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
         return True
+
+    def _failed(self, exc: Exception) -> None:
+        if isinstance(exc, DatabaseMoved):
+            self.abandon(str(exc))
+            return
+        if self._failing_since is None:
+            self._failing_since = self._clock()
+        if str(exc) == self._last_error:
+            return  # said once per streak and kind
+        self._last_error = str(exc)
+        if isinstance(exc, (sqlite3.Error, OSError)):
+            log.error("cannot write the database (%s); retrying every %gs, devices wait for what they were "
+                      "promised", exc, RETRY_SECONDS)
+        else:  # a bug, not the disk: the traceback is for us
+            log.error("cannot write the database; retrying every %gs", RETRY_SECONDS, exc_info=exc)
+
+    def _succeeded(self) -> None:
+        if self._last_error:
+            log.info("database writes work again")
+        self._last_error, self._failing_since = "", None
+        self.commits += 1
 
     def _rows(self, changes: Changes) -> Rows:
         """Parameters for each statement, taken from memory now (in the event loop), so the
@@ -186,7 +258,10 @@ class Journal:
         }
 
     def _write(self, rows: Rows) -> None:
+        self._check_files()
         db = self._db
+        if db.in_transaction:  # a ROLLBACK that failed last time (I/O error) left it open
+            db.execute("ROLLBACK")
         db.execute("BEGIN IMMEDIATE")
         try:
             for statement in _ORDER:
@@ -197,3 +272,9 @@ class Journal:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        self._check_files()  # moved during the transaction: committed to a file nobody will read
+
+    def _check_files(self) -> None:
+        reason = self.moved()
+        if reason is not None:
+            raise DatabaseMoved(reason)

@@ -1,6 +1,7 @@
-"""The run-time database: its schema, opening it, loading the engine's state from it, and the
-async reads that admins, `otactl` and tests make (SQLite in WAL mode, so they read while the
-server's journal writes; see journal.py for the writing side).
+"""The run-time database: its schema, opening it, checking it at start, loading the engine's
+state from it, and the async reads that admins, `otactl` and tests make (SQLite in WAL mode, so
+they read while the server's journal writes; see journal.py for the writing side). A database
+that cannot be used is a StoreError whose message says what is wrong and what to do.
 """
 from __future__ import annotations
 
@@ -25,6 +26,38 @@ SCHEMA_VERSION = 2
 
 class StoreError(Exception):
     """The database cannot be used as it is; the message says why and what to do."""
+
+
+def _damaged(path: Path, problem: str) -> str:
+    return (f"database {path} is damaged ({problem}); restore it from a backup, or move {path.name}* out of "
+            f"{path.parent} to start with an empty database (its jobs and history are then lost)")
+
+
+def database_error(path: Path, exc: sqlite3.Error) -> str:
+    """One line for a user: what is wrong with the database at `path`, and what to do."""
+    name = getattr(exc, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return _damaged(path, str(exc))
+    return (f"cannot use database {path} ({exc}); check that it and {path.parent} are readable and writable "
+            "by this user and that the disk has room")
+
+
+def check_database(path: Path) -> None:
+    """Refuse a damaged database before anything reads it (blocking; once, at start).
+    `PRAGMA quick_check` reads every page once: a second or so per few hundred MB."""
+    if not path.exists():
+        return  # made empty by Store.open
+    try:
+        db = sqlite3.connect(path)
+        try:
+            problems = [row[0] for row in db.execute("PRAGMA quick_check(5)") if row[0] != "ok"]
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise StoreError(database_error(path, exc)) from None
+    if problems:
+        more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise StoreError(_damaged(path, f"quick_check: {problems[0]}{more}"))
 
 
 SCHEMA = """
@@ -105,7 +138,15 @@ class Store:
 
     @classmethod
     async def open(cls, path: Path) -> "Store":
+        """Open, and make or migrate the schema; StoreError if the file cannot be used."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return cls(await cls._connect(path))
+        except sqlite3.Error as exc:
+            raise StoreError(database_error(path, exc)) from None
+
+    @staticmethod
+    async def _connect(path: Path) -> aiosqlite.Connection:
         db = await aiosqlite.connect(path)
         try:
             await db.execute("PRAGMA journal_mode=WAL")
@@ -132,7 +173,7 @@ class Store:
         except BaseException:
             await db.close()  # its worker thread would keep the process alive
             raise
-        return cls(db)
+        return db
 
     async def close(self) -> None:
         await self._db.close()
