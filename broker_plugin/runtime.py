@@ -1,5 +1,11 @@
 """The one place that assembles the OTA server inside a broker: settings, store, journal,
-engine, HTTP sidecar; and takes them down in order."""
+engine, HTTP sidecar; and takes them down in order.
+
+While it runs, it checks every second (a few stat() calls, in a worker thread) that data_dir
+and the database are the ones it opened. If not (deleted, replaced) it writes nothing more,
+logs the reason and calls `on_fatal` (ota-server then stops, exit status 1); it also puts a
+deleted data_dir/admin-token back.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -7,26 +13,29 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
 from amqtt.session import Session
 
 from fileserver.app import create_app
+from fileserver.connection_guard import HttpSite
 from otacore.catalog import Catalog
 from otacore.credentials import check_mqtt_login
-from otacore.data_dir import (DataDirLock, admin_token, database_path, remove_server_info, url_signing_key,
-                              write_server_info)
+from otacore.data_dir import (DataDirLock, DataDirWatch, admin_token, database_path, remove_server_info,
+                              url_signing_key, write_server_info)
 from otacore.engine import OtaEngine
 from otacore.journal import Journal
 from otacore.settings import Settings
-from otacore.store import Store
+from otacore.store import Store, check_database
 
 from .amqtt_private import SessionDelivery, broker_of, mqtt_connections, mqtt_listening_sockets
 from .connection_budget import ConnectionBudget
 
 log = logging.getLogger("ota.server")
+
+WATCH_SECONDS = 1.0
 
 
 class OtaRuntime:
@@ -38,16 +47,20 @@ class OtaRuntime:
         self.admin_token = ""
         self.http_url = ""
         self.startup_error: BaseException | None = None
+        self.fatal_error: str | None = None  # why it stopped writing while running
+        self.on_fatal: Callable[[], None] | None = None  # ota-server: stop the process
         self._runner: web.AppRunner | None = None
         self._lock = DataDirLock(settings.data_dir)
         self._tasks: set[asyncio.Task[None]] = set()
         self._budget: ConnectionBudget | None = None
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()  # before touching the database another server may be using
         database = database_path(settings.data_dir)
+        await asyncio.to_thread(check_database, database)  # a damaged one: refused with what to do
         self.store = await Store.open(database)  # makes or migrates the schema first
         journal = await asyncio.to_thread(Journal.open, database, time.time)
         self.engine = OtaEngine(settings, self.store, journal, self.delivery, url_signing_key(settings.data_dir))
@@ -65,10 +78,12 @@ class OtaRuntime:
             tls.load_cert_chain(settings.tls_certfile, settings.tls_keyfile)
         separate_tls = tls is not None and settings.tls_port is not None
         # With http.tls.bind, plain HTTP stays on http.bind and HTTPS gets its own address.
-        await web.TCPSite(self._runner, settings.http_host, settings.http_port,
-                          ssl_context=None if separate_tls else tls).start()
+        # HttpSite: a TCPSite whose connections the header deadline and the cap on waiting
+        # connections see from their accept (fileserver/connection_guard.py).
+        await HttpSite(self._runner, settings.http_host, settings.http_port,
+                       ssl_context=None if separate_tls else tls).start()
         if separate_tls:
-            await web.TCPSite(self._runner, settings.tls_host, settings.tls_port, ssl_context=tls).start()
+            await HttpSite(self._runner, settings.tls_host, settings.tls_port, ssl_context=tls).start()
         host, port = self._runner.addresses[0][:2]
         scheme = "https" if tls is not None and not separate_tls else "http"
         connect_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -78,10 +93,47 @@ class OtaRuntime:
         self._write_server_info()
         self._budget = ConnectionBudget(self._connections, self._listening_sockets)
         self._budget.start()
+        watch = DataDirWatch(settings.data_dir, self._lock.identity,
+                             None if settings.admin_token else self.admin_token)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_data_dir(watch), name="ota-data-dir")
+        self._watch.add_done_callback(self._done)  # a failure is logged
         catalog = loaded.catalog
         log.info("OTA: public URL %s; catalog %s: %d products, %d packages, %d batches",
                  settings.public_url, catalog.path, len(catalog.products), len(catalog.packages),
                  len(catalog.batches))
+
+    async def _watch_data_dir(self, watch: DataDirWatch) -> None:
+        assert self.engine is not None
+        journal, last_error = self.engine.journal, ""
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            try:
+                reason = await asyncio.to_thread(self._check_data_dir, watch, journal)
+            except OSError as exc:  # e.g. data_dir made unreadable: not a replacement; said once
+                if str(exc) != last_error:
+                    log.warning("OTA: cannot check data_dir %s: %s", watch.data_dir, exc)
+                    last_error = str(exc)
+                continue
+            if reason is not None:
+                self._stop_writing(reason)
+                return
+
+    @staticmethod
+    def _check_data_dir(watch: DataDirWatch, journal: Journal) -> str | None:
+        """Why the server must stop writing, or None (blocking: a few stat() calls)."""
+        reason = watch.moved() or journal.abandoned or journal.moved()
+        if reason is None:
+            watch.restore_token()
+        return reason
+
+    def _stop_writing(self, reason: str) -> None:
+        self.fatal_error = reason
+        if self.engine is not None:
+            self.engine.journal.abandon(reason)
+        log.error("OTA: %s; stopping without writing to it again: start ota-server again to use what is there "
+                  "now", reason)
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def _crowded(self) -> bool:
         return self._budget is not None and self._budget.paused
@@ -123,6 +175,10 @@ class OtaRuntime:
                                                    "catalog": str(self.settings.catalog_path)})
 
     async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
         if self._budget is not None:
             await self._budget.stop()
             self._budget = None

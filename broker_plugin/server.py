@@ -1,7 +1,9 @@
 """`ota-server`: runs the amqtt broker with the OTA plugins from broker.yaml (CONFIG.md).
 
 A thin wrapper: it reads broker.yaml, applies the command-line overrides, checks the OTA
-settings and the catalog (a bad config is a one-line exit), and starts amqtt's Broker.
+settings and the catalog (a bad config, a data_dir in use or a damaged database is a one-line
+exit), and starts amqtt's Broker. It stops on SIGINT/SIGTERM (exit status 0), or with status 1
+when the OTA runtime finds its data_dir or database deleted or replaced under it.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 
 from otacore.catalog import load_catalog
 from otacore.config_files import BrokerConfigFile, read_broker_config
+from otacore.data_dir import DataDirInUse
 from otacore.errors import ConfigError
 from otacore.settings import PLUGIN_PATH, split_host_port
 
@@ -116,15 +119,16 @@ async def serve(broker_config: dict[str, Any]) -> int:
     finally:
         broker_log.setLevel(level)
     if runtime.startup_error is not None:
-        error = runtime.startup_error
-        message = error.one_line() if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"
-        print(f"ota-server: {message}", file=sys.stderr)
+        print(f"ota-server: {_one_line(runtime.startup_error)}", file=sys.stderr)
         return 1
     for name, listener in broker.listeners_config.items():
         if "bind" in listener:
             log.info("MQTT listener %r on %s", name, listener["bind"])
     log.info("ready; admin token in %s (or admin.token in broker.yaml)", runtime.settings.data_dir / "admin-token")
     stop = asyncio.Event()
+    runtime.on_fatal = stop.set  # the runtime logged why
+    if runtime.fatal_error is not None:
+        stop.set()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -132,7 +136,17 @@ async def serve(broker_config: dict[str, Any]) -> int:
     await stop.wait()
     log.info("shutting down")
     await broker.shutdown()
-    return 0
+    return 0 if runtime.fatal_error is None else 1
+
+
+def _one_line(error: BaseException) -> str:
+    from otacore.store import StoreError  # late, like the broker: it pulls in aiosqlite
+
+    if isinstance(error, ConfigError):
+        return error.one_line()
+    if isinstance(error, (StoreError, DataDirInUse)):
+        return str(error)  # says what to do already
+    return f"{type(error).__name__}: {error}"
 
 
 async def _reload(runtime: Any) -> None:

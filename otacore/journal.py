@@ -121,12 +121,21 @@ class Journal:
             if await self._flush() or self.abandoned is not None:
                 break
             await asyncio.sleep(RETRY_SECONDS)
-        if self.state.changes:
+        if self.state.changes and self.abandoned is None:  # abandoned: whoever abandoned it said why
             log.error("shutting down with changes the database did not take; the devices concerned will "
                       "report again and be offered their upgrade again")
         self._cancel_waiters()  # nobody is told what was not kept
+        if self.abandoned is not None:
+            self._remove_own_wal()
         self._closed = True
-        self._db.close()
+        self._db.close()  # SQLite neither checkpoints nor deletes anything once the file has moved
+
+    def _remove_own_wal(self) -> None:
+        """Abandoned: our -wal, if still at our path, would be replayed into whatever database
+        is there now (a backup moved over ours, say): take it away."""
+        wal = self._files[1]
+        if file_id(wal) == self._ids[1]:
+            wal.unlink(missing_ok=True)
 
     def moved(self) -> str | None:
         """Why the database at our path is not the file we opened (deleted, replaced), or None."""

@@ -56,8 +56,9 @@ def check_database(path: Path) -> None:
     except sqlite3.Error as exc:
         raise StoreError(database_error(path, exc)) from None
     if problems:
+        first = " ".join(problems[0].replace("*** in database main ***", "").split())  # it spans lines
         more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
-        raise StoreError(_damaged(path, f"quick_check: {problems[0]}{more}"))
+        raise StoreError(_damaged(path, f"quick_check: {first}{more}"))
 
 
 SCHEMA = """
