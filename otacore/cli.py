@@ -1,4 +1,7 @@
-"""`otactl`: validate the catalog, reload the running server, show upgrade progress."""
+"""`otactl`: validate the catalog, reload the running server, show upgrade progress.
+
+It reads the admin token (data_dir/admin-token or admin.token in broker.yaml) and never writes
+one: only the server makes it, and puts it back if it is deleted while the server runs."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import sqlite3
 import ssl
 import sys
 import time
@@ -21,10 +25,10 @@ from .catalog_loading import LoadedCatalog, prepare_catalog
 from .package_files import HashCache
 from .errors import ConfigError, ConfigIssue
 from .reload_rules import reload_issues
-from .data_dir import admin_token, database_path, read_server_info
+from .data_dir import NoAdminToken, database_path, read_admin_token, read_server_info
 from .settings import Settings
 from .status import batch_report, batch_summaries
-from .store import Store
+from .store import Store, StoreError, database_error
 
 
 
@@ -94,10 +98,13 @@ def _running_server(settings: Settings) -> dict[str, Any]:
 def _admin_request(settings: Settings, method: str, path: str,
                    body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
     base = _running_server(settings)["http_url"]
+    try:
+        token = read_admin_token(settings.data_dir, settings.admin_token)
+    except NoAdminToken as exc:
+        raise SystemExit(f"otactl: {exc}") from None
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(f"{base}{path}", method=method, data=data, headers={
-        "Authorization": f"Bearer {admin_token(settings.data_dir, settings.admin_token)}",
-        "Content-Type": "application/json"})
+        "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     context = None
     if base.startswith("https://") and settings.tls_certfile is not None:
         # Our own server at a loopback address: trust exactly its certificate, whatever name it bears.
@@ -162,6 +169,8 @@ async def _status(settings: Settings, batch: str | None) -> dict[str, Any]:
         if report is None:
             raise SystemExit(f"otactl: no batch named {batch!r}; `otactl status` lists them")
         return report
+    except sqlite3.Error as exc:  # e.g. a damaged page met while reading
+        raise SystemExit(f"otactl: {database_error(db, exc)}") from None
     finally:
         await store.close()
 
@@ -231,6 +240,14 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as exc:
         print(f"otactl: {exc.one_line()}", file=sys.stderr)
         return 1
+    try:
+        return _run(args, settings)
+    except StoreError as exc:
+        print(f"otactl: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "validate":
         return cmd_validate(settings)
     if args.command == "reload":
