@@ -22,7 +22,9 @@ import asyncio
 import datetime
 import json
 import logging
+import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,16 +128,25 @@ class Journal:
                       "report again and be offered their upgrade again")
         self._cancel_waiters()  # nobody is told what was not kept
         if self.abandoned is not None:
-            self._remove_own_wal()
+            self._set_own_wal_aside()
         self._closed = True
         self._db.close()  # SQLite neither checkpoints nor deletes anything once the file has moved
 
-    def _remove_own_wal(self) -> None:
-        """Abandoned: our -wal, if still at our path, would be replayed into whatever database
-        is there now (a backup moved over ours, say): take it away."""
+    def _set_own_wal_aside(self) -> None:
+        """Abandoned: our -wal, if still at our path, would be replayed into whatever database is
+        there now (a backup moved over ours, say). Renamed, not deleted: it holds the latest
+        writes of the file we opened, wherever that went."""
         wal = self._files[1]
-        if file_id(wal) == self._ids[1]:
-            wal.unlink(missing_ok=True)
+        if file_id(wal) != self._ids[1]:
+            return
+        aside = wal.with_name(f"{wal.name}.orphaned-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            os.rename(wal, aside)
+        except OSError as exc:
+            log.error("cannot move %s aside (%s); move it away before the next start", wal, exc)
+            return
+        log.warning("moved %s to %s: it holds the latest writes of the database file that was at %s; to get "
+                    "them back, put it beside that file as <file>-wal", wal, aside.name, self.path)
 
     def moved(self) -> str | None:
         """Why the database at our path is not the file we opened (deleted, replaced), or None."""

@@ -147,10 +147,12 @@ async def test_database_replaced_stops_the_server_and_the_new_file_is_untouched(
         errors = error_lines(output)
         assert len(errors) == 1 and f"database {server.db} (or its -wal) was deleted or replaced" in errors[0]
         assert "Traceback" not in output
-        # The restored file is as the admin put it, and no -wal of the old one is left to mix in.
+        # The restored file is as the admin put it, and the old one's -wal is set aside, not mixed in.
         assert server.db.read_bytes() == restored
         assert not (server.var / "ota.sqlite3-wal").exists()
         assert read(server.db, "SELECT state, message FROM jobs") == [("in_progress", "from the backup")]
+        [aside] = server.var.glob("ota.sqlite3-wal.orphaned-*")
+        assert f"moved {server.var / 'ota.sqlite3-wal'} to {aside.name}" in output
     finally:
         with contextlib.suppress(Exception):
             await device.__aexit__(None, None, None)
