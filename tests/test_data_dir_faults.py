@@ -145,7 +145,7 @@ async def test_database_replaced_stops_the_server_and_the_new_file_is_untouched(
         report.cancel()
         assert code == 1, output
         errors = error_lines(output)
-        assert len(errors) == 1 and f"database {server.db} (or its -wal) was deleted or replaced" in errors[0]
+        assert len(errors) == 1 and f"database {server.db} was deleted or replaced" in errors[0]
         assert "Traceback" not in output
         # The restored file is as the admin put it, and the old one's -wal is set aside, not mixed in.
         assert server.db.read_bytes() == restored
