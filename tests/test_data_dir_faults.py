@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import otacore.journal as journal_module
 from conftest import UPGRADE_BATCH
 from harness import PK, Device, OtaServer, free_port, write_catalog
 from otacore.credentials import DeviceId
-from otacore.data_dir import DataDirInUse, write_server_info
+from otacore.data_dir import DataDirInUse, DataDirLock, write_server_info
 from otacore.journal import Journal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -181,6 +182,25 @@ async def test_a_second_server_is_refused_even_without_the_lock_file_or_the_data
         await first.stop()
     second = await OtaServer(tmp_path).start()  # once the first one is gone
     await second.stop()
+
+
+def test_the_lock_is_on_the_directory_itself(tmp_path: Path) -> None:
+    """Without the path-named socket too (another OS, or a data_dir reached by a bind mount):
+    a directory another process has flocked is refused, whatever files it holds."""
+    data_dir = tmp_path / "var"
+    data_dir.mkdir()
+    other = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DataDirInUse, match=r"another ota-server \(pid \?\) uses data_dir"):
+            DataDirLock(data_dir).acquire()
+        assert not (data_dir / "ota-server.lock").exists()
+    finally:
+        os.close(other)
+    lock = DataDirLock(data_dir)
+    lock.acquire()  # free again
+    assert (data_dir / "ota-server.lock").read_text().strip() == str(os.getpid())
+    lock.release()
 
 
 async def _degraded(server: OtaServer) -> bool:
