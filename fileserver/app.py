@@ -28,6 +28,7 @@ from otacore.package_files import DownloadFile
 from otacore.signed_urls import UrlRejected
 from otacore.status import batch_report, batch_summaries
 
+from .connection_guard import GUARD, ConnectionGuard
 from .status_page import batch_page, batches_page
 
 log = logging.getLogger("ota.http")
@@ -45,6 +46,10 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
     app[ENGINE], app[ADMIN_TOKEN], app[CROWDED] = engine, admin_token, crowded
     app[OPEN_FILES] = OpenPackageFiles()
     app.on_cleanup.append(_close_open_files)
+    # Listeners made with HttpSite report their connections to it (connection_guard.py).
+    app[GUARD] = ConnectionGuard(engine.settings.header_timeout_seconds, engine.settings.max_unauthenticated)
+    app.on_startup.append(_start_guard)
+    app.on_cleanup.append(_stop_guard)
     app.router.add_get("/files/{key}/{name}", download)  # also answers HEAD
     app.router.add_get("/base-api/api/v1/get_ota_info", get_ota_info)
     app.router.add_post("/base-api/api/v1/write_ota_info", write_ota_info)
@@ -62,6 +67,14 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
 
 async def _close_open_files(app: web.Application) -> None:
     app[OPEN_FILES].close()
+
+
+async def _start_guard(app: web.Application) -> None:
+    app[GUARD].start()
+
+
+async def _stop_guard(app: web.Application) -> None:
+    await app[GUARD].stop()
 
 
 def _error(status: int, message: str, challenge: str | None = None) -> web.Response:

@@ -1,0 +1,179 @@
+"""What an HTTP client can make the file server hold before it has sent a request.
+
+A connection has `limits.header_timeout_seconds` to send complete request headers: from
+its accept, and on keep-alive from the end of its previous response. One that has not is
+closed (slowloris: a socket held open, or headers sent a byte at a time). And of the
+connections waiting for request headers, at most `limits.max_unauthenticated` are held:
+past that the one waiting longest is closed, so many devices behind one address are never
+capped, but sockets held open cannot starve everyone else.
+
+aiohttp 3.14's keep-alive timer happens to close such connections too, but only at the
+keep-alive timeout, and older releases (pyproject allows 3.9) leave a connection that never
+sends a request open for good. A sweep over `web.Server.connections` (public) decides, with
+two private attributes of aiohttp's RequestHandler read and checked once at start: `_waiter`
+(pending while it waits for the next request) and `_request_count` (requests parsed so far).
+`HttpSite` sees each connection at its accept (for the cap) and holds the TLS handshake to
+the same deadline (asyncio's default is 60 s).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+
+import aiohttp
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+log = logging.getLogger("ota.http")
+
+_PRIVATE = ("_waiter", "_request_count")
+
+
+def check_aiohttp() -> None:
+    """Fail at start, not silently, if aiohttp no longer has what the sweep reads."""
+    slots = {name for cls in RequestHandler.__mro__ for name in getattr(cls, "__slots__", ())}
+    missing = [name for name in _PRIVATE if name not in slots]
+    if missing or not callable(getattr(RequestHandler, "force_close", None)):
+        lacking = ", ".join(missing) or "force_close"
+        raise RuntimeError(f"aiohttp {aiohttp.__version__}: RequestHandler has no {lacking}, which "
+                           "fileserver/connection_guard.py reads to enforce limits.header_timeout_seconds; "
+                           "install an aiohttp release it knows or update connection_guard.py")
+
+
+def _waiting_for_request(handler: RequestHandler) -> bool:
+    waiter = handler._waiter
+    return waiter is not None and not waiter.done()
+
+
+class ConnectionGuard:
+    """The header deadline and the cap on connections waiting for a request, for one server."""
+
+    def __init__(self, header_timeout: float, max_waiting: int) -> None:
+        check_aiohttp()
+        self.header_timeout, self.max_waiting = header_timeout, max_waiting
+        # Connections waiting for request headers -> (requests parsed then, since when);
+        # oldest first. A changed count means a request came meanwhile.
+        self._waiting: dict[RequestHandler, tuple[int, float]] = {}
+        self._server: web.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._timed_out = self._evicted = 0  # since the last log line
+        self._logged = -math.inf
+
+    @property
+    def sweep_seconds(self) -> float:
+        return min(1.0, self.header_timeout / 4)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ota-http-guard")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self._waiting.clear()
+
+    def protocol_factory(self, server: web.Server) -> Callable[[], RequestHandler]:
+        """What a listener calls for each accepted connection: `server`'s, watched from now."""
+        self._server = server
+
+        def accepted() -> RequestHandler:
+            handler = server()
+            self._waiting[handler] = (0, asyncio.get_running_loop().time())
+            if len(self._waiting) > self.max_waiting:
+                self._evict_oldest()
+            return handler
+
+        return accepted
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_seconds)
+            try:
+                self.sweep()
+            except Exception:  # keep guarding; the next sweep starts over
+                log.exception("HTTP connection sweep failed")
+
+    def sweep(self) -> None:
+        """Close connections past the header deadline; track the ones now waiting."""
+        if self._server is None:
+            return
+        now = asyncio.get_running_loop().time()
+        waiting: dict[RequestHandler, tuple[int, float]] = {}
+        for handler in self._server.connections:
+            count = handler._request_count
+            known = self._waiting.get(handler)
+            if known is not None and known[0] == count:
+                since = known[1]  # still the same wait
+            elif _waiting_for_request(handler):
+                since = now  # a new wait: its previous response has finished
+            else:
+                continue  # busy with a request
+            if now - since >= self.header_timeout and handler.transport is not None:
+                self._timed_out += count == 0  # idle keep-alive ending is routine; never asking is not
+                handler.force_close()
+            else:
+                waiting[handler] = (count, since)
+        # Connections still in their TLS handshake are not in server.connections yet: asyncio
+        # ends the handshake at the same deadline, and the next sweep sees them once connected.
+        self._waiting = dict(sorted(waiting.items(), key=lambda entry: entry[1][1]))
+        if len(self._waiting) > self.max_waiting:
+            self._evict_oldest()
+        self._report(now)
+
+    def _evict_oldest(self) -> None:
+        while len(self._waiting) > self.max_waiting:
+            handler, (count, _) = next(iter(self._waiting.items()))
+            del self._waiting[handler]
+            # Sent a request meanwhile: it is no longer waiting. Not connected yet (the
+            # moment after accept, or a TLS handshake): the next sweep counts it again.
+            if handler._request_count == count and handler.transport is not None:
+                self._evicted += 1
+                handler.force_close()
+
+    def _report(self, now: float) -> None:
+        """One line a minute at most: under attack every sweep closes something."""
+        if not (self._timed_out or self._evicted) or now - self._logged < 60:
+            return
+        self._logged = now
+        if self._evicted:
+            log.warning("HTTP: %d connection(s) closed, oldest first, over limits.max_unauthenticated (%d "
+                        "waiting for a request), and %d that sent no request within %g s", self._evicted,
+                        self.max_waiting, self._timed_out, self.header_timeout)
+        else:
+            log.info("HTTP: %d connection(s) closed that sent no request within %g s "
+                     "(limits.header_timeout_seconds)", self._timed_out, self.header_timeout)
+        self._timed_out = self._evicted = 0
+
+
+GUARD = web.AppKey("connection_guard", ConnectionGuard)
+
+
+class HttpSite(web.BaseSite):
+    """web.TCPSite whose connections the app's ConnectionGuard sees from their accept, and
+    whose TLS handshake has the header deadline (TCPSite cannot pass it to asyncio)."""
+
+    __slots__ = ("_host", "_port", "_guard")
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *,
+                 ssl_context: object | None = None, backlog: int = 128) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)  # type: ignore[arg-type]
+        self._host, self._port = host, port
+        self._guard = runner.app[GUARD]
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()  # registers the site with its runner
+        server = self._runner.server
+        assert server is not None  # runner.setup() made it
+        tls = self._ssl_context is not None
+        # `_server`: where BaseSite.stop and runner.addresses look for the listener.
+        self._server = await asyncio.get_running_loop().create_server(
+            self._guard.protocol_factory(server), self._host, self._port, ssl=self._ssl_context,
+            backlog=self._backlog, ssl_handshake_timeout=self._guard.header_timeout if tls else None)
