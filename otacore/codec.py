@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,10 @@ from .catalog import DEFAULT_MODULE
 MAX_JSON_BYTES = 64 * 1024
 MAX_DESC = 128
 MIN_BLOCK, MAX_BLOCK = 256, 131072
+# A whole number as devices write it: ASCII digits, an optional sign. int() alone would also
+# take '٣' (any Unicode digit), '1_000' and ' 7 ', and float() takes '1.5e999' (infinity).
+_ASCII_INTEGER = re.compile(r"[+-]?[0-9]+")
+_SHOWN = 40  # characters of a device's value quoted back in an error
 
 
 class PayloadError(ValueError):
@@ -128,11 +133,9 @@ def parse_version_report(message: dict[str, Any]) -> VersionReport:
 
 
 def parse_step(value: Any) -> int:
-    text = _text(value, "step")
-    try:
-        step = int(float(text)) if text and "." in text else int(text or "")
-    except ValueError:
-        raise PayloadError(f"step {text!r} is not a number") from None
+    if value is None:
+        raise PayloadError("missing step")
+    step = _int(value, "step")
     if not (1 <= step <= 100 or step in (-1, -2, -3, -4)):
         raise PayloadError(f"step {step} is outside 1..100 and -1..-4")
     return step
@@ -153,16 +156,29 @@ def parse_firmware_request(message: dict[str, Any]) -> FirmwareRequest:
                            _module(params.get("module")))
 
 
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else f"{text[:_SHOWN]}..."
+
+
 def _int(value: Any, name: str) -> int:
-    if isinstance(value, bool):
-        raise PayloadError(f"{name} must be an integer")
-    try:
-        number = int(value)
-    except (TypeError, ValueError, OverflowError):
-        raise PayloadError(f"{name} must be an integer") from None
-    if not -(2**63) <= number < 2**63:
+    """A JSON integer (or a float with no fraction, e.g. 45.0), or a string of ASCII digits
+    with an optional sign, within 64 bits; PayloadError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise PayloadError(f"{name} must be an integer, got {_shown(value)}")
+    if isinstance(value, float):
+        if not value.is_integer():  # also NaN and infinity, which JSON parsers let through
+            raise PayloadError(f"{name} must be an integer, got {_shown(value)}")
+        value = int(value)
+    elif isinstance(value, str):
+        if not _ASCII_INTEGER.fullmatch(value):
+            raise PayloadError(f"{name} must be an integer in ASCII digits, got {_shown(value)}")
+        if len(value) > 20:  # past 64 bits whatever the digits; int() of a long string costs
+            raise PayloadError(f"{name} is out of range")
+        value = int(value)
+    if not -(2**63) <= value < 2**63:
         raise PayloadError(f"{name} is out of range")
-    return number
+    return value
 
 
 def parse_block_request(message: dict[str, Any]) -> BlockRequest:

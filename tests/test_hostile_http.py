@@ -1,8 +1,10 @@
 """The HTTP edge against clients that misbehave on purpose: sockets held open without a
-request, headers sent a line at a time. Real server on loopback, raw sockets."""
+request, headers sent a line at a time, numbers no device writes. Real server on loopback,
+raw sockets where a client library would refuse to send the bytes."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -12,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import UPGRADE_BATCH
-from harness import BASE_CATALOG, OtaServer, make_firmware, write_catalog
+from harness import BASE_CATALOG, Device, OtaServer, device_secret, make_firmware, write_catalog
+from otacore.codec import PayloadError, parse_block_request, parse_step
 
 SIZE = 160_000  # fw-1.1.0.bin
 FILE = "/files/fw-1.1.0/fw-1.1.0.bin"
@@ -139,3 +142,51 @@ async def test_past_max_unauthenticated_the_oldest_waiting_sockets_are_closed(tm
         for _, writer in sockets:
             writer.close()
         await server.stop()
+
+
+# -- numbers from devices -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("step", ["1.5e999", "\u0663", "1_000", " 7", "45.5", "\uff15", "1e2", "0x10",
+                                  45.5, float("inf"), float("nan"), 1e300, "9" * 40])
+def test_a_step_is_an_ascii_or_json_integer(step: object) -> None:
+    with pytest.raises(PayloadError, match="step"):
+        parse_step(step)
+
+
+@pytest.mark.parametrize("field, value", [("size", "\u0663" * 3), ("size", "1_024"), ("offset", 1.5),
+                                          ("offset", float("inf")), ("size", "9" * 5000)])
+def test_block_fields_are_ascii_or_json_integers(field: str, value: object) -> None:
+    block = {"size": 1024, "offset": 0} | {field: value}
+    with pytest.raises(PayloadError, match=f"fileBlock.{field}"):
+        parse_block_request({"params": {"fileInfo": {"streamId": 1}, "fileBlock": block}})
+
+
+async def test_write_ota_info_refuses_steps_that_are_not_integers(server: OtaServer,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    auth = base64.b64encode(f"w-1&a1Test:{device_secret('w-1')}".encode())
+    api = b"POST /base-api/api/v1/write_ota_info HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" \
+          b"Authorization: Basic " + auth
+    for step in ["1.5e999", "\u0663", "1_000", "1e999", 1e300]:
+        body = json.dumps({"productKey": "a1Test", "deviceKey": "w-1", "step": step}, ensure_ascii=False).encode()
+        status, _, answer = await raw_request(server.http_port, api + b"\r\nContent-Length: %d" % len(body), body)
+        assert status == 400 and "step" in json.loads(answer)["message"], (step, answer)
+    no_tracebacks(caplog)
+    assert await server.job_state("w-1") is None
+
+
+async def test_an_mqtt_progress_in_other_digits_is_not_counted(server: OtaServer) -> None:
+    async with Device(server, "p-1") as device:
+        await device.inform("1.0.0")
+        await device.next_push()
+        await device.progress("\u0663\u0660")  # '30' in Arabic-Indic digits: int() would take it
+        await device.progress("1.5e999")
+        await device.progress(40)  # then a real one, so the ones before have been handled
+        for _ in range(100):
+            if await server.job_state("p-1") == "in_progress":
+                break
+            await asyncio.sleep(0.02)
+    await server.engine.settled()
+    history = [row for job in await server.engine.store.jobs() for row in await server.engine.store.history(job.id)]
+    # The first progress it took is the real one: 30 (or 3) never counted.
+    assert [progress for _, _, new, progress, _ in history if new == "in_progress"] == [40]
+
