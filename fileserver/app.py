@@ -24,7 +24,7 @@ from otacore.codec import (PayloadError, decode_json, parse_firmware_request, pa
 from otacore.credentials import DeviceId, check_http_login
 from otacore.engine import OtaEngine
 from otacore.errors import ConfigError, Refused
-from otacore.package_files import DownloadFile
+from otacore.package_files import DownloadFile, log_unreadable, open_hashed
 from otacore.signed_urls import UrlRejected
 from otacore.status import batch_report, batch_summaries
 
@@ -77,8 +77,11 @@ async def _stop_guard(app: web.Application) -> None:
     await app[GUARD].stop()
 
 
-def _error(status: int, message: str, challenge: str | None = None) -> web.Response:
-    headers = {"WWW-Authenticate": challenge} if status == 401 and challenge else None
+def _error(status: int, message: str, challenge: str | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    headers = dict(headers or {})
+    if status == 401 and challenge:
+        headers["WWW-Authenticate"] = challenge
     return web.json_response({"code": status, "message": message}, status=status, headers=headers)
 
 
@@ -112,10 +115,12 @@ class PackageResponse(web.FileResponse):
     that answers the request as rewritten by `download` and tells the engine about the
     transfer of a device's job (started, and the bytes sent when it completed)."""
 
-    def __init__(self, file: DownloadFile, etag: str, rewritten: web.Request, engine: OtaEngine | None,
-                 job_id: int | None, headers: dict[str, str]) -> None:
+    def __init__(self, file: DownloadFile, opened: tuple[BinaryIO, os.stat_result], etag: str,
+                 rewritten: web.Request, engine: OtaEngine | None, job_id: int | None,
+                 headers: dict[str, str]) -> None:
+        """`opened`: the shared handle of `file` and its stat (OpenPackageFiles.get)."""
         path = file.path
-        self._file = file
+        self._opened = opened
         headers = {"Content-Type": _content_type(path.name), **headers}  # guessed once per name
         if _DIRECT_FILE_SEND:
             # FileResponse.__init__ only parses `path` into a Path again (a tenth of the CPU of
@@ -152,10 +157,7 @@ class PackageResponse(web.FileResponse):
         if not _DIRECT_FILE_SEND or transport is None or transport.get_extra_info("sslcontext") is not None \
                 or "If-Modified-Since" in request.headers or "If-Unmodified-Since" in request.headers:
             return await super().prepare(request)
-        try:
-            handle, stat = request.app[OPEN_FILES].get(self._file)
-        except OSError:
-            return await super().prepare(request)  # FileResponse answers 403/404 itself
+        handle, stat = self._opened
         return await self._prepare_open_file(request, handle, stat, None)
 
 
@@ -198,16 +200,13 @@ class OpenPackageFiles:
         self._open: dict[Path, tuple[tuple[int, int], BinaryIO, os.stat_result]] = {}
 
     def get(self, file: DownloadFile) -> tuple[BinaryIO, os.stat_result]:
-        """The handle and stat of `file` as it was hashed; OSError if it is gone or changed."""
+        """The handle and stat of `file` as it was hashed. FileNotFoundError if it is gone or
+        changed; another OSError if it cannot be read (permissions, I/O)."""
         wanted = (file.digest.size, file.digest.mtime_ns)
         entry = self._open.get(file.path)
         if entry is not None and entry[0] == wanted:
             return entry[1], entry[2]
-        handle = file.path.open("rb")
-        stat = os.fstat(handle.fileno())
-        if (stat.st_size, stat.st_mtime_ns) != wanted:
-            handle.close()
-            raise FileNotFoundError(f"{file.path} changed since it was hashed")
+        handle, stat = open_hashed(file)
         if entry is not None:
             asyncio.get_running_loop().call_later(self._grace, entry[1].close)
         self._open[file.path] = (wanted, handle, stat)
@@ -272,11 +271,19 @@ async def download(request: web.Request) -> web.StreamResponse:
             return _error(exc.status, exc.message)
     if request.match_info["name"] != file.name:
         return _error(404, "file name does not match this URL")
+    try:
+        opened = request.app[OPEN_FILES].get(file)  # a lookup once the file is open
+    except FileNotFoundError:
+        return _error(409, "the package file changed on the server; try again later")
+    except OSError as exc:
+        log_unreadable(file.path, exc)
+        return _error(503, "the server cannot read this package file; try again later",
+                      headers={"Retry-After": "60"})
     etag = f'"{file.digest.sha256}"'
     rewritten = _rewrite_conditions(request, etag)
     if isinstance(rewritten, web.StreamResponse):
         return rewritten
-    response = PackageResponse(file, etag, rewritten, engine, job_id,
+    response = PackageResponse(file, opened, etag, rewritten, engine, job_id,
                                headers={"Cache-Control": "private, no-transform"})
     if request.app[CROWDED]():
         # Short of connections: each transfer gets its own, so devices waiting to connect

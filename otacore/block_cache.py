@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import BinaryIO
 
 from .codec import crc16_arc
-from .package_files import DownloadFile
+from .package_files import DownloadFile, open_hashed
 
 
 class BlockCache:
@@ -24,7 +24,8 @@ class BlockCache:
 
     async def block_with_crc(self, download: DownloadFile, offset: int, size: int) -> bytes | None:
         """The block's bytes followed by its little-endian CRC-16/ARC (the tail of a reply
-        frame); None when the file on disk is no longer the one that was hashed."""
+        frame); None when the file on disk is no longer the one that was hashed (gone,
+        changed, replaced); OSError when it cannot be read (permissions, I/O)."""
         key = (download.digest.sha256, offset, size)
         cached = self._blocks.get(key)
         if cached is not None:
@@ -47,14 +48,13 @@ def _read_with_crc(download: DownloadFile, offset: int, size: int) -> bytes | No
     under the old hash, in this reply or in the cache every device reads from."""
     wanted = (download.digest.size, download.digest.mtime_ns)
     try:
-        with download.path.open("rb") as handle:
-            if _identity(handle) != wanted:
-                return None
-            block = os.pread(handle.fileno(), size, offset)
-            if _identity(handle) != wanted:
-                return None
-    except OSError:
+        handle, _ = open_hashed(download)
+    except FileNotFoundError:
         return None
+    with handle:
+        block = os.pread(handle.fileno(), size, offset)
+        if _identity(handle) != wanted:
+            return None
     return block + struct.pack("<H", crc16_arc(block))
 
 

@@ -1,14 +1,18 @@
 """The catalog (ota.yaml): products, modules, devices, packages and batches, fully validated.
 
 `load_catalog` either returns a Catalog that is safe to run, or raises ConfigError listing
-every problem with file, line and key. It checks files exist and fit the limits but does
-not hash them (package_files.py does that, once, with a cache).
+every problem with file, line and key. It checks package files are regular files the server
+can read and that fit the limits, but does not hash them (package_files.py does that, once,
+with a cache).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
+import os
 import re
+import stat as stat_module
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +86,7 @@ class Package:
     ext_data: dict[str, Any] = field(default_factory=dict)
     diff_from: tuple[str, ...] = ()
     line: int = field(default=0, compare=False)  # where it stands in the catalog, for errors
+    file_line: int = field(default=0, compare=False)  # where its `file` key stands
 
     @property
     def is_diff(self) -> bool:
@@ -225,7 +230,9 @@ def load_catalog(path: Path, settings: Settings) -> Catalog:
     """Read and validate the catalog at `path`; ConfigError lists every problem found."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError([ConfigIssue(path, 0, "", "catalog file not found; pass --catalog or set `catalog` in broker.yaml")])
+        problem = "is not a file" if path.exists() else "not found"
+        raise ConfigError([ConfigIssue(path, 0, "", f"catalog file {problem}; pass --catalog or set `catalog` "
+                                                    "in broker.yaml")])
     try:
         document = load_marked(path)
     except YamlSyntaxError as exc:
@@ -240,7 +247,7 @@ def load_catalog(path: Path, settings: Settings) -> Catalog:
     if root is None:
         raise ConfigError(check.issues)
     check.known_keys(root, "", {"packages_dir", "products", "packages", "batches"})
-    packages_dir = (path.parent / (check.text(root, "", "packages_dir") or "packages")).resolve()
+    packages_dir = _resolve_dir(path.parent / (check.text(root, "", "packages_dir") or "packages"))
     if not packages_dir.is_dir():
         check.add(root.line_of("packages_dir"), "packages_dir", f"{packages_dir} is not a folder; create it or fix the path")
 
@@ -250,6 +257,13 @@ def load_catalog(path: Path, settings: Settings) -> Catalog:
     if check.issues:
         raise ConfigError(check.issues)
     return Catalog(path=path, packages_dir=packages_dir, products=products, packages=packages, batches=batches)
+
+
+def _resolve_dir(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: not a folder, which the caller reports
+        return path.absolute()
 
 
 def _read_products(check: _Checker, root: MarkedMap) -> dict[str, Product]:
@@ -351,7 +365,8 @@ def _read_packages(check: _Checker, root: MarkedMap, products: dict[str, Product
             product=product_key, module=module, version=version, type=kind or "full", file=file_path,
             sign_method=SIGN_METHODS.get(sign.lower(), "MD5"), verify=check.flag(item, key, "verify", False),
             base_version=base_version, description=check.text(item, key, "description") or "",
-            notice=notice, ext_data=dict(ext_data), diff_from=tuple(diff_from), line=line)
+            notice=notice, ext_data=dict(ext_data), diff_from=tuple(diff_from), line=line,
+            file_line=item.line_of("file"))
         lines[package_id] = (line, key, item)
         diff_lines[package_id] = [dline for dline, _ in diff_from_lines]
 
@@ -391,25 +406,58 @@ def _check_package_file(check: _Checker, item: MarkedMap, key: str, packages_dir
     name = check.text(item, key, "file", required=True)
     if name is None:
         return None
-    line = item.line_of("file")
-    candidate = (packages_dir / name).resolve()
+    line, where = item.line_of("file"), f"{key}.file"
+    try:
+        candidate = (packages_dir / name).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop, before Python 3.13
+        check.add(line, where, f"{packages_dir / name} is a symlink loop; point the link at the image file")
+        return None
     if Path(name).is_absolute() or not candidate.is_relative_to(packages_dir):
-        check.add(line, f"{key}.file", f"{name!r} leaves packages_dir; name a file inside {packages_dir}")
+        check.add(line, where, f"{name!r} leaves packages_dir; name a file inside {packages_dir}")
         return None
     if not any(name.lower().endswith(ending) for ending in settings.extensions):
-        check.add(line, f"{key}.file", f"{name!r} has an ending that is not allowed; allowed: {' '.join(settings.extensions)}")
+        check.add(line, where, f"{name!r} has an ending that is not allowed; allowed: {' '.join(settings.extensions)}")
         return None
-    if not candidate.is_file():
-        check.add(line, f"{key}.file", f"{candidate} does not exist; copy the file into packages_dir")
-        return None
-    size = candidate.stat().st_size
-    if size == 0:
-        check.add(line, f"{key}.file", f"{candidate} is empty; copy the real image into packages_dir")
-        return None
-    if size > settings.max_file_bytes:
-        check.add(line, f"{key}.file", f"{size} bytes is over limits.max_file_mb ({settings.max_file_mb} MB)")
+    problem = _file_problem(packages_dir / name, candidate, settings)
+    if problem is not None:
+        check.add(line, where, problem)
         return None
     return candidate
+
+
+def _file_problem(named: Path, candidate: Path, settings: Settings) -> str | None:
+    """What keeps `candidate` (`named` with its links resolved) from being served, or None."""
+    try:
+        stat = candidate.stat()
+    except FileNotFoundError:
+        if named.is_symlink():
+            return f"{named} is a symlink to {candidate}, which does not exist; fix the link or copy the file"
+        return f"{candidate} does not exist; copy the file into packages_dir"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{named} is a symlink loop; point the link at the image file"
+        return f"{candidate} cannot be read ({exc.strerror}); make it a readable file"
+    if stat_module.S_ISDIR(stat.st_mode):
+        return f"{candidate} is a folder, not a file; name the image file itself"
+    if not stat_module.S_ISREG(stat.st_mode):
+        return f"{candidate} is not a regular file (a FIFO, socket or device); copy the real image there"
+    if stat.st_size == 0:
+        return f"{candidate} is empty; copy the real image into packages_dir"
+    if stat.st_size > settings.max_file_bytes:
+        return f"{stat.st_size} bytes is over limits.max_file_mb ({settings.max_file_mb} MB)"
+    return _unreadable(candidate)
+
+
+def _unreadable(path: Path) -> str | None:
+    """Open it the way the server will (os.access() would ask about the real user id, and
+    says yes to root for any file)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+    except PermissionError:
+        return f"{path} is not readable by the server's user; fix its permissions (chmod/chown)"
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror}); make it a readable file"
+    return None
 
 
 def _read_batches(check: _Checker, root: MarkedMap, products: dict[str, Product],

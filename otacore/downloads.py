@@ -18,7 +18,7 @@ from .credentials import DeviceId
 from .errors import Refused
 from .fleet_state import FleetState
 from .jobs import Job
-from .package_files import DownloadFile
+from .package_files import DownloadFile, log_unreadable
 from .signed_urls import sign_url, verify_url
 
 log = logging.getLogger("ota.downloads")
@@ -101,7 +101,11 @@ class Downloads:
             return error(400, f"offset {request.offset} is at or past the end ({size} bytes)")
         if not download.is_current():
             return error(404, "the package file changed on the server since it was hashed")
-        tail = await self._blocks.block_with_crc(download, request.offset, request.size)  # block + CRC
+        try:
+            tail = await self._blocks.block_with_crc(download, request.offset, request.size)  # block + CRC
+        except OSError as exc:
+            log_unreadable(download.path, exc)
+            return error(503, "the server cannot read the package file; try again later")
         if tail is None:
             return error(404, "the package file changed on the server since it was hashed")
         self._count(job.id, len(tail) - 2)

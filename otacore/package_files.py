@@ -2,21 +2,30 @@
 
 `PackageFiles.prepare` does the slow work (hashing, building `diff_from` patches, checking
 that diff packages apply) before a catalog goes live; afterwards `download_for` is a lookup.
+A file that cannot be read is a ConfigError there, and `open_hashed` is how the server opens
+one to serve it.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import logging
 import os
+import stat as stat_module
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import bsdiff4
 
 from .catalog import Catalog, Package
 from .errors import ConfigError, ConfigIssue
+
+log = logging.getLogger("ota.files")
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,40 @@ class DownloadFile:
         return stat.st_size == self.digest.size and stat.st_mtime_ns == self.digest.mtime_ns
 
 
+def open_hashed(download: DownloadFile) -> tuple[BinaryIO, os.stat_result]:
+    """Open `download`'s file to serve it, if it is still the file that was hashed.
+
+    FileNotFoundError when it is gone, changed, or replaced by something else (a directory,
+    a FIFO); another OSError when it cannot be read (permissions, I/O). O_NONBLOCK: a FIFO
+    put in its place must not hang open() waiting for a writer.
+    """
+    fd = os.open(download.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        stat = os.fstat(fd)
+        if not stat_module.S_ISREG(stat.st_mode) \
+                or (stat.st_size, stat.st_mtime_ns) != (download.digest.size, download.digest.mtime_ns):
+            raise FileNotFoundError(errno.ENOENT, "changed since it was hashed", str(download.path))
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    return handle, stat
+
+
+_unreadable_logged: dict[Path, float] = {}
+
+
+def log_unreadable(path: Path, error: OSError) -> None:
+    """Tell the operator a served file cannot be read; once a minute per file, since every
+    device asking for it would repeat the line."""
+    now = time.monotonic()
+    if now - _unreadable_logged.get(path, -60.0) < 60.0:
+        return
+    _unreadable_logged[path] = now
+    log.error("cannot read %s (%s): devices get an error until the server's user can read it "
+              "(check its permissions), or `otactl reload` after replacing it", path, error.strerror or error)
+
+
 def hash_file(path: Path) -> tuple[str, str]:
     """(md5, sha256) of a file, in one pass, a megabyte at a time."""
     md5, sha256 = hashlib.md5(), hashlib.sha256()
@@ -70,17 +113,26 @@ class HashCache:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._entries: dict[str, Any] = {}
         try:
-            self._entries: dict[str, dict] = json.loads(path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, ValueError):
-            self._entries = {}
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            entries = {}
+        except (OSError, ValueError) as exc:  # a cache: start over, but say why it is slow
+            log.warning("ignoring the hash cache %s (%s); files are hashed again", path, exc)
+            entries = {}
+        if isinstance(entries, dict):
+            self._entries = entries
         self._dirty = False
 
     def _lookup(self, key: str, stamp: os.stat_result) -> FileDigest | None:
         entry = self._entries.get(key)
-        if entry and entry.get("stamp") == [stamp.st_size, stamp.st_mtime_ns]:
-            return FileDigest(entry["size"], entry["md5"], entry["sha256"], stamp.st_mtime_ns)
-        return None
+        if not isinstance(entry, dict) or entry.get("stamp") != [stamp.st_size, stamp.st_mtime_ns]:
+            return None
+        try:
+            return FileDigest(int(entry["size"]), str(entry["md5"]), str(entry["sha256"]), stamp.st_mtime_ns)
+        except (KeyError, TypeError, ValueError):
+            return None  # an entry someone edited: hash again
 
     def _remember(self, key: str, stamp: os.stat_result, digest: FileDigest) -> FileDigest:
         self._entries[key] = {"stamp": [stamp.st_size, stamp.st_mtime_ns], "size": digest.size,
@@ -110,10 +162,15 @@ class HashCache:
     def save(self) -> None:
         if not self._dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._entries, indent=1), encoding="utf-8")
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self._entries, indent=1), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as exc:  # a cache: serving does not need it
+            log.warning("cannot save the hash cache %s (%s); files are hashed again at the next start",
+                        self.path, exc.strerror or exc)
+            return
         self._dirty = False
 
 
@@ -132,38 +189,72 @@ class PackageFiles:
         """Hash every file, build missing `diff_from` patches, check diff packages apply.
 
         Blocking (disk and CPU): call it from a worker thread. Raises ConfigError when a
-        diff package does not apply to its base image.
+        file cannot be read, a patch cannot be built, or a diff package does not apply to
+        its base image.
         """
         full: dict[str, DownloadFile] = {}
         patches: dict[tuple[str, str], DownloadFile] = {}
         issues: list[ConfigIssue] = []
         for package in catalog.packages.values():
-            digest = self._cache.digest(package.file)
-            if package.type == "full":
+            if package.type == "full" and (digest := self._digest(catalog, package, package.file, issues)):
                 full[package.id] = DownloadFile(package.id, package.file, digest, False, digest)
         for package in catalog.packages.values():
             if package.is_diff:
-                base = catalog.full_package(package.product, package.module, package.base_version or "")
-                assert base is not None  # load_catalog guarantees it
-                try:
-                    target = self._cache.patched_digest(base.file, package.file)
-                except (ValueError, OSError) as exc:
-                    issues.append(ConfigIssue(catalog.path, 0, f"packages[{package.id}].file",
-                                              f"patch does not apply to {base.id} ({exc}); rebuild it with bsdiff"))
-                    continue
-                digest = self._cache.digest(package.file)
-                full[package.id] = DownloadFile(package.id, package.file, digest, True, target)
+                self._prepare_diff(catalog, package, full, issues)
+            if package.id not in full:
+                continue  # its file has an issue already
             for old in package.diff_from:
-                base = catalog.full_package(package.product, package.module, old)
-                assert base is not None
-                patch = self._build_patch(base, package)
-                patches[(package.id, old)] = DownloadFile(
-                    f"{package.id}~from~{old}", patch, self._cache.digest(patch), True, full[package.id].digest)
+                patch = self._prepare_patch(catalog, package, old, issues)
+                if patch is not None:
+                    patches[(package.id, old)] = DownloadFile(
+                        f"{package.id}~from~{old}", patch[0], patch[1], True, full[package.id].digest)
         self._cache.save()
         if issues:
             raise ConfigError(issues)
         self._full, self._patches = full, patches
         self._by_key = {download.key: download for download in [*full.values(), *patches.values()]}
+
+    def _digest(self, catalog: Catalog, package: Package, path: Path, issues: list[ConfigIssue]) -> FileDigest | None:
+        try:
+            return self._cache.digest(path)
+        except OSError as exc:  # changed since load_catalog looked, or an I/O error
+            issues.append(_file_issue(catalog, package, f"{path} cannot be read ({exc.strerror or exc}); "
+                                      "make it a readable file for the server's user"))
+            return None
+
+    def _prepare_diff(self, catalog: Catalog, package: Package, full: dict[str, DownloadFile],
+                      issues: list[ConfigIssue]) -> None:
+        base = catalog.full_package(package.product, package.module, package.base_version or "")
+        assert base is not None  # load_catalog guarantees it
+        if base.id not in full:
+            return  # the base image has an issue already
+        try:
+            target = self._cache.patched_digest(base.file, package.file)
+        except ValueError as exc:
+            issues.append(_file_issue(catalog, package, f"patch does not apply to {base.id} ({exc}); "
+                                      "rebuild it with bsdiff"))
+            return
+        except OSError as exc:
+            issues.append(_file_issue(catalog, package, f"patch {package.file} cannot be applied to {base.id} "
+                                      f"({exc.strerror or exc}); check both files are readable, or rebuild it"))
+            return
+        digest = self._digest(catalog, package, package.file, issues)
+        if digest is not None:
+            full[package.id] = DownloadFile(package.id, package.file, digest, True, target)
+
+    def _prepare_patch(self, catalog: Catalog, package: Package, old: str,
+                       issues: list[ConfigIssue]) -> tuple[Path, FileDigest] | None:
+        base = catalog.full_package(package.product, package.module, old)
+        assert base is not None
+        try:
+            patch = self._build_patch(base, package)
+            return patch, self._cache.digest(patch)
+        except OSError as exc:
+            issues.append(ConfigIssue(catalog.path, package.line, f"packages[{package.id}].diff_from",
+                                      f"cannot build the patch from {old} in {self.diffs_dir} "
+                                      f"({exc.strerror or exc}); check that data_dir is writable and "
+                                      f"{base.file} readable"))
+            return None
 
     def _build_patch(self, base: Package, target: Package) -> Path:
         base_hash = self._cache.digest(base.file).sha256[:16]
@@ -185,3 +276,7 @@ class PackageFiles:
     def by_key(self, key: str) -> DownloadFile | None:
         """Any prepared file by its key (admin downloads)."""
         return self._by_key.get(key)
+
+
+def _file_issue(catalog: Catalog, package: Package, message: str) -> ConfigIssue:
+    return ConfigIssue(catalog.path, package.file_line or package.line, f"packages[{package.id}].file", message)
