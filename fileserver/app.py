@@ -85,28 +85,65 @@ def _error(status: int, message: str, challenge: str | None = None,
     return web.json_response({"code": status, "message": message}, status=status, headers=headers)
 
 
+class BadCredentials(Exception):
+    """An Authorization header that cannot be read; the message says what is wrong with it."""
+
+
+def _authorization(request: web.Request) -> tuple[str, str]:
+    """(scheme in lower case, credentials) of the Authorization header; ("", "") without one.
+
+    Tokens and base64 are ASCII. aiohttp hands bytes that are not UTF-8 through as lone
+    surrogates, which hmac and base64 refuse with an exception (a 500): say so instead.
+    """
+    value = request.headers.get("Authorization", "")
+    if not value.isascii():
+        raise BadCredentials("the Authorization header must be ASCII")
+    scheme, _, credentials = value.strip().partition(" ")
+    return scheme.lower(), credentials.strip()
+
+
 def _basic_credentials(request: web.Request) -> tuple[str, str] | None:
-    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "basic":
+    """(user, password) of HTTP Basic; None for another scheme; BadCredentials if unreadable."""
+    scheme, encoded = _authorization(request)
+    if scheme != "basic":
         return None
     try:
-        user, _, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
+        decoded = base64.b64decode(encoded, validate=True)
+    except binascii.Error:
+        raise BadCredentials("the Basic credentials are not valid base64") from None
+    try:
+        user, _, password = decoded.decode("utf-8").partition(":")
+    except UnicodeDecodeError:
+        raise BadCredentials("the Basic credentials are not UTF-8 text") from None
     return user, password
 
 
+def _admin_problem(request: web.Request, *, browser: bool = False) -> str | None:
+    """None when the request carries the admin token, else what is wrong.
+
+    The token as a Bearer token; for the browser pages (GET only) also as the password of
+    HTTP Basic. Browsers replay Basic credentials on their own, so accepting them on the API
+    would let any web page POST admin actions (CSRF)."""
+    if "Authorization" not in request.headers:
+        return "admin token required"
+    try:
+        scheme, token = _authorization(request)
+        if scheme != "bearer":
+            basic = _basic_credentials(request) if browser and request.method == "GET" else None
+            if basic is None:
+                return "admin token required"
+            token = basic[1]
+    except BadCredentials as exc:
+        return str(exc)
+    if not token:
+        return "admin token required"
+    if not hmac.compare_digest(token.encode(), request.app[ADMIN_TOKEN].encode()):
+        return "wrong admin token"
+    return None
+
+
 def _is_admin(request: web.Request, *, browser: bool = False) -> bool:
-    """The admin token as a Bearer token; for the browser pages (GET only) also as the
-    password of HTTP Basic. Browsers replay Basic credentials on their own, so accepting
-    them on the API would let any web page POST admin actions (CSRF)."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer":
-        basic = _basic_credentials(request) if browser and request.method == "GET" else None
-        if basic is None:
-            return False
-        token = basic[1]
-    return hmac.compare_digest(token.strip().encode(), request.app[ADMIN_TOKEN].encode())
+    return _admin_problem(request, browser=browser) is None
 
 
 # -- downloads --------------------------------------------------------------------------
@@ -156,6 +193,10 @@ class PackageResponse(web.FileResponse):
         transport = request.transport
         if not _DIRECT_FILE_SEND or transport is None or transport.get_extra_info("sslcontext") is not None \
                 or "If-Modified-Since" in request.headers or "If-Unmodified-Since" in request.headers:
+            if "Accept-Encoding" in request.headers:
+                # FileResponse would serve a sibling `NAME.gz`/`.br` file instead, with
+                # Content-Encoding, under this package's hash: other bytes than were pushed.
+                request = request.clone(headers=_plain_headers(request, drop="Accept-Encoding"))
             return await super().prepare(request)
         handle, stat = self._opened
         return await self._prepare_open_file(request, handle, stat, None)
@@ -280,7 +321,7 @@ async def download(request: web.Request) -> web.StreamResponse:
         return _error(503, "the server cannot read this package file; try again later",
                       headers={"Retry-After": "60"})
     etag = f'"{file.digest.sha256}"'
-    rewritten = _rewrite_conditions(request, etag)
+    rewritten = _rewrite_conditions(request, etag, file.digest.size)
     if isinstance(rewritten, web.StreamResponse):
         return rewritten
     response = PackageResponse(file, opened, etag, rewritten, engine, job_id,
@@ -295,37 +336,93 @@ async def download(request: web.Request) -> web.StreamResponse:
 _REWRITTEN = ("If-Match", "If-None-Match", "If-Range")
 
 
-def _rewrite_conditions(request: web.Request, etag: str) -> web.Request | web.StreamResponse:
-    """The request FileResponse should answer: our hash-based ETag checks done, several
-    ranges and `?offset=&length=` turned into what it understands; or the answer itself."""
-    if not any(name in request.headers for name in _REWRITTEN) and "," not in request.headers.get("Range", "") \
+def _plain_range(value: str) -> bool:
+    """Is this Range what devices send, `bytes=FIRST-[LAST]`, for aiohttp to answer as is?
+    (It refuses a malformed one, LAST < FIRST and FIRST past the end with 416 itself.)"""
+    return value.startswith("bytes=") and "0" <= value[6:7] <= "9" and "," not in value
+
+
+def _plain_headers(request: web.Request, drop: str = "") -> CIMultiDict[str]:
+    """The request's headers with anything not ASCII escaped, for request.clone(): clone()
+    encodes them again and fails on the undecodable bytes aiohttp let through (a 500). The
+    ones FileResponse reads are ASCII when valid; escaped, garbage stays garbage."""
+    return CIMultiDict((name, value if value.isascii() else value.encode("ascii", "backslashreplace").decode())
+                       for name, value in request.headers.items() if name.lower() != drop.lower())
+
+
+def _rewrite_conditions(request: web.Request, etag: str, size: int) -> web.Request | web.StreamResponse:
+    """The request FileResponse should answer: our hash-based ETag checks done, Range as RFC
+    9110 has it, `?offset=&length=` turned into a Range; or the answer itself."""
+    original = request.headers
+    plain = (rng := original.get("Range")) is None or _plain_range(rng)
+    if plain and not any(name in original for name in _REWRITTEN) \
             and "offset" not in request.query and "length" not in request.query:
         return request  # a plain (Range) GET, as devices send: nothing to rewrite
-    headers = CIMultiDict(request.headers)
+    headers = _plain_headers(request)
     # aiohttp compares its own mtime-based tag; we answer the hash-based tag ourselves.
-    if (match := headers.pop("If-Match", None)) is not None and not _etag_matches(match, etag, weak=False):
-        return web.Response(status=412)
-    if (none_match := headers.pop("If-None-Match", None)) is not None:
+    if (match := original.get("If-Match")) is not None:
+        if not _etag_matches(match, etag, weak=False):
+            return web.Response(status=412)
+        headers.pop("If-Match", None)
+        headers.pop("If-Unmodified-Since", None)  # RFC 9110 13.1.4: If-Match decides
+    if (none_match := original.get("If-None-Match")) is not None:
         if _etag_matches(none_match, etag, weak=True):
             return web.Response(status=304, headers={"ETag": etag})
+        headers.pop("If-None-Match", None)
         headers.pop("If-Modified-Since", None)
-    if "," in headers.get("Range", ""):
-        del headers["Range"]  # several ranges: RFC 9110 lets us answer 200 with the whole file
-    if_range = headers.get("If-Range")
-    if if_range is not None and (if_range.startswith('"') or if_range.startswith("W/")):
-        del headers["If-Range"]
-        if if_range != etag:  # If-Range needs a strong match; otherwise send the whole file
-            headers.pop("Range", None)
+    if (if_range := original.get("If-Range")) is not None:
+        if not _if_range_holds(request, if_range, etag):
+            headers.pop("Range", None)  # RFC 9110 13.1.5: the whole file
+        if if_range.startswith(('"', "W/")):
+            headers.pop("If-Range", None)  # answered here; aiohttp would compare its own tag
+    if (unsatisfiable := _check_range(headers, size)) is not None:
+        return unsatisfiable
     if "offset" in request.query or "length" in request.query:
-        try:
-            offset = int(request.query.get("offset", "0"))
-            length = int(request.query["length"]) if "length" in request.query else None
-        except ValueError:
-            return _error(400, "offset and length must be whole numbers")
-        if offset < 0 or (length is not None and length < 1):
-            return _error(400, "offset must be >= 0 and length >= 1")
-        headers["Range"] = f"bytes={offset}-{'' if length is None else offset + length - 1}"
+        return _offset_length(request, headers)
     return request.clone(headers=headers)
+
+
+def _if_range_holds(request: web.Request, if_range: str, etag: str) -> bool:
+    """An entity-tag must match ours exactly (strong); a date is left to FileResponse (it
+    compares the file's mtime); anything else cannot hold."""
+    if if_range.startswith(('"', "W/")):
+        return if_range == etag
+    return request.if_range is not None
+
+
+def _check_range(headers: CIMultiDict[str], size: int) -> web.Response | None:
+    """Range cases aiohttp gets wrong, answered or dropped here (RFC 9110 14.1.1, 14.2)."""
+    rng = headers.get("Range")
+    if rng is None:
+        return None
+    unit, equals, spec = rng.partition("=")
+    if not equals or unit.strip().lower() != "bytes" or "," in spec:
+        # A unit we do not know MUST be ignored; several ranges MAY be: the whole file, 200.
+        del headers["Range"]
+        return None
+    suffix = spec.strip()
+    if suffix[:1] == "-" and suffix[1:] and not suffix[1:].strip("0"):
+        # The last zero bytes: unsatisfiable (aiohttp sent the whole file as a 206).
+        return web.Response(status=416, headers={"Content-Range": f"bytes */{size}",
+                                                 "Cache-Control": "private, no-transform"})
+    return None
+
+
+def _offset_length(request: web.Request, headers: CIMultiDict[str]) -> web.Request | web.Response:
+    """`?offset=N&length=M` as the Range `bytes=N-(N+M-1)`."""
+    offset_text, length_text = request.query.get("offset", "0"), request.query.get("length")
+    if not _ascii_number(offset_text) or (length_text is not None and not _ascii_number(length_text)):
+        return _error(400, "offset and length must be whole numbers in ASCII digits")
+    offset, length = int(offset_text), None if length_text is None else int(length_text)
+    if length is not None and length < 1:
+        return _error(400, "length must be at least 1")
+    headers["Range"] = f"bytes={offset}-{'' if length is None else offset + length - 1}"
+    return request.clone(headers=headers)
+
+
+def _ascii_number(text: str) -> bool:
+    # isdigit() alone is true for '٣' and '²'; int() also takes '+5', ' 5' and '1_000'.
+    return text.isascii() and text.isdigit() and len(text) <= 19
 
 
 # -- device HTTP API (SagooIoT) ---------------------------------------------------------
@@ -333,7 +430,11 @@ DEVICE_CHALLENGE = 'Basic realm="ota-server devices"'
 
 
 def _device_login(request: web.Request) -> DeviceId | web.Response:
-    credentials = _basic_credentials(request)
+    try:
+        credentials = _basic_credentials(request)
+    except BadCredentials as exc:
+        return _error(401, f"{exc}: send HTTP Basic auth, user {{deviceName}}&{{productKey}}, password = device "
+                      "secret", DEVICE_CHALLENGE)
     if credentials is None:
         return _error(401, "HTTP Basic auth required: user {deviceName}&{productKey}, password = device secret",
                       DEVICE_CHALLENGE)
@@ -380,10 +481,12 @@ async def write_ota_info(request: web.Request) -> web.Response:
     if isinstance(device, web.Response):
         return device
     try:
-        body = decode_json(await request.read())
+        body = decode_json(await _read_body(request))
         report = parse_progress({"params": body})  # the body is the `params` of a progress report
     except web.HTTPRequestEntityTooLarge:
         return _error(400, f"body over {MAX_DEVICE_BODY} bytes")
+    except TimeoutError:
+        return _body_too_slow(request)
     except PayloadError as exc:
         return _error(400, str(exc))
     if (mismatch := _same_device(device, body.get("productKey"), body.get("deviceKey"))) is not None:
@@ -392,10 +495,26 @@ async def write_ota_info(request: web.Request) -> web.Response:
     return web.json_response({"code": 0, "message": ""})
 
 
+async def _read_body(request: web.Request) -> bytes:
+    """The body, within limits.header_timeout_seconds: a client trickling its body would
+    otherwise hold a handler and its connection for as long as it likes (the header
+    deadline covers only the time before the request)."""
+    async with asyncio.timeout(request.app[ENGINE].settings.header_timeout_seconds):
+        return await request.read()
+
+
+def _body_too_slow(request: web.Request) -> web.Response:
+    seconds = request.app[ENGINE].settings.header_timeout_seconds
+    response = _error(408, f"request body not received within {seconds:g} s (limits.header_timeout_seconds)")
+    response.force_close()  # the rest of the body may never come
+    return response
+
+
 # -- admin API ---------------------------------------------------------------------------
 def _admin_only(request: web.Request) -> web.Response | None:
-    if not _is_admin(request):
-        return _error(401, "admin token required: Authorization: Bearer <token from data_dir/admin-token>",
+    problem = _admin_problem(request)
+    if problem is not None:
+        return _error(401, f"{problem}: send Authorization: Bearer <token from data_dir/admin-token>",
                       'Bearer realm="ota-server admin"')
     return None
 
@@ -426,7 +545,8 @@ async def admin_job(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     raw = request.match_info["job_id"]
     await engine.settled()
-    job = await engine.store.job(int(raw)) if raw.isdigit() and len(raw) <= 18 else None
+    # isdigit() alone is true for '٣' and '²' too (int() refuses the latter: a 500).
+    job = await engine.store.job(int(raw)) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else None
     if job is None:
         return _error(404, "no such job")
     history = [{"at": at, "from": old, "to": new, "progress": progress, "reason": reason}
@@ -437,9 +557,11 @@ async def admin_job(request: web.Request) -> web.Response:
 
 async def _device_names(request: web.Request, required: bool) -> list[str] | None | web.Response:
     """`{"devices": [...]}` from an admin request body (absent or empty body: None)."""
-    raw = await request.read()
     try:
+        raw = await _read_body(request)
         body = decode_json(raw) if raw else {}
+    except TimeoutError:
+        return _body_too_slow(request)
     except PayloadError as exc:
         return _error(400, str(exc))
     devices = body.get("devices")
@@ -479,6 +601,11 @@ async def admin_reload(request: web.Request) -> web.Response:
         log.warning("reload refused: %s", exc.one_line())
         return web.json_response({"code": 400, "message": "catalog has errors; nothing changed",
                                   "errors": [str(issue) for issue in exc.issues]}, status=400)
+    except Exception as exc:  # a bug, not the catalog: still one line for otactl, the details in the log
+        log.exception("reload failed")
+        return web.json_response({"code": 500, "message": f"reload failed, nothing changed: "
+                                  f"{type(exc).__name__}: {exc}; see the server log",
+                                  "errors": [f"{type(exc).__name__}: {exc}"]}, status=500)
     catalog = loaded.catalog
     log.info("catalog reloaded: %d products, %d packages, %d batches",
              len(catalog.products), len(catalog.packages), len(catalog.batches))

@@ -1,6 +1,7 @@
 """The HTTP edge against clients that misbehave on purpose: sockets held open without a
-request, headers sent a line at a time, numbers no device writes. Real server on loopback,
-raw sockets where a client library would refuse to send the bytes."""
+request, headers sent a line at a time, undecodable credentials, odd Range and condition
+headers, numbers no device writes. Real server on loopback, raw sockets where a client
+library would refuse to send the bytes."""
 from __future__ import annotations
 
 import asyncio
@@ -123,6 +124,19 @@ async def test_a_transfer_longer_than_the_deadline_is_not_cut(tmp_path: Path) ->
         await server.stop()
 
 
+async def test_a_body_sent_too_slowly_gets_408(quick: OtaServer) -> None:
+    credentials = base64.b64encode(f"b-1&a1Test:{device_secret('b-1')}".encode()).decode()
+    head = (f"POST /base-api/api/v1/write_ota_info HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+            f"Authorization: Basic {credentials}\r\n\r\n").encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", quick.http_port)
+    start = time.monotonic()
+    writer.write(head + b'{"step": ')  # and the rest never comes
+    response = await asyncio.wait_for(reader.readuntil(b"}"), 4)  # the JSON answer's end
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 408") and b"header_timeout_seconds" in response
+    assert b"connection: close" in response.lower() and time.monotonic() - start < 2.5
+
+
 async def test_past_max_unauthenticated_the_oldest_waiting_sockets_are_closed(tmp_path: Path) -> None:
     write_catalog(tmp_path, UPGRADE_BATCH)
     server = await OtaServer(tmp_path, options={"limits": {"max_unauthenticated": 10,
@@ -142,6 +156,141 @@ async def test_past_max_unauthenticated_the_oldest_waiting_sockets_are_closed(tm
         for _, writer in sockets:
             writer.close()
         await server.stop()
+
+
+# -- credentials a client controls ----------------------------------------------------------
+
+def _basic(raw: bytes) -> bytes:
+    return b"Basic " + base64.b64encode(raw)
+
+
+HOSTILE_AUTHORIZATION = [
+    b"Bearer \xff\xfe",                 # not UTF-8 (latin-1 bytes)
+    "Bearer jeton-\u00e9t\u00e9".encode(),  # UTF-8, not ASCII
+    b"Basic \xe9\xe9:\xfc",              # latin-1 where base64 belongs
+    "Basic \u00e9t\u00e9".encode(),      # UTF-8 where base64 belongs
+    b"Basic !!!not-base64!!!",
+    _basic(b"b-1&a1Test:\xe9t\xe9"),    # base64 of latin-1 bytes: not UTF-8 text
+    _basic("b-1&a1Test:\u00e9t\u00e9".encode()),  # UTF-8 password: a wrong secret
+    b"\xff",
+]
+
+ENDPOINTS = [
+    (b"GET", b"/admin/api/status", 401), (b"POST", b"/admin/api/reload", 401),
+    (b"GET", b"/admin/api/jobs/1", 401), (b"GET", b"/admin/", 401),
+    (b"GET", b"/base-api/api/v1/get_ota_info?productKey=a1Test&deviceKey=b-1", 401),
+    (b"POST", b"/base-api/api/v1/write_ota_info", 401),
+    (b"GET", FILE.encode(), 403),  # no signature, and not the admin token
+]
+
+
+@pytest.mark.parametrize("authorization", HOSTILE_AUTHORIZATION, ids=repr)
+async def test_undecodable_authorization_is_a_clear_401(server: OtaServer, authorization: bytes,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    for method, path, expected in ENDPOINTS:
+        status, headers, body = await raw_request(
+            server.http_port, method + b" " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+            b"Authorization: " + authorization)
+        assert status == expected, (path, status, body)
+        if path != b"/admin/":  # the browser page answers with a login prompt in text
+            message = json.loads(body)["message"]
+            assert message and "Traceback" not in message
+        if status == 401:
+            assert "www-authenticate" in headers
+    no_tracebacks(caplog)
+
+
+async def test_the_401_says_what_is_wrong(server: OtaServer) -> None:
+    api = b"GET /base-api/api/v1/get_ota_info?productKey=a1Test&deviceKey=b-1 HTTP/1.1\r\nHost: x\r\n"
+    for authorization, says in [(b"Basic \xe9", "must be ASCII"), (b"Basic %%%", "not valid base64"),
+                                (_basic(b"b-1&a1Test:\xe9"), "not UTF-8")]:
+        _, _, body = await raw_request(server.http_port, api + b"Authorization: " + authorization)
+        assert says in json.loads(body)["message"]
+    _, _, body = await raw_request(server.http_port, b"GET /admin/api/status HTTP/1.1\r\nHost: x\r\n"
+                                   b"Authorization: Bearer \xff")
+    assert "must be ASCII" in json.loads(body)["message"]
+
+
+# -- Range and the conditions ------------------------------------------------------------------
+
+RANGES = [  # (Range, status, Content-Range): RFC 9110 section 14, checked against nginx 1.22
+    (b"bytes=-0", 416, f"bytes */{SIZE}"),       # aiohttp sent the whole file as a 206
+    (b"bytes=-00", 416, f"bytes */{SIZE}"),
+    (b"bytes=5-2", 416, f"bytes */{SIZE}"),
+    (f"bytes={SIZE}-".encode(), 416, f"bytes */{SIZE}"),
+    (f"bytes={SIZE - 1}-".encode(), 206, f"bytes {SIZE - 1}-{SIZE - 1}/{SIZE}"),
+    (b"bytes=0-999999999999", 206, f"bytes 0-{SIZE - 1}/{SIZE}"),
+    (b"bytes=-999999999999", 206, f"bytes 0-{SIZE - 1}/{SIZE}"),
+    (b"bytes=99999999999999999999999999-", 416, f"bytes */{SIZE}"),
+    (b"bytes=abc", 416, f"bytes */{SIZE}"),
+    (b"bytes=\xd9\xa3-", 416, f"bytes */{SIZE}"),  # an Arabic-Indic 3 is not a digit here
+    (b"bytes=\xff-", 416, f"bytes */{SIZE}"),
+    (b"bytes=0-0,5-6", 200, None),                # several ranges: the whole file (RFC 9110 14.2)
+    (b"items=0-5", 200, None),                    # a unit we do not know MUST be ignored
+    (b"garbage", 200, None),
+]
+
+
+@pytest.mark.parametrize("rng, status, content_range", RANGES, ids=lambda v: repr(v)[:30])
+async def test_edge_ranges(server: OtaServer, rng: bytes, status: int, content_range: str | None,
+                           caplog: pytest.LogCaptureFixture) -> None:
+    got, headers, body = await raw_request(server.http_port, f"GET {FILE} HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                                           f"Bearer {server.admin_token}\r\n".encode() + b"Range: " + rng)
+    assert got == status
+    assert headers.get("content-range") == content_range
+    if status == 200:
+        assert len(body) == SIZE
+    no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize("name, value, status", [
+    (b"If-Range", b"\xff\xfe", 200),          # cannot match: the whole file
+    (b"If-Range", b"W/\"\xff\"", 200),
+    (b"If-Range", b"not a date", 200),
+    (b"If-None-Match", b"\xff, \"x\"", 206),
+    (b"If-None-Match", "\"\u00e9\"".encode(), 206),
+    (b"If-Match", b"\xff", 412),
+    (b"If-Modified-Since", b"\xff\xfe", 206),
+    (b"If-Unmodified-Since", b"Mon, 99 Foo 99999 99:99:99 GMT", 206),
+    (b"Accept-Encoding", b"\xff", 206),
+    (b"X-Anything", b"\xff\xfe\xfd", 206),
+], ids=lambda v: repr(v)[:30])
+async def test_odd_condition_headers(server: OtaServer, name: bytes, value: bytes, status: int,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    got, _, body = await raw_request(server.http_port, f"GET {FILE} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                                     f"{server.admin_token}\r\nRange: bytes=0-9\r\n".encode() + name + b": " + value)
+    assert got == status
+    assert len(body) == {200: SIZE, 206: 10, 412: 0}[status]
+    no_tracebacks(caplog)
+
+
+async def test_a_compressed_sibling_file_is_never_served_instead(server: OtaServer) -> None:
+    # FileResponse serves NAME.gz with Content-Encoding when the client accepts gzip: other
+    # bytes than the pushed hash names.
+    packages = server.root / "packages"
+    (packages / "fw-1.1.0.bin.gz").write_bytes(b"\x1f\x8b not the firmware")
+    got, headers, body = await raw_request(
+        server.http_port, f"GET {FILE} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.admin_token}\r\n"
+        "Accept-Encoding: gzip, br\r\nIf-Modified-Since: Mon, 01 Jan 2001 00:00:00 GMT".encode())
+    assert got == 200 and "content-encoding" not in headers
+    assert body == (packages / "fw-1.1.0.bin").read_bytes()
+
+
+@pytest.mark.parametrize("query", ["offset=%D9%A3", "offset=%C2%B2", "offset=1_000", "offset=+5", "offset=%205",
+                                   "length=0", "offset=1" + "0" * 30, "length=%EF%BC%95"])
+async def test_offset_and_length_take_ascii_digits_only(server: OtaServer, query: str) -> None:
+    got, _, body = await raw_request(server.http_port, f"GET {FILE}?{query} HTTP/1.1\r\nHost: x\r\n"
+                                     f"Authorization: Bearer {server.admin_token}".encode())
+    assert got == 400 and json.loads(body)["message"]
+
+
+@pytest.mark.parametrize("job", ["%C2%B2", "%D9%A3", "1" * 40, "%FF", "-1"])
+async def test_job_ids_that_only_look_like_numbers_are_404(server: OtaServer, job: str,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    got, _, _ = await raw_request(server.http_port, f"GET /admin/api/jobs/{job} HTTP/1.1\r\nHost: x\r\n"
+                                  f"Authorization: Bearer {server.admin_token}".encode())
+    assert got == 404
+    no_tracebacks(caplog)
 
 
 # -- numbers from devices -------------------------------------------------------------------------
