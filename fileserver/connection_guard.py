@@ -1,11 +1,13 @@
 """What an HTTP client can make the file server hold before it has sent a request.
 
 A connection has `limits.header_timeout_seconds` to send complete request headers: from
-its accept, and on keep-alive from the end of its previous response. One that has not is
-closed (slowloris: a socket held open, or headers sent a byte at a time). And of the
-connections waiting for request headers, at most `limits.max_unauthenticated` are held:
-past that the one waiting longest is closed, so many devices behind one address are never
-capped, but sockets held open cannot starve everyone else.
+its accept, and on keep-alive from the end of its previous response (seen by a sweep every
+min(1 s, deadline / 4), so up to that much later). One that has not is closed (slowloris: a
+socket held open, or headers sent a byte at a time). And of the connections waiting for
+request headers, new or idle between requests, at most `limits.max_unauthenticated` are
+held: past that the one waiting longest is closed, at once when a new connection comes.
+Many devices behind one address are never capped, but sockets held open cannot starve
+everyone else.
 
 aiohttp 3.14's keep-alive timer happens to close such connections too, but only at the
 keep-alive timeout, and older releases (pyproject allows 3.9) leave a connection that never
