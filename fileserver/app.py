@@ -37,6 +37,7 @@ ENGINE = web.AppKey("engine", OtaEngine)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 CROWDED = web.AppKey("crowded", Callable[[], bool])
 MAX_DEVICE_BODY = 64 * 1024
+ADMIN_READ_WAIT = 5.0  # seconds an admin read waits for the database to catch up with memory
 
 
 def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] = lambda: False) \
@@ -523,7 +524,9 @@ async def admin_status(request: web.Request) -> web.Response:
     if (denied := _admin_only(request)) is not None:
         return denied
     engine = request.app[ENGINE]
-    await engine.settled()  # the database shows what memory knows
+    behind = await _database_behind(engine)  # the database shows what memory knows
+    if behind is not None:
+        return behind
     return web.json_response({"batches": await batch_summaries(engine.store, engine.catalog, sha_of=engine.current_sha)})
 
 
@@ -532,7 +535,9 @@ async def admin_batch(request: web.Request) -> web.Response:
         return denied
     engine = request.app[ENGINE]
     name = request.match_info["name"]
-    await engine.settled()
+    behind = await _database_behind(engine)
+    if behind is not None:
+        return behind
     report = await batch_report(engine.store, engine.catalog, name, sha_of=engine.current_sha)
     if report is None:
         return _error(404, f"no batch named {name!r}")
@@ -544,7 +549,9 @@ async def admin_job(request: web.Request) -> web.Response:
         return denied
     engine = request.app[ENGINE]
     raw = request.match_info["job_id"]
-    await engine.settled()
+    behind = await _database_behind(engine)
+    if behind is not None:
+        return behind
     # isdigit() alone is true for '٣' and '²' too (int() refuses the latter: a 500).
     job = await engine.store.job(int(raw)) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else None
     if job is None:
@@ -622,7 +629,9 @@ async def status_page(request: web.Request) -> web.Response:
     if not _is_admin(request, browser=True):
         return _browser_login()
     engine = request.app[ENGINE]
-    await engine.settled()
+    behind = await _database_behind(engine)
+    if behind is not None:
+        return behind
     summaries = await batch_summaries(engine.store, engine.catalog, sha_of=engine.current_sha)
     return web.Response(text=batches_page(summaries), content_type="text/html")
 
@@ -632,11 +641,26 @@ async def batch_status_page(request: web.Request) -> web.Response:
         return _browser_login()
     engine = request.app[ENGINE]
     name = request.match_info["name"]
-    await engine.settled()
+    behind = await _database_behind(engine)
+    if behind is not None:
+        return behind
     report = await batch_report(engine.store, engine.catalog, name, sha_of=engine.current_sha)
     if report is None:
         return web.Response(status=404, text=f"no batch named {name!r}\n")
     return web.Response(text=batch_page(report["batch"], report["devices"]), content_type="text/html")
+
+
+async def _database_behind(engine: OtaEngine) -> web.Response | None:
+    """None once the database shows everything decided so far (admin reads read it); a 503
+    with the reason while writes fail, instead of a request that hangs until they work."""
+    trouble = engine.journal.trouble()
+    if trouble is None:
+        try:
+            await asyncio.wait_for(asyncio.shield(engine.settled()), ADMIN_READ_WAIT)
+            return None
+        except TimeoutError:
+            trouble = engine.journal.trouble() or f"writes took over {ADMIN_READ_WAIT:g} s"
+    return _error(503, f"the database is behind: {trouble}; /healthz says when it recovers")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -23,6 +23,7 @@ from .catalog import Package, load_catalog
 from .config_files import load_settings
 from .catalog_loading import LoadedCatalog, prepare_catalog
 from .package_files import HashCache
+from .log_hygiene import clean_field
 from .errors import ConfigError, ConfigIssue
 from .reload_rules import reload_issues
 from .data_dir import NoAdminToken, database_path, read_admin_token, read_server_info
@@ -176,6 +177,8 @@ async def _status(settings: Settings, batch: str | None) -> dict[str, Any]:
 
 
 def _table(rows: list[list[str]]) -> str:
+    # Cells carry what devices sent (`desc`, versions): escaped, never terminal escapes or newlines.
+    rows = [[clean_field(str(cell), 120) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 

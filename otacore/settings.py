@@ -89,7 +89,7 @@ class Settings:
 def split_host_port(text: str) -> tuple[str, int]:
     """`HOST:PORT` or `[v6]:PORT` -> (host, port); ValueError with the reason."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not port.isascii() or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
     host = host.strip("[]") or "0.0.0.0"
     return host, int(port)

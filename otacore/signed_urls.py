@@ -31,11 +31,18 @@ class UrlRejected(Exception):
     """Why a download URL is refused (always answered with 403)."""
 
 
+def _digits(text: str) -> int:
+    """A URL's number as the server wrote it: ASCII digits only (int() also takes '٣', '+5', '1_000')."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 19):
+        raise ValueError(text)
+    return int(text)
+
+
 def verify_url(key: bytes, path: str, query: dict[str, str], now: float | None = None) -> tuple[DeviceId, int]:
     """Check a request's path and query; returns (device, job id) or raises UrlRejected."""
     try:
         device = DeviceId(query["pk"], query["dn"])
-        job_id, expires, given = int(query["job"]), int(query["exp"]), query["sig"]
+        job_id, expires, given = _digits(query["job"]), _digits(query["exp"]), query["sig"]
     except (KeyError, ValueError):
         raise UrlRejected("missing or malformed signature parameters (pk, dn, job, exp, sig)") from None
     expected = _signature(key, path, device, job_id, expires)

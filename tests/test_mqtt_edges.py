@@ -290,3 +290,13 @@ async def test_a_take_over_publishes_no_will(limited: OtaServer) -> None:
         assert will.endswith(b"offline-2"), will
         first.close()
     watcher.close()
+
+
+def test_signed_url_numbers_are_ascii_digits_only() -> None:
+    from otacore.signed_urls import UrlRejected, _signature, verify_url
+    key, path, device, expires = b"k" * 32, "/files/x/y.bin", DeviceId("a1Test", "d"), 9_999_999_999
+    query = {"pk": "a1Test", "dn": "d", "exp": str(expires), "sig": _signature(key, path, device, 3, expires)}
+    assert verify_url(key, path, {**query, "job": "3"}) == (device, 3)
+    for job in ("٣", "+3", "0_3", " 3"):  # int() takes each as 3; the URL the server signed said "3"
+        with pytest.raises(UrlRejected):
+            verify_url(key, path, {**query, "job": job})
