@@ -50,7 +50,19 @@ def decode_json(data: bytes | bytearray | None) -> dict[str, Any]:
     if len(data) > MAX_JSON_BYTES:
         raise PayloadError(f"payload of {len(data)} bytes is over {MAX_JSON_BYTES}")
     try:
-        value = json.loads(bytes(data).decode("utf-8"))
+        text = bytes(data).decode("utf-8")
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            # Device SDKs write `{"fileId":1,}` (Aliyun's C Link SDK 4.x), which Aliyun's
+            # cloud accepts: trailing commas, and only those, are forgiven.
+            lenient = _without_trailing_commas(text)
+            if lenient is None:
+                raise
+            try:
+                value = json.loads(lenient)
+            except ValueError:
+                raise exc from None  # the reason as the device wrote it, not as we edited it
     except (UnicodeDecodeError, ValueError) as exc:
         raise PayloadError(f"malformed JSON: {exc}") from None
     except RecursionError:
@@ -58,6 +70,36 @@ def decode_json(data: bytes | bytearray | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise PayloadError("payload must be a JSON object")
     return value
+
+
+def _without_trailing_commas(text: str) -> str | None:
+    """`text` with each comma that stands right before a closing `}` or `]` (whitespace
+    between) removed, outside strings; None when it has no such comma."""
+    out: list[str] = []
+    in_string = escaped = changed = False
+    pending_comma: int | None = None  # index in `out` of a comma that may be trailing
+    last = ""  # the last character outside strings that is not whitespace
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string, last = False, '"'
+        elif char == '"':
+            in_string, pending_comma = True, None
+        elif char in "}]" and pending_comma is not None:
+            del out[pending_comma]
+            pending_comma, changed, last = None, True, char
+        elif char == ",":
+            # Trailing only after a value: `{,}`, `[1,,]` and `{"a":,}` stay errors.
+            pending_comma = len(out) if last not in ("", "{", "[", ",", ":") else None
+            last = char
+        elif not char.isspace():
+            pending_comma, last = None, char
+        out.append(char)
+    return "".join(out) if changed else None
 
 
 def _text(value: Any, name: str, *, required: bool = True) -> str | None:
@@ -136,8 +178,8 @@ def parse_step(value: Any) -> int:
     if value is None:
         raise PayloadError("missing step")
     step = _int(value, "step")
-    if not (1 <= step <= 100 or step in (-1, -2, -3, -4)):
-        raise PayloadError(f"step {step} is outside 1..100 and -1..-4")
+    if not (0 <= step <= 100 or step in (-1, -2, -3, -4)):
+        raise PayloadError(f"step {step} is outside 0..100 and -1..-4")
     return step
 
 

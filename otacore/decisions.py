@@ -362,8 +362,9 @@ class OtaCore:
             log.info("progress %d from %s after install ignored", step, device)
         elif job.state == P:
             state.update(job, now, progress=step, message=desc)  # telemetry: the latest value is enough
-        else:
-            state.move(job, P, f"device reported {step}%", now, progress=step, message=desc)
+        else:  # step 0 is "started" (Aliyun's C Link SDK 4.x sends it as a download begins)
+            state.move(job, P, "device started the upgrade (step 0)" if step == 0 else f"device reported {step}%",
+                       now, progress=step, message=desc)
         return self._take_out()
 
     def _after_final(self, job: Job, now: float) -> None:

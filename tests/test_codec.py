@@ -130,7 +130,7 @@ def test_progress_desc_is_cut_to_128_characters():
     assert report.desc == "é" * 128
 
 
-@pytest.mark.parametrize("step", [0, 101, -5, "0", "abc", "", None, True, [45], "inf", "nan"])
+@pytest.mark.parametrize("step", [101, -5, "-0x1", "abc", "", None, True, [45], "inf", "nan"])
 def test_progress_rejects_out_of_range_or_non_numeric_step(step):
     with pytest.raises(PayloadError):
         parse_progress({"id": "9", "params": {"step": step}})
@@ -215,3 +215,41 @@ def test_block_request_rejects_missing_file_info_or_block(message):
 def test_block_request_rejects_non_integer_fields(message):
     with pytest.raises(PayloadError, match="integer"):
         parse_block_request(message)
+
+
+@pytest.mark.parametrize("step", [0, "0"])
+def test_progress_step_0_means_started(step):
+    assert parse_progress({"id": 2, "params": {"step": step, "desc": ""}}).step == 0
+
+
+# --- lenient JSON: trailing commas only ------------------------------------------------------
+
+C_SDK_BLOCK_REQUEST = (b'{"id":"1","version":"1.0","params":{"fileToken":"default","fileInfo":{"streamId":1,"fileId":1,},'
+                       b'"fileBlock":{"size":10240,"offset":0}}}')
+
+
+def test_the_c_link_sdk_block_request_with_its_trailing_comma_decodes():
+    request = parse_block_request(decode_json(C_SDK_BLOCK_REQUEST))
+    assert (request.id, request.stream_id, request.file_id, request.size, request.offset) == ("1", 1, 1, 10240, 0)
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (b'{"a":{"b":true,},}', {"a": {"b": True}}),
+    (b'{"a":[1, 2 ,\n],}', {"a": [1, 2]}),
+    (b'{"a":"x,}","b":1,}', {"a": "x,}", "b": 1}),  # a comma inside a string is the string's
+    (b'{"a":"\\\\",}', {"a": "\\"}),  # an escaped backslash ends right before the quote
+])
+def test_trailing_commas_are_forgiven(payload, expected):
+    assert decode_json(payload) == expected
+
+
+@pytest.mark.parametrize("garbage", [b'{,}', b'{"a":1,,}', b'{"a":,}', b'{"a":[,]}', b'{"a":1', b"{'a':1}",
+                                     b'{"a":1} ,', b'{"a":01}', b'{"a":1,}}', b"\xff{}", b'{"a":NaN,}x'])
+def test_anything_else_that_is_not_json_is_still_refused_with_the_reason(garbage):
+    with pytest.raises(PayloadError, match="malformed JSON: "):
+        decode_json(garbage)
+
+
+def test_the_size_limit_holds_for_lenient_payloads_too():
+    with pytest.raises(PayloadError, match="over"):
+        decode_json(b'{"a":"' + b"x" * 70_000 + b'",}')

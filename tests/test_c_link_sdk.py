@@ -1,0 +1,68 @@
+"""Aliyun's C Link SDK 4.x (the `ota` and `mqtt_download` components), byte for byte: its
+block requests carry a trailing comma and the hard-coded fileToken "default", and it reports
+step "0" when a download begins. The server takes all three and the device upgrades."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from harness import Device, OtaServer, write_catalog
+
+from otacore.codec import decode_block_reply
+
+# As the SDK's mqtt_download component writes it (streamId 1: the first job of a fresh server).
+FIRST_REQUEST = (b'{"id":"1","version":"1.0","params":{"fileToken":"default","fileInfo":{"streamId":1,"fileId":1,},'
+                 b'"fileBlock":{"size":10240,"offset":0}}}')
+NEXT_REQUEST = ('{{"id":"{id}","version":"1.0","params":{{"fileToken":"default","fileInfo":{{"streamId":{stream},'
+                '"fileId":1,}},"fileBlock":{{"size":10240,"offset":{offset}}}}}}}')
+STARTED = b'{"id":2,"params":{"step":"0","desc":""}}'
+
+
+@pytest.fixture
+async def mqtt_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    write_catalog(tmp_path, """
+    - {name: over-mqtt, package: fw-1.1.0, type: upgrade, protocol: mqtt, mode: dynamic, push: true}
+    """)
+    server = await OtaServer(tmp_path).start()
+    yield server
+    await server.stop()
+
+
+async def test_the_c_link_sdk_upgrades_over_mqtt_blocks(mqtt_server: OtaServer) -> None:
+    async with Device(mqtt_server, "c-sdk-1") as device:
+        await device.inform("1.0.0")
+        push = (await device.next_push())["data"]
+        assert push["streamId"] == 1 and push["signMethod"] == "Md5"
+        await device.publish("/ota/device/progress/a1Test/c-sdk-1", STARTED)
+        await mqtt_server.wait_state("c-sdk-1", "in_progress")
+        image, request, number = b"", FIRST_REQUEST, 1
+        while True:
+            await device.publish("/sys/a1Test/c-sdk-1/thing/file/download", request)
+            header, block = decode_block_reply(await device.receive("download_reply"))
+            assert header["code"] == 200, header
+            assert block is not None and header["data"]["bOffset"] == len(image)
+            image += block
+            if len(image) >= header["data"]["fileLength"]:
+                break
+            number += 1
+            request = NEXT_REQUEST.format(id=number, stream=push["streamId"], offset=len(image)).encode()
+        assert hashlib.md5(image).hexdigest() == push["sign"]  # the SDK's own whole-file check
+        await device.progress(100)
+        await mqtt_server.wait_state("c-sdk-1", "installed")
+        await device.inform("1.1.0")
+        await mqtt_server.wait_state("c-sdk-1", "succeeded")
+    job = (await mqtt_server.engine.store.jobs())[0]
+    assert job.bytes_served == len(image)
+    events = [event[-1] for event in await mqtt_server.engine.store.history(job.id)]
+    assert "device started the upgrade (step 0)" in events
+
+
+async def test_garbage_is_still_a_400_with_the_reason(mqtt_server: OtaServer) -> None:
+    async with Device(mqtt_server, "c-sdk-2") as device:
+        await device.inform("1.0.0")
+        await device.next_push()
+        await device.publish("/sys/a1Test/c-sdk-2/thing/file/download", b'{"id":"1","params":{,}}')
+        header, block = decode_block_reply(await device.receive("download_reply"))
+        assert header["code"] == 400 and block is None
+        assert header["msg"].startswith("malformed JSON: Expecting property name enclosed in double quotes")
