@@ -59,6 +59,7 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
     app.router.add_get("/admin/api/jobs/{job_id}", admin_job)
     app.router.add_post("/admin/api/reload", admin_reload)
     app.router.add_post("/admin/api/batches/{name}/{action:retry|cancel}", admin_batch_action)
+    app.router.add_post("/admin/api/batches/{name}/{action:pause|resume}", admin_batch_pause)
     app.router.add_get("/admin/", status_page)
     app.router.add_get("/admin/batches/{name}", batch_status_page)
     app.router.add_get("/healthz", healthz)
@@ -596,6 +597,20 @@ async def admin_batch_action(request: web.Request) -> web.Response:
     except Refused as exc:
         return _error(exc.status, exc.message)
     return web.json_response({"code": 0, "message": "", **result})
+
+
+async def admin_batch_pause(request: web.Request) -> web.Response:
+    """POST .../pause or .../resume: no new jobs and no pushes until resumed (also after a
+    halt by `abort`); kept across restarts and reloads."""
+    if (denied := _admin_only(request)) is not None:
+        return denied
+    engine, name, action = request.app[ENGINE], request.match_info["name"], request.match_info["action"]
+    try:
+        await (engine.pause(name) if action == "pause" else engine.resume(name))
+    except Refused as exc:
+        return _error(exc.status, exc.message)
+    return web.json_response({"code": 0, "message": "", "batch": name, "paused": action == "pause",
+                              "rollout": engine.core.rollout_view(name)})
 
 
 async def admin_reload(request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ConfigIssue
+from .rollout_policy import POLICY_KEYS, RolloutPolicy, read_policy
 from .settings import Settings
 from .versions import VERSION_PATTERN as _VERSION_PATTERN, is_version
 from .yamlmarks import MarkedList, MarkedMap, YamlSyntaxError, load_marked
@@ -106,6 +107,7 @@ class Batch:
     timeout_minutes: int | None = None  # a told device silent this long fails its job
     position: int = 0  # index in the file: later batches win over earlier ones
     line: int = field(default=0, compare=False)
+    policy: RolloutPolicy = field(default_factory=RolloutPolicy)  # the optional rollout keys
 
 
 @dataclass(frozen=True)
@@ -464,7 +466,7 @@ def _read_batches(check: _Checker, root: MarkedMap, products: dict[str, Product]
                   packages: dict[str, Package], settings: Settings) -> dict[str, Batch]:
     batches: dict[str, Batch] = {}
     allowed = {"name", "package", "type", "devices", "src_versions", "protocol", "mode", "push", "description",
-               "timeout_minutes"}
+               "timeout_minutes", *POLICY_KEYS}
     for position, (line, key, item) in enumerate(check.items(root, "batches")):
         check.known_keys(item, key, allowed)
         name = check.text(item, key, "name", required=True, pattern=BATCH_NAME_RE, rule="1-128 of A-Z a-z 0-9 . _ -")
@@ -504,6 +506,7 @@ def _read_batches(check: _Checker, root: MarkedMap, products: dict[str, Product]
                                                      "list it under the product's devices")
         if devices and len({d for _, d in devices}) != len(devices):
             check.add(item.line_of("devices"), f"{key}.devices", "lists a device twice")
+        policy = read_policy(check, item, key)
         src_versions = check.text_list(item, key, "src_versions")
         for vline, version in src_versions or []:
             if not is_version(version):
@@ -524,5 +527,5 @@ def _read_batches(check: _Checker, root: MarkedMap, products: dict[str, Product]
             mode=mode or "static", push=push,
             devices=tuple(d for _, d in devices) if devices else None,
             src_versions=tuple(v for _, v in src_versions) if src_versions else None,
-            timeout_minutes=timeout, position=position, line=line)
+            timeout_minutes=timeout, position=position, line=line, policy=policy)
     return batches

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,16 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from .catalog import Package, load_catalog
-from .config_files import load_settings
 from .catalog_loading import LoadedCatalog, prepare_catalog
-from .package_files import HashCache
-from .log_hygiene import clean_field
-from .errors import ConfigError, ConfigIssue
-from .reload_rules import reload_issues
+from .config_files import load_settings
 from .data_dir import NoAdminToken, database_path, read_admin_token, read_server_info
+from .errors import ConfigError, ConfigIssue
+from .log_hygiene import clean_field
+from .package_files import HashCache
+from .plan import plan_reload
+from .reload_rules import reload_issues
 from .settings import Settings
 from .status import batch_report, batch_summaries
-from .store import Store, StoreError, database_error
+from .store import Store, StoreError, database_error, load_state
 
 
 
@@ -48,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = commands.add_parser("cancel", help="cancel devices' open jobs in a batch (it won't take them again)")
     cancel.add_argument("batch")
     cancel.add_argument("devices", nargs="+")
+    for action, text in (("pause", "stop a batch's new jobs and pushes (jobs under way go on)"),
+                         ("resume", "resume a paused or halted batch")):
+        command = commands.add_parser(action, help=text)
+        command.add_argument("batch")
+    plan = commands.add_parser("plan", help="what a reload would do, against the running server's database; "
+                                            "changes nothing")
+    plan.add_argument("--exit-code", action="store_true", help="exit 2 when the reload would change something")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
     status = commands.add_parser("status", help="progress per batch, or per device of one batch")
     status.add_argument("batch", nargs="?", help="show this batch's devices")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -149,6 +159,61 @@ def cmd_batch_action(settings: Settings, action: str, batch: str, devices: list[
     return 0
 
 
+def cmd_pause(settings: Settings, action: str, batch: str) -> int:
+    status, reply = _admin_request(settings, "POST",
+                                   f"/admin/api/batches/{urllib.parse.quote(batch, safe='')}/{action}")
+    if status != 200:
+        print(f"otactl: {reply.get('message', f'{action} failed')}", file=sys.stderr)
+        return 1
+    rollout = reply.get("rollout") or {}
+    print(f"{batch}: {'paused' if action == 'pause' else 'resumed'}; now {_rollout_line(rollout)}")
+    return 0
+
+
+def cmd_plan(settings: Settings, exit_code: bool, as_json: bool) -> int:
+    """A reload previewed against the database (read-only), as `validate` checks it first."""
+    try:
+        loaded = prepare_catalog(settings)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue)
+        print(f"{len(exc.issues)} error(s); a reload would change nothing", file=sys.stderr)
+        return 1
+    database = database_path(settings.data_dir)
+    if not database.exists():
+        raise SystemExit(f"otactl: no database at {database}; has the server run with this data_dir?")
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            state = load_state(db)
+    except sqlite3.Error as exc:
+        raise SystemExit(f"otactl: {database_error(database, exc)}") from None
+    issues = reload_issues(loaded.catalog, loaded.files, state.batches)
+    if issues:
+        for issue in issues:
+            print(issue)
+        print(f"{len(issues)} error(s); the server would refuse this reload", file=sys.stderr)
+        return 1
+    lines = plan_reload(loaded.catalog, state, {k: v[0] for k, v in state.package_status.items()})
+    if as_json:
+        print(json.dumps([{"batch": line.batch, "action": line.action, "detail": line.detail,
+                           "targets": line.targets} for line in lines], indent=2))
+    else:
+        for line in lines:
+            print(line)
+        if not any(line.changes for line in lines):
+            print("a reload would change nothing")
+    return 2 if exit_code and any(line.changes for line in lines) else 0
+
+
+def _rollout_line(rollout: dict[str, Any]) -> str:
+    text = rollout.get("state", "active")
+    if rollout.get("reason"):
+        text += f": {rollout['reason']}"
+    if rollout.get("until"):
+        text += f" (until {rollout['until']})"
+    return text
+
+
 async def _status(settings: Settings, batch: str | None) -> dict[str, Any]:
     db = database_path(settings.data_dir)
     if not db.exists():
@@ -200,11 +265,20 @@ def cmd_status(settings: Settings, batch: str | None, as_json: bool) -> int:
         for s in report["batches"]:
             rows.append([s["name"], s["package"], s["state"], f"{s['done_percent']}%", _counts(s)])
         print(_table(rows))
+        for s in report["batches"]:
+            if "rollout" in s:
+                print(clean_field(f"{s['name']}: {_rollout_line(s['rollout'])}", 300))
         return 0
     s = report["batch"]
     print(f"batch {s['name']}: {s['type']} {s['package']} via {s['protocol']}, {s['mode']}, "
           f"state {s['state']}, package {s['package_status']}; {s['done_percent']}% done "
           f"({s['succeeded_percent']}% succeeded) of {s['total']}")
+    if "rollout" in s:
+        rollout = s["rollout"]
+        print(clean_field(f"rollout: {_rollout_line(rollout)}", 300))
+        for wave in rollout.get("waves", []):
+            print(f"  wave {wave['wave']} ({wave['percent']:g}%): {'open' if wave['open'] else 'closed'}, "
+                  f"{wave['jobs']} job(s), {wave['succeeded']} succeeded, {wave['finished']} finished")
     rows = [["DEVICE", "STATE", "FROM", "TO", "PROGRESS", "SERVED", "UPDATED", "LAST MESSAGE"]]
     for d in report["devices"]:
         updated = time.strftime("%H:%M:%S", time.localtime(d["updated_at"])) if d.get("updated_at") else "-"
@@ -257,6 +331,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return cmd_reload(settings)
     if args.command in ("retry", "cancel"):
         return cmd_batch_action(settings, args.command, args.batch, args.devices)
+    if args.command in ("pause", "resume"):
+        return cmd_pause(settings, args.command, args.batch)
+    if args.command == "plan":
+        return cmd_plan(settings, args.exit_code, args.json)
     if args.watch:
         return watch(lambda: cmd_status(settings, args.batch, args.json), args.watch)
     return cmd_status(settings, args.batch, args.json)

@@ -24,6 +24,7 @@ from .jobs import Job, JobState, NewJob
 from .offers import offer_data
 from .package_files import DownloadFile, PackageFiles
 from .reload_rules import batch_fingerprint
+from .rollout import Rollout
 from .settings import Settings
 from .topics import upgrade_topic
 
@@ -58,6 +59,8 @@ class OtaCore:
         self.running: set[str] = set()
         self._last_push_id = 0
         self._out: list[Send] = []
+        self.rollout = Rollout(state)
+        self._gate_was_open: dict[str, bool] = {}  # batch -> could it start jobs at the last tick
 
     def _take_out(self) -> list[Send]:
         out, self._out = self._out, []
@@ -124,6 +127,8 @@ class OtaCore:
                 continue
             self._start_batch(batch, package, now)
         for batch in catalog.batches.values():
+            self.rollout.apply_catalog(batch, now)
+            self._gate_was_open.pop(batch.name, None)  # the next tick looks at everyone again
             if batch.name in self.running:
                 self._drop_unlisted(batch, now)
                 if batch.type == "verify":
@@ -149,6 +154,11 @@ class OtaCore:
         if batch.mode == "static":
             state.add_targets(batch.name, package.product, names)
         self.running.add(batch.name)
+        self.rollout.apply_catalog(batch, now)
+        block = self.rollout.blocked(batch, now)
+        if block is not None:
+            log.info("batch %s started; no jobs yet: %s", batch.name, block.reason)
+            return  # the rollout tick gives devices their jobs once it may
         log.info("batch %s started (%s %s, %s, push %s)", batch.name, package.id, batch.protocol, batch.mode,
                  "on" if batch.push else "off")
         reason = f"batch {batch.name} started; device reported a version it targets"
@@ -158,6 +168,8 @@ class OtaCore:
             if version is None:
                 continue  # offline or never reported: it gets its job when it reports
             device = DeviceId(package.product, name)
+            if not self.rollout.member(self.catalog, batch, device):
+                continue  # outside the batch's tags, percent or opened waves
             if batch.type == "verify" and version == package.version:
                 verified += state.create_job(batch.name, self._new_job(device, package, version, S), reason,
                                              now) is not None
@@ -192,6 +204,8 @@ class OtaCore:
                 continue
             if state.current_job(batch.name, device) is not None:
                 continue
+            if not self.rollout.member(catalog, batch, device) or self.rollout.blocked(batch, now) is not None:
+                continue  # not chosen (yet), or the batch starts no jobs now: the tick brings it
             package = catalog.packages[batch.package]
             job = state.create_job(batch.name, self._new_job(device, package, version),
                                    f"reported {version}; batch {batch.name} targets it", now)
@@ -207,6 +221,8 @@ class OtaCore:
         """Send the upgrade push (b) when the device is connected; it is then `notified`."""
         if not self.online(job.device):
             return  # the push waits for its next report
+        if job.state == Q and not self._may_start(job, now):
+            return  # queued: the rollout tick pushes it when its turn comes
         self._refresh_file(job, now)
         data = self._offer_data(job)
         if data is None:
@@ -216,6 +232,11 @@ class OtaCore:
         self._out.append(Send(job.device, upgrade_topic(job.device), encode_json(message)))
         if job.state == Q:
             self.state.move(job, N, "upgrade pushed", now)
+
+    def _may_start(self, job: Job, now: float) -> bool:
+        """May this queued job start now (pause, schedule, window, rate)? Counts it if so."""
+        batch = self.catalog.batches.get(job.batch) if self.catalog else None
+        return batch is None or self.rollout.take_start(batch, now)
 
     def _refresh_file(self, job: Job, now: float) -> None:
         """A job keeps the file it was given; only if a reload removed that file (a dropped
@@ -261,6 +282,8 @@ class OtaCore:
                 return {}
         if job.state == I:
             return {}
+        if job.state == Q and not self._may_start(job, now):
+            return {}  # "not now": it gets the job when its turn comes (pushed, if the batch pushes)
         self._refresh_file(job, now)
         data = self._offer_data(job)
         if data is None:
@@ -371,8 +394,18 @@ class OtaCore:
         """A job ended: its verify batch may now decide its package's status."""
         assert self.catalog is not None
         batch = self.catalog.batches.get(job.batch)
-        if batch is not None and batch.type == "verify":
+        if batch is None:
+            return
+        if batch.type == "verify":
             self._check_verification(batch, now)
+        self._halt_if_due(batch, now)
+
+    def _halt_if_due(self, batch: Batch, now: float) -> None:
+        due = self.rollout.abort_due(batch)
+        if due is not None:
+            reason, figures = due
+            self.rollout.pause(batch.name, "abort", reason, now, **figures)
+            log.warning("batch %s %s; `otactl resume %s` resumes it", batch.name, reason, batch.name)
 
     def _check_verification(self, batch: Batch, now: float) -> None:
         """`verified` once every listed device succeeded, `verify_failed` at the first failure
@@ -455,6 +488,99 @@ class OtaCore:
                 canceled += state.create_job(batch_name, placeholder, "canceled by an admin before it started",
                                              now) is not None
         return canceled, self._take_out()  # a verification a cancel ends may start batches
+
+    # -- rollouts ------------------------------------------------------------------------
+    def pause(self, batch_name: str, reason: str = "paused by an admin") -> list[Send]:
+        batch = self._running_batch(batch_name)
+        self.rollout.pause(batch.name, "admin", reason, self.clock())
+        log.info("batch %s paused by an admin", batch.name)
+        return self._take_out()
+
+    def resume(self, batch_name: str) -> list[Send]:
+        """Resume a batch paused by hand, by its catalog or halted by `abort`."""
+        batch, now = self._running_batch(batch_name), self.clock()
+        if self.rollout.control(batch.name).get("by") == "abort":
+            self.rollout.note_resume(batch)  # the failures that halted it do not halt it again
+        self.rollout.resume(batch.name, "admin", "resumed by an admin", now)
+        log.info("batch %s resumed by an admin", batch.name)
+        self._gate_was_open.pop(batch.name, None)
+        return self.rollout_tick(now)
+
+    def _running_batch(self, batch_name: str) -> Batch:
+        batch = self.catalog.batches.get(batch_name) if self.catalog else None
+        if batch is None:
+            raise Refused(404, f"no batch named {batch_name!r} in the catalog")
+        row = self.state.batches.get(batch_name)
+        if row is None or row.state not in ("running", "waiting_verification"):
+            raise Refused(409, f"batch {batch_name!r} is {row.state if row else 'not started'}; nothing to pause")
+        return batch
+
+    def rollout_view(self, batch_name: str) -> dict[str, Any] | None:
+        batch = self.catalog.batches.get(batch_name) if self.catalog else None
+        return self.rollout.view(batch, self.clock()) if batch is not None else None
+
+    def rollout_tick(self, now: float | None = None) -> list[Send]:
+        """Once a second: open waves, halt at `abort`, retry failures that are due, cancel
+        queued jobs past `end_at`, and start what the policy now allows (jobs for devices
+        that were not chosen or not allowed yet, pushes for queued jobs, within the rate)."""
+        catalog = self.catalog
+        if catalog is None:
+            return []
+        now = self.clock() if now is None else now
+        for name in sorted(self.running):
+            batch = catalog.batches.get(name)
+            if batch is None or (batch.policy.empty and not self.rollout.control(name).get("by")):
+                continue  # no policy, never paused: everything happened when it was decided
+            self._tick_batch(batch, now)
+        return self._take_out()
+
+    def _tick_batch(self, batch: Batch, now: float) -> None:
+        opened_wave = self.rollout.advance_waves(batch, now)
+        if opened_wave:
+            log.info("batch %s: wave %d opened", batch.name, self.rollout.open_wave(batch) + 1)
+        self._halt_if_due(batch, now)
+        block = self.rollout.blocked(batch, now)
+        if block is not None and block.kind == "ended":
+            for job in self.state.batch_open_jobs(batch.name):
+                if job.state == Q:
+                    self.state.move(job, C, f"not started before end_at ({block.reason})", now)
+        was_open = self._gate_was_open.get(batch.name, False)
+        self._gate_was_open[batch.name] = block is None
+        if block is not None:
+            return
+        for job in self.rollout.retries_due(batch, now):
+            self._retry_job(batch, job, now)
+        if opened_wave or not was_open:
+            self._fill(batch, now)
+        if batch.push and self.state.counts.get(batch.name, {}).get(Q):
+            for job in self.state.batch_open_jobs(batch.name):
+                if job.state == Q and self.online(job.device):
+                    if self.rollout.rate_left(batch, now) == 0:
+                        break
+                    self._push(job, now)
+
+    def _retry_job(self, batch: Batch, job: Job, now: float) -> None:
+        assert batch.policy.retry is not None
+        tries = self.state.jobs_of(batch.name, job.device)
+        self.state.move(job, F, f"retry {tries} of {batch.policy.retry.count} (retry policy)", now, superseded=1)
+        version = self.state.version(job.device, job.module)
+        if version is not None and self.state.open_job(job.device, job.module) is None:
+            self._consider(job.device, job.module, version, now, deliver=True)
+
+    def _fill(self, batch: Batch, now: float) -> None:
+        """Jobs for the devices the batch may take now and has not: those not chosen or not
+        allowed when they reported (a wave opened, a pause ended, a window opened)."""
+        catalog = self.catalog
+        assert catalog is not None
+        package = catalog.packages[batch.package]
+        known = self.state.reported_versions(package.product, package.module)
+        names = batch.devices if batch.devices is not None else list(known)
+        for name in names:
+            version = known.get(name)
+            device = DeviceId(package.product, name)
+            if version is None or self.state.open_job(device, package.module) is not None:
+                continue
+            self._consider(device, package.module, version, now, deliver=True)
 
     # -- timeouts ----------------------------------------------------------------------
     def fail_stale_jobs(self, now: float | None = None) -> tuple[int, list[Send]]:

@@ -38,6 +38,9 @@ class Notifier(Protocol):
         """Hand a message to the device's live session; False when it is not connected."""
 
 
+ROLLOUT_TICK_SECONDS = 1.0
+
+
 class OtaEngine:
     """Owns the live catalog, the state, the journal and the outbox."""
 
@@ -59,11 +62,13 @@ class OtaEngine:
         self.reload_listeners: list[Callable[[Catalog], None]] = []
 
     # -- running -----------------------------------------------------------------------
-    def start(self, timeout_sweep_seconds: float = 30.0) -> None:
+    def start(self, timeout_sweep_seconds: float = 30.0, rollout_tick_seconds: float | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.journal.start()
         self._tasks = [loop.create_task(self._send_committed(), name="ota-outbox"),
-                       loop.create_task(self.run_timeouts(timeout_sweep_seconds), name="ota-timeouts")]
+                       loop.create_task(self.run_timeouts(timeout_sweep_seconds), name="ota-timeouts"),
+                       loop.create_task(self.run_rollouts(rollout_tick_seconds or ROLLOUT_TICK_SECONDS),
+                                        name="ota-rollouts")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -165,6 +170,25 @@ class OtaEngine:
         self.post(sends)
         await self.settled()
         return count
+
+    async def pause(self, batch_name: str) -> None:
+        self.post(self.core.pause(batch_name))
+        await self.settled()
+
+    async def resume(self, batch_name: str) -> None:
+        self.post(self.core.resume(batch_name))
+        await self.settled()
+
+    # -- rollouts ------------------------------------------------------------------------
+    async def run_rollouts(self, every_seconds: float = ROLLOUT_TICK_SECONDS) -> None:
+        """Waves, halts, retries, schedules, windows and rates move with time, not only with
+        reports: one tick a second. Its sends leave after their commit, like any other."""
+        while True:
+            await asyncio.sleep(every_seconds)
+            try:
+                self.post(self.core.rollout_tick())
+            except Exception:  # keep the loop alive; the next tick retries
+                log.exception("rollout tick failed")
 
     # -- timeouts ----------------------------------------------------------------------
     async def fail_stale_jobs(self, now: float | None = None) -> int:

@@ -30,6 +30,9 @@ class BatchRow:
     started_at: float | None
     ended_at: float | None
     reason: str
+    # The rollout's run-time control (rollout.py): paused/halted and by whom, opened waves,
+    # the catalog's `state:` and policy as last applied.
+    control: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class FleetState:
         self.batches: dict[str, BatchRow] = {}
         self.targets: dict[str, set[str]] = {}  # static batch -> device names
         self.package_status: dict[str, tuple[str, str]] = {}  # package -> (status, sha256 earned with)
+        self.job_counts: Counter[tuple[str, DeviceId]] = Counter()  # (batch, device) -> jobs it had there
         self.next_job_id = next_job_id
         self.changes = Changes()
         self.promises = 0  # counts promises made; the engine commits before they leave
@@ -120,6 +124,10 @@ class FleetState:
 
     def batch_open_jobs(self, batch: str) -> list[Job]:
         return sorted(self.open_in_batch.get(batch, {}).values(), key=lambda job: job.id)
+
+    def jobs_of(self, batch: str, device: DeviceId) -> int:
+        """How many jobs the device had in the batch (retries included)."""
+        return self.job_counts[(batch, device)]
 
     def batch_latest_jobs(self, batch: str) -> list[Job]:
         return sorted(self.latest_in_batch.get(batch, {}).values(), key=lambda job: job.id)
@@ -184,6 +192,7 @@ class FleetState:
     def _index(self, job: Job) -> None:
         """Add a job to every index (at creation, or when loading the database)."""
         self.jobs[job.id] = job
+        self.job_counts[(job.batch, job.device)] += 1
         key = (job.device, job.module)
         if job.is_open:
             self.open_jobs[key] = job
@@ -217,6 +226,16 @@ class FleetState:
         self.changes.batches.add(name)
         self.promises += 1
         return row
+
+    def set_control(self, name: str, fields: dict[str, Any]) -> None:
+        """Update a batch's rollout control (a pause, a halt, an opened wave): kept before it
+        is acknowledged or acted on."""
+        row = self.batches.get(name)
+        if row is None:
+            return
+        row.control = {**row.control, **fields}
+        self.changes.batches.add(name)
+        self.promises += 1
 
     def end_batch(self, name: str, state: str, reason: str, now: float) -> None:
         row = self.batches.get(name)

@@ -52,10 +52,10 @@ _VERSION_UPSERT = (
     "INSERT INTO device_versions VALUES (?, ?, ?, ?, ?) ON CONFLICT (product_key, device_name, module) "
     "DO UPDATE SET version = excluded.version, reported_at = excluded.reported_at")
 _BATCH_UPSERT = (
-    "INSERT INTO batches (name, package_id, fingerprint, state, created_at, started_at, ended_at, reason) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET package_id = excluded.package_id, "
+    "INSERT INTO batches (name, package_id, fingerprint, state, created_at, started_at, ended_at, reason, control) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET package_id = excluded.package_id, "
     "fingerprint = excluded.fingerprint, state = excluded.state, started_at = excluded.started_at, "
-    "ended_at = excluded.ended_at, reason = excluded.reason")
+    "ended_at = excluded.ended_at, reason = excluded.reason, control = excluded.control")
 _TARGET_INSERT = "INSERT OR IGNORE INTO batch_targets VALUES (?, ?, ?)"
 _PACKAGE_UPSERT = (
     "INSERT INTO package_status (package_id, status, updated_at, sha256) VALUES (?, ?, ?, ?) "
@@ -264,7 +264,7 @@ class Journal:
             version, at = state.versions[(device, module)]
             versions.append((device.product_key, device.device_name, module, version, at))
         batches = [(row.name, row.package_id, json.dumps(row.fingerprint, sort_keys=True), row.state,
-                    row.created_at, row.started_at, row.ended_at, row.reason)
+                    row.created_at, row.started_at, row.ended_at, row.reason, json.dumps(row.control, sort_keys=True))
                    for row in (state.batches[name] for name in changes.batches)]
         now = self._clock()
         return {

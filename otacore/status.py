@@ -1,10 +1,12 @@
 """Progress reports for admins: per batch counts and percent done, per device state and progress."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from .catalog import Batch, Catalog, Package
+from .rollout import rollout_view
 from .store import ALL_STATES, FINAL_STATES, Store
 
 
@@ -22,7 +24,7 @@ ShaOf = Callable[[Package], str]
 
 
 async def batch_summaries(store: Store, catalog: Catalog | None, only: str | None = None,
-                          sha_of: ShaOf | None = None) -> list[dict[str, Any]]:
+                          sha_of: ShaOf | None = None, now: float | None = None) -> list[dict[str, Any]]:
     """One summary per batch (or just `only`), counting each device's latest job once.
     With `sha_of` (a package's current file hash), a verification earned by an earlier
     build of the package shows as unverified."""
@@ -55,6 +57,9 @@ async def batch_summaries(store: Store, catalog: Catalog | None, only: str | Non
             "done_percent": round(100 * finished / total) if total else 0,
             "succeeded_percent": round(100 * counts.get("succeeded", 0) / total) if total else 0,
         })
+        if batch is not None and row is not None and (not batch.policy.empty or row.control.get("by")):
+            summaries[-1]["rollout"] = rollout_view(batch, row.control, await store.latest_jobs(name),
+                                                    time.time() if now is None else now)
     return summaries
 
 

@@ -21,7 +21,7 @@ OPEN_STATES = tuple(state.value for state in ALL_STATES if state in OPEN)
 FINAL_STATES = tuple(state.value for state in ALL_STATES if state in FINAL)
 
 # Bump with a migration in Store.open whenever SCHEMA changes shape.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class StoreError(Exception):
@@ -68,7 +68,8 @@ CREATE TABLE IF NOT EXISTS device_versions (
     PRIMARY KEY (product_key, device_name, module));
 CREATE TABLE IF NOT EXISTS batches (
     name TEXT PRIMARY KEY, package_id TEXT NOT NULL, fingerprint TEXT NOT NULL,
-    state TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, ended_at REAL, reason TEXT NOT NULL DEFAULT '');
+    state TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, ended_at REAL, reason TEXT NOT NULL DEFAULT '',
+    control TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS batch_targets (
     batch TEXT NOT NULL, product_key TEXT NOT NULL, device_name TEXT NOT NULL,
     PRIMARY KEY (batch, product_key, device_name));
@@ -101,11 +102,12 @@ _JOB_COLUMNS = ("id, batch, product_key, device_name, module, package_id, from_v
                 "progress, code, message, file_key, file_size, bytes_served, created_at, updated_at, superseded")
 
 
-_BATCH_SELECT = "SELECT name, package_id, fingerprint, state, created_at, started_at, ended_at, reason FROM batches"
+_BATCH_SELECT = ("SELECT name, package_id, fingerprint, state, created_at, started_at, ended_at, reason, control "
+                 "FROM batches")
 
 
 def _batch(row: Any) -> BatchRow:
-    return BatchRow(row[0], row[1], json.loads(row[2]), *row[3:])
+    return BatchRow(row[0], row[1], json.loads(row[2]), *row[3:8], json.loads(row[8]))
 
 
 def load_state(db: sqlite3.Connection) -> FleetState:
@@ -156,7 +158,7 @@ class Store:
             async with db.execute("PRAGMA user_version") as cursor:
                 row = await cursor.fetchone()
             version = row[0] if row else 0
-            if version not in (0, 1, SCHEMA_VERSION):
+            if version not in (0, 1, 2, SCHEMA_VERSION):
                 raise StoreError(f"{path} has database schema {version}; this server reads schema "
                                  f"{SCHEMA_VERSION}: use the matching server version or a new data_dir")
             if version == 0:
@@ -169,6 +171,10 @@ class Store:
             await db.execute("DROP INDEX IF EXISTS jobs_one_open_per_module")
             await db.execute("DROP INDEX IF EXISTS jobs_one_current_per_batch_device")
             await db.executescript(SCHEMA)
+            # Schema 2 -> 3: each batch's rollout control (pauses, halts, opened waves).
+            async with db.execute("PRAGMA table_info(batches)") as cursor:
+                if "control" not in {row[1] async for row in cursor}:
+                    await db.execute("ALTER TABLE batches ADD COLUMN control TEXT NOT NULL DEFAULT '{}'")
             await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             await db.commit()
         except BaseException:

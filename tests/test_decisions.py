@@ -69,6 +69,10 @@ class TrackedState(FleetState):
         self.row_promises += 1
         super().set_package_status(*args, **kwargs)
 
+    def set_control(self, name: str, *args: Any, **kwargs: Any) -> None:
+        self.row_promises += name in self.batches
+        super().set_control(name, *args, **kwargs)
+
 
 @dataclass
 class Step:
