@@ -33,8 +33,10 @@ import amqtt.session as amqtt_session
 from amqtt.broker import Broker
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.pingresp import PingRespPacket
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
@@ -42,7 +44,7 @@ from amqtt.utils import gen_client_id
 from transitions import MachineError
 
 from otacore.credentials import DeviceId, parse_username
-from otacore.log_hygiene import Burst
+from otacore.log_hygiene import Burst, clean_field
 from otacore.topics import filters_matching, is_ota_topic
 
 log = logging.getLogger("ota.broker")
@@ -69,6 +71,7 @@ class BrokerLimits:
     max_retained_bytes: int = 64 * 1024  # retained topic+payload bytes per device
     session_expiry_seconds: float = 86400.0  # a disconnected clean_session=0 session is kept this long
     max_unsent: int = 1024 * 1024  # bytes unsent to a connection before it counts as not reading
+    max_packet: int = 256 * 1024  # largest packet a client may send
 
 
 def set_limits(broker: Broker, limits: BrokerLimits) -> None:
@@ -130,6 +133,11 @@ def mqtt_listening_sockets(broker: Broker) -> list[Any]:
             for sock in (getattr(getattr(server, "instance", None), "sockets", None) or ())]
 
 
+def wire_client_id(session: Session) -> str | None:
+    """The client id as the device sent it (inside the broker it is scoped to the device)."""
+    return getattr(session, "ota_wire_client_id", session.client_id)
+
+
 def session_device(session: Session | None) -> DeviceId | None:
     """The device a connected session authenticated as (its username is `{dn}&{pk}`)."""
     return parse_username(session.username) if session is not None else None
@@ -151,6 +159,8 @@ def harden(broker: Broker) -> None:
     # another quarter of an idle connection's memory; these queues have one reader each.
     amqtt_session.Queue = LightQueue  # type: ignore[misc]
     amqtt_broker_handler.Queue = LightQueue  # type: ignore[misc]
+    # amqtt reads a whole packet (up to 256 MB) into memory before anyone may refuse it.
+    MQTTFixedHeader.from_stream = _bounded_fixed_header(MQTTFixedHeader.from_stream)  # type: ignore[method-assign]
     table = _SubscriptionTable(broker._subscriptions)
     broker._subscriptions = table
     broker.add_subscription = _indexed_add_subscription(broker, table)  # type: ignore[method-assign]
@@ -168,6 +178,8 @@ def _hardened_initializer(broker: Broker) -> Any:
         refused CONNECT) leaked the slot for good, and a failed CONNECT left the socket open
         (CLOSE-WAIT). Every failure here closes the socket and is one of those errors."""
         edge.arrived(writer)
+        # Read by the fixed-header check in this connection's tasks (they copy the context).
+        _PACKET_LIMIT.set(limits_of(broker).max_packet)
         try:
             return await _accept(reader, writer, remote_address, remote_port)
         except (AMQTTError, MQTTError) as exc:
@@ -195,20 +207,22 @@ def _hardened_initializer(broker: Broker) -> Any:
             raise AMQTTError(f"no CONNECT within {limits.connect_timeout:g}s") from None
         if session.clean_session and not session.client_id:
             session.client_id = gen_client_id()
-        _CONNECTING.set(session.client_id)  # this task now handles this client's connect
         # Bug (1): amqtt resolves (and may wipe) the stored session for this client id
         # before authenticating; we refuse bad credentials before touching anything.
         if not await broker._authenticate(session, None):
             await ConnackPacket.build(0, NOT_AUTHORIZED).to_stream(writer)
-            raise AMQTTError(f"CONNECT from {remote_address}:{remote_port} (client id {session.client_id!r}, "
-                             f"username {session.username!r}) not authorized: unknown device, malformed "
-                             "username, wrong secret or a refused will")
+            raise AMQTTError(f"CONNECT from {remote_address}:{remote_port} (client id "
+                             f"{clean_field(repr(session.client_id))}, username {clean_field(repr(session.username))}) "
+                             "not authorized: unknown device, malformed username, wrong secret or a refused will")
+        # Bug (6): amqtt keys sessions by client id alone, so a device with valid credentials
+        # could take over, or squat, another device's client id. Inside the broker a client
+        # id is scoped to the device that authenticated; the device never sees the difference.
+        device = session_device(session)
+        session.ota_wire_client_id = session.client_id  # as sent: signed passwords cover it
+        if device is not None:
+            session.client_id = f"{device.product_key}/{device.device_name}/{session.client_id}"
+        _CONNECTING.set(session.client_id)  # this task now handles this client's connect
         existing = broker._sessions.get(session.client_id)
-        if existing is not None and session_device(existing[0]) != session_device(session):
-            # Sessions are keyed by client id alone: another device must not take this one over.
-            await ConnackPacket.build(0, IDENTIFIER_REJECTED).to_stream(writer)
-            raise AMQTTError(f"CONNECT from {remote_address}:{remote_port}: client id {session.client_id!r} "
-                             f"belongs to {session_device(existing[0])}, not {session_device(session)}")
         if existing is not None and existing[0].transitions.is_connected():
             # Bug (2): a second CONNECT with the same client id must close the first.
             log.info("client id %r connected again; closing its previous connection", session.client_id)
@@ -242,6 +256,7 @@ def _hardened_initializer(broker: Broker) -> Any:
             # 0: amqtt reads without its per-packet timeout (a task and a timer per packet).
             session.keep_alive = 0
         handler.handle_publish = _consuming_publish(broker, handler, session)
+        handler.handle_pingreq = _pingresp(broker, handler)
         return handler, session
 
     return initialize
@@ -318,6 +333,40 @@ def _edge(broker: Broker) -> _Edge:
         edge = _Edge(broker)
         setattr(broker, _EDGE, edge)
     return edge
+
+
+class PacketTooLarge(Exception):
+    """A client announced a packet over limits.max_packet_kb: its connection is closed."""
+
+
+_PACKET_LIMIT: contextvars.ContextVar[int] = contextvars.ContextVar("ota_max_packet", default=256 * 1024)
+
+
+def _bounded_fixed_header(from_stream: Any) -> Any:
+    """Bug (13): a PUBLISH of 250 MB was read whole into memory (six connections of one
+    device: 1.5 GB). The announced length is checked first; the connection is closed."""
+    if getattr(from_stream, "_ota_bounded", False):
+        return from_stream
+
+    async def bounded(cls: Any, reader: Any) -> Any:
+        header = await from_stream.__func__(cls, reader)
+        limit = _PACKET_LIMIT.get()
+        if header is not None and header.remaining_length > limit:
+            raise PacketTooLarge(f"a packet of {header.remaining_length} bytes is over limits.max_packet_kb "
+                                 f"({limit // 1024} KiB); closing the connection")
+        return header
+
+    bounded._ota_bounded = True  # type: ignore[attr-defined]
+    return classmethod(bounded)
+
+
+def _pingresp(broker: Broker, handler: BrokerProtocolHandler) -> Any:
+    """amqtt answers PINGREQ in a task that awaits the write: a client that pings and resets
+    left an unretrieved task exception (an ERROR with a traceback) per ping."""
+    async def handle_pingreq(_packet: Any) -> None:
+        _write(handler, PingRespPacket.build().to_bytes(), limits_of(broker).max_unsent)
+
+    return handle_pingreq
 
 
 def _consuming_publish(broker: Broker, handler: BrokerProtocolHandler, session: Session) -> Any:
@@ -550,6 +599,12 @@ class _SubscriptionTable(dict):
             return super().__iter__()
         return iter([topic_filter for topic_filter in self.held.get(client_id, ()) if topic_filter in self])
 
+    def items(self) -> Any:
+        """A copy: amqtt's broadcast awaits (the ACL) while it iterates, and a client that
+        subscribes or leaves meanwhile made it raise "dictionary changed size during
+        iteration", dropping the message for the subscribers not reached yet (bug 14)."""
+        return list(super().items())
+
     def clear(self) -> None:
         super().clear()
         self.held.clear()
@@ -571,7 +626,8 @@ def _indexed_add_subscription(broker: Broker, table: _SubscriptionTable) -> Any:
         if subscription[0] not in held and device is not None:
             limit = limits_of(broker).max_subscriptions
             if table.per_device.get(device, 0) >= limit:
-                log.info("%s: SUBSCRIBE %r refused: over limits.max_subscriptions (%d)", device, subscription[0], limit)
+                log.info("SUBSCRIBE refused: %s: %r is over limits.max_subscriptions (%d)", device, subscription[0],
+                         limit)
                 return _SUBSCRIPTION_REFUSED
         qos = await add(subscription, session)
         if qos != _SUBSCRIPTION_REFUSED and session.client_id is not None:
@@ -652,7 +708,7 @@ def _bounded_retain(broker: Broker) -> Any:
             await retain(source, topic, data, qos)
             return
         if is_ota_topic(topic):
-            log.info("%s: retained message on OTA topic %r not kept (OTA topics are never retained)", device, topic)
+            log.info("retained message of %s on OTA topic %r not kept (OTA topics are never retained)", device, topic)
             return
         if not data:
             forget(topic)
@@ -662,7 +718,7 @@ def _bounded_retain(broker: Broker) -> Any:
         limit = limits_of(broker).max_retained_bytes
         held = per_device.get(device, 0) - (sizes[topic][1] if topic in sizes else 0)
         if held + size > limit:
-            log.info("%s: retained message on %r not kept: over limits.max_retained_kb (%d bytes)",
+            log.info("retained message of %s on %r not kept: over limits.max_retained_kb (%d bytes)",
                      device, topic, limit)
             return
         forget(topic)

@@ -10,7 +10,7 @@ from amqtt.session import Session
 from otacore.credentials import DeviceId, check_mqtt_login
 from otacore.topics import in_namespace, is_ota_topic
 
-from .amqtt_private import broker_of, harden, refused_log
+from .amqtt_private import broker_of, harden, refused_log, wire_client_id
 from .runtime import find_runtime
 
 log = logging.getLogger("ota.auth")
@@ -32,7 +32,7 @@ class DeviceAuthPlugin(BaseAuthPlugin):
         if runtime is None or runtime.engine is None or runtime.engine.catalog is None:
             log.warning("refusing %r: the OTA plugin is not running", session.username)
             return False
-        device = check_mqtt_login(runtime.engine.catalog, session.client_id, session.username, session.password,
+        device = check_mqtt_login(runtime.engine.catalog, wire_client_id(session), session.username, session.password,
                                   runtime.settings.allow_plain_secret)
         if device is None:  # the CONNECT's refusal is logged once, with the client id and username
             return False

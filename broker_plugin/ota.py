@@ -56,8 +56,10 @@ class OtaPlugin(BasePlugin):
         set_limits(broker, BrokerLimits(
             connect_timeout=settings.connect_timeout_seconds, max_unauthenticated=settings.max_unauthenticated,
             max_subscriptions=settings.max_subscriptions, max_retained_bytes=settings.max_retained_kb * 1024,
-            session_expiry_seconds=settings.session_expiry_hours * 3600, max_unsent=settings.max_unsent_kb * 1024))
+            session_expiry_seconds=settings.session_expiry_hours * 3600, max_unsent=settings.max_unsent_kb * 1024,
+            max_packet=settings.max_packet_kb * 1024))
         log_hygiene.install(settings.log_field_max)
+        log_hygiene.limit_floods()
         self.runtime = OtaRuntime(settings, SessionDelivery(broker))
         self._blocks_in_flight: dict[DeviceId, int] = {}
         set_upstream_consumer(broker, self.consume)

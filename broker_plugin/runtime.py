@@ -30,7 +30,7 @@ from otacore.journal import Journal
 from otacore.settings import Settings
 from otacore.store import Store, check_database
 
-from .amqtt_private import SessionDelivery, broker_of, mqtt_connections, mqtt_listening_sockets
+from .amqtt_private import SessionDelivery, broker_of, mqtt_connections, mqtt_listening_sockets, wire_client_id
 from .connection_budget import ConnectionBudget
 
 log = logging.getLogger("ota.server")
@@ -162,7 +162,7 @@ class OtaRuntime:
         """After a reload, devices that were removed or whose secret changed lose their session:
         credentials are otherwise only checked at CONNECT."""
         def still_valid(session: Session) -> bool:
-            return check_mqtt_login(catalog, session.client_id, session.username, session.password,
+            return check_mqtt_login(catalog, wire_client_id(session), session.username, session.password,
                                     self.settings.allow_plain_secret) is not None
 
         dropped = self.delivery.drop_sessions(still_valid)

@@ -12,7 +12,9 @@ import logging
 import re
 from typing import Any
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0/C1 controls, line separators, and the bidirectional overrides that reorder what a
+# terminal shows (U+202A-U+202E, U+2066-U+2069, and the marks U+200E/U+200F).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 _state = {"limit": 200, "installed": False}
 
 
@@ -63,11 +65,11 @@ class Burst(logging.Filter):
 
     def __init__(self, prefixes: tuple[str, ...], *, burst: int = 5, interval: float = 10.0) -> None:
         super().__init__()
-        self._prefixes, self._burst, self._interval = prefixes, burst, interval
+        self.prefixes, self._burst, self._interval = prefixes, burst, interval
         self._window_start, self._passed, self._held = -interval, 0, 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self._prefixes):
+        if not str(record.msg).startswith(self.prefixes):
             return True
         now = record.created
         if now - self._window_start >= self._interval:
@@ -76,8 +78,30 @@ class Burst(logging.Filter):
             self._held += 1
             return False
         self._passed += 1
+        note = ""
+        if record.exc_info and record.exc_info[1] is not None:
+            # A flood's traceback says nothing new; its one line does.
+            error = record.exc_info[1]
+            note = f": {type(error).__name__}: {clean_field(str(error))}"
+            record.exc_info, record.exc_text = None, None
         if self._held:
-            record.msg = f"{record.msg} ({self._held} more like this held back)"
+            note += f" ({self._held} more like this held back)"
             self._held = 0
-        record.exc_info = None  # a flood's traceback says nothing new
+        if note:
+            record.msg = f"{record.msg}{note.replace('%', '%%') if record.args else note}"
         return True
+
+
+def limit_floods() -> None:
+    """Lines a client can make the server repeat per message it sends: in bursts."""
+    floods = {
+        "ota.mqtt": ("bad ", "client ", "%s from %s dropped"),
+        "ota.engine": ("version report from", "progress "),
+        "ota.broker": ("SUBSCRIBE refused", "retained message"),
+        "aiohttp.server": ("Error handling request",),
+        "amqtt.mqtt.protocol.handler": ("BrokerProtocolHandler Unhandled exception",),
+    }
+    for name, prefixes in floods.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, Burst) and f.prefixes == prefixes for f in logger.filters):
+            logger.addFilter(Burst(prefixes, burst=20))

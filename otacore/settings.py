@@ -21,6 +21,7 @@ NETWORK_LIMITS: tuple[tuple[str, float, float, str], ...] = (
     ("max_retained_kb", 64, 0, "retained message bytes per device (never on OTA topics)"),
     ("session_expiry_hours", 24, 0, "hours a disconnected clean_session=0 session is kept"),
     ("max_unsent_kb", 1024, 64, "bytes unsent to a connection before it counts as not reading"),
+    ("max_packet_kb", 256, 72, "largest MQTT packet a client may send (OTA payloads are at most 64 KiB)"),
     ("log_field_max", 200, 16, "characters of a client-sent value in a log line"),
 )
 
@@ -59,6 +60,7 @@ class Settings:
     max_retained_kb: int = 64
     session_expiry_hours: float = 24
     max_unsent_kb: int = 1024
+    max_packet_kb: int = 256
     log_field_max: int = 200
 
     @property

@@ -53,7 +53,7 @@ async def test_a_session_is_removed_through_its_own_filters_only(server: OtaServ
     table = server.broker._subscriptions
     async with Device(server, "idx-1") as first, Device(server, "idx-2"):
         await first.subscribe("/a1Test/idx-1/user/#")
-        assert table.held["idx-1"] >= {"/a1Test/idx-1/user/#", "/ota/device/upgrade/a1Test/idx-1"}
+        assert table.held["a1Test/idx-1/idx-1"] >= {"/a1Test/idx-1/user/#", "/ota/device/upgrade/a1Test/idx-1"}
         assert len(table) == 7  # three downstream OTA topics each, and one more
     for _ in range(100):
         if not table and not table.held:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+import raw_mqtt
 
 from harness import Device, OtaServer, device_secret, write_catalog
 from conftest import UPGRADE_BATCH
@@ -174,13 +175,23 @@ async def test_will_outside_the_device_namespace_is_refused(server: OtaServer) -
         pass
 
 
-async def test_another_device_cannot_take_over_a_client_id(server: OtaServer) -> None:
+async def test_another_device_can_neither_take_over_nor_squat_a_client_id(server: OtaServer) -> None:
+    # amqtt keys sessions by client id alone: cam-b with valid credentials of its own used
+    # this client id to close cam-a's connection, or (connected first, clean_session=0)
+    # to lock cam-a out. Inside the broker each device's client ids are its own.
     async with Device(server, "cam-a", client_id="a1Test&cam-a") as victim:
-        with pytest.raises(aiomqtt.MqttError):
-            async with Device(server, "cam-b", client_id="a1Test&cam-a"):
-                pass
-        await victim.inform("1.0.0")
-        assert (await victim.next_push())["data"]["version"] == "1.1.0" and not victim.disconnected
+        async with Device(server, "cam-b", client_id="a1Test&cam-a") as squatter:
+            await victim.inform("1.0.0")
+            assert (await victim.next_push())["data"]["version"] == "1.1.0" and not victim.disconnected
+            await squatter.inform("1.0.0")
+            assert (await squatter.next_push())["data"]["version"] == "1.1.0"
+    reader, writer = await raw_mqtt.open_raw(server.mqtt_port)
+    writer.write(raw_mqtt.device_connect("cam-c", client_id="cam-d", clean=False))
+    assert await raw_mqtt.connack(reader) == 0
+    raw_mqtt.reset(writer)  # cam-c leaves a stored session under cam-d's client id
+    async with Device(server, "cam-d") as owner:
+        await owner.inform("1.0.0")
+        assert (await owner.next_push())["data"]["version"] == "1.1.0"
 
 
 async def test_reload_disconnects_devices_whose_secret_changed(server: OtaServer) -> None:

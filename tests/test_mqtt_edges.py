@@ -222,7 +222,7 @@ async def test_stored_sessions_are_capped_per_device_and_expire(tmp_path: Path) 
             writer.write(raw_mqtt.subscribe("/a1Test/dev-9/cmd"))
             await asyncio.wait_for(reader.readexactly(5), 5)
             reset(writer)
-            await _until(lambda: sessions[f"dev-9|ts={i}|"][0].transitions.state == "disconnected")
+            await _until(lambda: sessions[f"a1Test/dev-9/dev-9|ts={i}|"][0].transitions.state == "disconnected")
         assert len(sessions) <= amqtt_private.MAX_SESSIONS_PER_DEVICE
         # amqtt's monitor runs once a second; the expiry here is one second.
         assert await _until(lambda: not sessions, 5.0), list(sessions)
@@ -300,3 +300,55 @@ def test_signed_url_numbers_are_ascii_digits_only() -> None:
     for job in ("٣", "+3", "0_3", " 3"):  # int() takes each as 3; the URL the server signed said "3"
         with pytest.raises(UrlRejected):
             verify_url(key, path, {**query, "job": job})
+
+
+async def test_a_packet_over_max_packet_kb_closes_the_connection_before_it_is_read(tmp_path: Path) -> None:
+    write_catalog(tmp_path, UPGRADE)
+    server = await OtaServer(tmp_path, options={"limits": {"max_packet_kb": 100}}).start()
+    try:
+        reader, writer = await open_raw(server.mqtt_port)
+        writer.write(device_connect("dev-12"))
+        assert await connack(reader) == 0
+        topic = raw_mqtt.string("/a1Test/dev-12/big")
+        header = raw_mqtt.packet(0x30, topic + b"x" * (250 * 1024 * 1024 - len(topic)))[:8]  # claims 250 MB
+        writer.write(header + b"x" * 65536)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed after the fixed header
+        writer.close()
+        async with Device(server, "dev-12") as device:  # a packet within the limit is fine
+            await device.publish("/a1Test/dev-12/ok", b"y" * 90_000)
+            await device.inform("1.0.0")
+            await device.next_push()
+    finally:
+        await server.stop()
+
+
+async def test_broadcasts_reach_every_subscriber_while_other_clients_come_and_go(server: OtaServer) -> None:
+    limited = server  # default limits: three clients of one device hold 3 OTA filters each
+    async with Device(limited, "dev-13", client_id="dev-13-a") as a, Device(limited, "dev-13", client_id="dev-13-b") as b:
+        await a.subscribe("/a1Test/dev-13/t")
+        await b.subscribe("/a1Test/dev-13/#")
+        stop = asyncio.Event()
+
+        async def churn(i: int) -> None:
+            while not stop.is_set():
+                reader, writer = await open_raw(limited.mqtt_port)
+                writer.write(device_connect(f"churn-{i}"))
+                await connack(reader)
+                for j in range(3):
+                    writer.write(raw_mqtt.subscribe(f"/a1Test/churn-{i}/{j}", packet_id=j + 1))
+                await asyncio.sleep(0.005)
+                reset(writer)
+
+        churners = [asyncio.ensure_future(churn(i)) for i in range(8)]
+        async with Device(limited, "dev-13", client_id="dev-13-pub") as publisher:
+            for n in range(300):
+                await publisher.publish("/a1Test/dev-13/t", str(n), qos=0)
+                await asyncio.sleep(0)
+        stop.set()
+        await asyncio.gather(*churners, return_exceptions=True)
+        for device in (a, b):
+            got = 0
+            while got < 300:
+                await device.receive("/t", timeout=5)
+                got += 1

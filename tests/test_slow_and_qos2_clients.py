@@ -86,4 +86,4 @@ async def test_unsubscribed_filters_leave_nothing_behind(server: OtaServer) -> N
         assert len(table) == 23
         for i in range(20):
             await device._client.unsubscribe(f"/a1Test/uns-1/f{i}")  # type: ignore[union-attr]
-        assert len(table) == 3 and len(table.held["uns-1"]) == 3
+        assert len(table) == 3 and len(table.held["a1Test/uns-1/uns-1"]) == 3
