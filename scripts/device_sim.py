@@ -765,8 +765,8 @@ EXAMPLES = """examples:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="device_sim.py",
-        description="Simulate OTA devices (Aliyun/SagooIoT Alink OTA over MQTT, see "
-                    "PROTOCOL.md): connect, report the version, take an upgrade, download, "
+        description="Simulate OTA devices (Aliyun/SagooIoT Alink OTA over MQTT; the SDKs it "
+                    "mimics are in docs/devices.md): connect, report the version, take an upgrade, download, "
                     "verify, report progress, reboot and report the new version. Prints one "
                     "line per device and a totals line; exits 1 if any device ended other "
                     "than expected.",
