@@ -185,9 +185,10 @@ def _hardened_initializer(broker: Broker) -> Any:
         except (AMQTTError, MQTTError) as exc:
             _abort(writer)
             raise AMQTTError(edge.refused(exc)) from None
-        except NoDataError:
+        except NoDataError:  # a port check or a client that gave up: not worth a warning
             _abort(writer)
-            raise AMQTTError(edge.refused("the connection closed before its CONNECT")) from None
+            log.debug("a connection closed before its CONNECT")
+            raise AMQTTError("the connection closed before its CONNECT") from None
         except asyncio.CancelledError:
             _abort(writer)
             raise

@@ -405,7 +405,7 @@ class OtaCore:
         if due is not None:
             reason, figures = due
             self.rollout.pause(batch.name, "abort", reason, now, **figures)
-            log.warning("batch %s %s; `otactl resume %s` resumes it", batch.name, reason, batch.name)
+            log.warning("batch %s halted: %s; `otactl resume %s` resumes it", batch.name, reason, batch.name)
 
     def _check_verification(self, batch: Batch, now: float) -> None:
         """`verified` once every listed device succeeded, `verify_failed` at the first failure

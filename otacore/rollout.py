@@ -51,12 +51,15 @@ class WaveFigures:
     finished: int
 
 
-def wave_figures(policy: RolloutPolicy, batch_name: str, jobs: Iterable[Job], upto: int) -> WaveFigures:
-    """Counts over the latest jobs of the devices in waves 1..upto+1 (0-based `upto`)."""
+def wave_figures(policy: RolloutPolicy, batch_name: str, jobs: Iterable[Job], upto: int,
+                 *, only_this_wave: bool = False) -> WaveFigures:
+    """Counts over the latest jobs of the devices in waves 1..upto+1 (0-based `upto`), or
+    of wave upto+1 alone."""
     limit = policy.waves[upto].percent
+    floor = policy.waves[upto - 1].percent if only_this_wave and upto > 0 else 0.0
     total = succeeded = finished = 0
     for job in jobs:
-        if job.state == JobState.CANCELED or device_share(batch_name, job.device.device_name) >= limit:
+        if job.state == JobState.CANCELED or not floor <= device_share(batch_name, job.device.device_name) < limit:
             continue
         total += 1
         succeeded += job.state == JobState.SUCCEEDED
@@ -202,7 +205,7 @@ class Rollout:
         if control.get("resumed_at_failed") is not None and failed <= control["resumed_at_failed"]:
             return None
         share = 100 * failed / finished
-        reason = (f"halted: {failed} of {finished} finished jobs failed ({share:.0f}% >= "
+        reason = (f"{failed} of {finished} finished jobs failed ({share:.0f}% >= "
                   f"abort.failure_percent {rule.failure_percent:g}%)")
         return reason, {"failed": failed, "finished": finished, "failure_percent": round(share, 1)}
 
@@ -256,7 +259,7 @@ def rollout_view(batch: Batch, control: dict[str, Any], latest_jobs: Iterable[Jo
         opened = int(control.get("wave", 0))
         waves = []
         for index, wave in enumerate(policy.waves):
-            figures = wave_figures(policy, batch.name, jobs, index)
+            figures = wave_figures(policy, batch.name, jobs, index, only_this_wave=True)
             waves.append({"wave": index + 1, "percent": wave.percent, "open": index <= opened,
                           "jobs": figures.jobs, "succeeded": figures.succeeded, "finished": figures.finished})
         view["waves"] = waves

@@ -57,7 +57,8 @@ async def batch_summaries(store: Store, catalog: Catalog | None, only: str | Non
             "done_percent": round(100 * finished / total) if total else 0,
             "succeeded_percent": round(100 * counts.get("succeeded", 0) / total) if total else 0,
         })
-        if batch is not None and row is not None and (not batch.policy.empty or row.control.get("by")):
+        if batch is not None and row is not None and row.state == "running" and \
+                (not batch.policy.empty or row.control.get("by")):
             summaries[-1]["rollout"] = rollout_view(batch, row.control, await store.latest_jobs(name),
                                                     time.time() if now is None else now)
     return summaries
