@@ -38,7 +38,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.pingresp import PingRespPacket
 from amqtt.mqtt.puback import PubackPacket
-from amqtt.mqtt.publish import PublishPacket
+from amqtt.mqtt.publish import PublishPacket, PublishVariableHeader
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 from transitions import MachineError
@@ -155,12 +155,14 @@ def harden(broker: Broker) -> None:
     # fleet that is every session's repr, per subscribe. Same dict, cheap repr, and an
     # index of the filters each client holds (see _SubscriptionTable).
     Session._init_states = _light_session_states  # type: ignore[method-assign]
+    BrokerProtocolHandler.start = _start_with_waiter_first  # type: ignore[method-assign]
     # Four asyncio.Queues per connection (each four preallocated deques and an Event) were
     # another quarter of an idle connection's memory; these queues have one reader each.
     amqtt_session.Queue = LightQueue  # type: ignore[misc]
     amqtt_broker_handler.Queue = LightQueue  # type: ignore[misc]
     # amqtt reads a whole packet (up to 256 MB) into memory before anyone may refuse it.
     MQTTFixedHeader.from_stream = _bounded_fixed_header(MQTTFixedHeader.from_stream)  # type: ignore[method-assign]
+    PublishVariableHeader.from_stream = _fatal_when_malformed(PublishVariableHeader.from_stream)  # type: ignore[method-assign]
     table = _SubscriptionTable(broker._subscriptions)
     broker._subscriptions = table
     broker.add_subscription = _indexed_add_subscription(broker, table)  # type: ignore[method-assign]
@@ -337,6 +339,16 @@ def _edge(broker: Broker) -> _Edge:
     return edge
 
 
+async def _start_with_waiter_first(self: BrokerProtocolHandler) -> None:
+    """Bug (16): amqtt started the reader, then made the disconnect waiter; a client that
+    closed right after its CONNECT (before reading the CONNACK) ended the reader first, the
+    waiter was made afterwards and never resolved: a "connected" session and its socket
+    held for good (with keep-alive 0), 900 of them and the listeners stopped."""
+    if self._disconnect_waiter is None or self._disconnect_waiter.done():
+        self._disconnect_waiter = asyncio.get_running_loop().create_future()
+    await super(BrokerProtocolHandler, self).start()
+
+
 class PacketTooLarge(Exception):
     """A client announced a packet over limits.max_packet_kb: its connection is closed."""
 
@@ -362,6 +374,27 @@ def _bounded_fixed_header(from_stream: Any) -> Any:
     return classmethod(bounded)
 
 
+class MalformedPacket(Exception):
+    """A packet that breaks the protocol: its connection is closed (MQTT 3.1.1, 4.8)."""
+
+
+def _fatal_when_malformed(from_stream: Any) -> Any:
+    """amqtt discards a PUBLISH whose topic has a wildcard or is not UTF-8 and reads on from
+    the middle of it: the connection went silent, answering nothing, for as long as the
+    client held it. Such a packet now ends the connection."""
+    if getattr(from_stream, "_ota_fatal", False):
+        return from_stream
+
+    async def checked(cls: Any, reader: Any, fixed_header: Any) -> Any:
+        try:
+            return await from_stream.__func__(cls, reader, fixed_header)
+        except (MQTTError, UnicodeDecodeError, ValueError) as exc:
+            raise MalformedPacket(f"malformed PUBLISH: {exc}") from None
+
+    checked._ota_fatal = True  # type: ignore[attr-defined]
+    return classmethod(checked)
+
+
 def _pingresp(broker: Broker, handler: BrokerProtocolHandler) -> Any:
     """amqtt answers PINGREQ in a task that awaits the write: a client that pings and resets
     left an unretrieved task exception (an ERROR with a traceback) per ping."""
@@ -380,6 +413,13 @@ def _consuming_publish(broker: Broker, handler: BrokerProtocolHandler, session: 
     async def handle_publish(packet: PublishPacket) -> None:
         consumer: UpstreamConsumer | None = getattr(broker, _CONSUMER, None)
         topic, data, qos = packet.topic_name, packet.data, packet.qos
+        problem = _publish_problem(topic, qos, session)
+        if problem is not None:
+            # Bug (15): amqtt raised in a task per such packet (an ERROR and a traceback
+            # each: 190 MB of log in 10 s), or left the connection open and silent.
+            log.info("client %r: %s; closing the connection", session.client_id, problem)
+            _abort(handler.writer)
+            return
         consumed = consumer is not None and topic is not None and data is not None \
             and consumer(session, topic, bytes(data))
         if consumed is False:
@@ -396,6 +436,20 @@ def _consuming_publish(broker: Broker, handler: BrokerProtocolHandler, session: 
                    limits_of(broker).max_unsent)
 
     return handle_publish
+
+
+MAX_QOS2_IN_FLIGHT = 64  # QoS 2 PUBLISHes of one connection waiting for their PUBREL
+
+
+def _publish_problem(topic: str | None, qos: int | None, session: Session) -> str | None:
+    """Why a PUBLISH breaks the protocol (MQTT 3.1.1 closes the connection for each)."""
+    if qos not in (0, 1, 2):
+        return f"PUBLISH with QoS {qos}"
+    if not topic or "+" in topic or "#" in topic or "\0" in topic:
+        return f"PUBLISH to an invalid topic name {topic!r}"
+    if qos == 2 and len(session.inflight_in) >= MAX_QOS2_IN_FLIGHT:
+        return f"over {MAX_QOS2_IN_FLIGHT} QoS 2 PUBLISHes without their PUBREL"
+    return None
 
 
 def _transport(handler: BrokerProtocolHandler) -> asyncio.WriteTransport | None:

@@ -48,7 +48,7 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
     app[OPEN_FILES] = OpenPackageFiles()
     app.on_cleanup.append(_close_open_files)
     # Listeners made with HttpSite report their connections to it (connection_guard.py).
-    app[GUARD] = ConnectionGuard(engine.settings.header_timeout_seconds, engine.settings.max_unauthenticated)
+    app[GUARD] = ConnectionGuard(engine.settings.header_timeout_seconds, engine.settings.unauthenticated_cap)
     app.on_startup.append(_start_guard)
     app.on_cleanup.append(_stop_guard)
     app.router.add_get("/files/{key}/{name}", download)  # also answers HEAD

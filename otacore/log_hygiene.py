@@ -99,7 +99,9 @@ def limit_floods() -> None:
         "ota.engine": ("version report from", "progress "),
         "ota.broker": ("SUBSCRIBE refused", "retained message"),
         "aiohttp.server": ("Error handling request",),
-        "amqtt.mqtt.protocol.handler": ("BrokerProtocolHandler Unhandled exception",),
+        "amqtt.mqtt.protocol.handler": ("BrokerProtocolHandler Unhandled exception", "Received PUB", "PUBACK waiter",
+                                        "PUBREC waiter", "PUBCOMP waiter", "Unhandled exception"),
+        "asyncio": ("Task exception was never retrieved", "Task was destroyed but it is pending"),
     }
     for name, prefixes in floods.items():
         logger = logging.getLogger(name)

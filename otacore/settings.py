@@ -1,6 +1,7 @@
 """The OTA plugin's settings from broker.yaml (CONFIG.md), validated, with paths resolved."""
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,16 @@ class Settings:
     def plain_http(self) -> bool:
         """Does the file server speak plain HTTP anywhere (for `http` batches)?"""
         return self.tls_certfile is None or self.tls_port is not None
+
+    @property
+    def unauthenticated_cap(self) -> int:
+        """limits.max_unauthenticated, but at most a quarter of the open-files limit per
+        protocol: a cap above the descriptors there are never drops anyone, and sockets
+        held open would stop the listeners instead (1,000 with the common limit of 1,024)."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return self.max_unauthenticated
+        return min(self.max_unauthenticated, max(10, soft // 4))
 
     @property
     def max_file_bytes(self) -> int:

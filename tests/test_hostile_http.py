@@ -183,6 +183,34 @@ async def test_past_max_unauthenticated_the_oldest_waiting_sockets_are_closed(tm
         await server.stop()
 
 
+async def test_connections_between_two_requests_are_not_capped(tmp_path: Path) -> None:
+    # A fleet downloading in Range requests has thousands of connections between two
+    # requests at any moment; counting them against the cap closed working downloads.
+    write_catalog(tmp_path, UPGRADE_BATCH)
+    server = await OtaServer(tmp_path, options={"limits": {"max_unauthenticated": 10,
+                                                           "header_timeout_seconds": 30}}).start()
+    sockets = []
+    try:
+        for _ in range(25):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 200")
+            sockets.append((reader, writer))
+        for _ in range(15):  # and fresh sockets past the cap: only those are evicted
+            sockets.append(await asyncio.open_connection("127.0.0.1", server.http_port))
+        await asyncio.sleep(1.2)  # a sweep
+        for reader, writer in sockets[:25]:
+            await reader.read(4096)  # the rest of the first answer
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 2)).startswith(b"HTTP/1.1 200")
+        closed = [await closed_within(reader, 0.05) is not None for reader, _ in sockets[25:]]
+        assert closed[:5] == [True] * 5 and closed[5:] == [False] * 10, closed
+    finally:
+        for _, writer in sockets:
+            writer.close()
+        await server.stop()
+
+
 # -- credentials a client controls ----------------------------------------------------------
 
 def _basic(raw: bytes) -> bytes:

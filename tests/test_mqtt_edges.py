@@ -352,3 +352,68 @@ async def test_broadcasts_reach_every_subscriber_while_other_clients_come_and_go
             while got < 300:
                 await device.receive("/t", timeout=5)
                 got += 1
+
+
+async def test_a_client_that_closes_right_after_its_connect_leaves_nothing_behind(limited: OtaServer) -> None:
+    # amqtt made the disconnect waiter after starting the reader: a FIN right behind the
+    # CONNECT ended the reader first, and the session stayed "connected" with its socket.
+    assert limited.broker is not None
+    for i in range(30):
+        reader, writer = await open_raw(limited.mqtt_port)
+        writer.write(device_connect("dev-14", client_id=f"dev-14-{i}", keep_alive=0))
+        writer.write_eof()  # FIN before reading the CONNACK
+        await writer.drain()
+        writer.close()
+    assert await _until(lambda: amqtt_private.mqtt_connections(limited.broker) == 0), \
+        f"{amqtt_private.mqtt_connections(limited.broker)} connections still held"
+    sessions = limited.broker._sessions
+    assert await _until(lambda: not any(s.transitions.is_connected() for s, _ in sessions.values()))
+
+
+@pytest.mark.parametrize("name, packet", [
+    ("qos 3", raw_mqtt.packet(0x36, raw_mqtt.string("/a1Test/dev-15/t") + b"\x00\x01x")),
+    ("wildcard", raw_mqtt.publish("/a1Test/dev-15/+", b"x")),
+    ("empty topic", raw_mqtt.publish("", b"x")),
+])
+async def test_a_publish_that_breaks_the_protocol_closes_the_connection(
+        limited: OtaServer, caplog: pytest.LogCaptureFixture, name: str, packet: bytes) -> None:
+    caplog.set_level(logging.INFO)
+    reader, writer = await open_raw(limited.mqtt_port)
+    writer.write(device_connect("dev-15"))
+    assert await connack(reader) == 0
+    writer.write(packet * 50)
+    assert await asyncio.wait_for(reader.read(), 5) == b"", name
+    writer.close()
+    assert not [r for r in caplog.records if r.exc_info or "never retrieved" in r.getMessage()]
+
+
+async def test_half_finished_qos_2_flows_are_capped(limited: OtaServer) -> None:
+    reader, writer = await open_raw(limited.mqtt_port)
+    writer.write(device_connect("dev-16"))
+    assert await connack(reader) == 0
+    closed = False
+    for packet_id in range(1, 400):  # PUBLISH QoS 2, never a PUBREL
+        writer.write(raw_mqtt.publish("/a1Test/dev-16/q2", b"x" * 100, qos=2, packet_id=packet_id))
+    try:
+        while await asyncio.wait_for(reader.read(65536), 5):
+            pass
+        closed = True
+    except ConnectionError:
+        closed = True
+    writer.close()
+    assert closed
+
+
+async def test_acks_for_unknown_packets_are_logged_in_bursts(limited: OtaServer,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    reader, writer = await open_raw(limited.mqtt_port)
+    writer.write(device_connect("dev-17"))
+    assert await connack(reader) == 0
+    for packet_id in range(1, 3000):
+        writer.write(raw_mqtt.packet(0x40, packet_id.to_bytes(2, "big")) + raw_mqtt.packet(0x62, packet_id.to_bytes(2, "big")))
+    writer.write(raw_mqtt.packet(0xC0, b""))  # PINGREQ: answered once the rest is read
+    assert (await asyncio.wait_for(reader.readexactly(2), 10)) == b"\xd0\x00"
+    writer.close()
+    lines = [r for r in caplog.records if r.getMessage().startswith("Received PUB")]
+    assert len(lines) <= 21, len(lines)
