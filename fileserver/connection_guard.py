@@ -57,6 +57,7 @@ class ConnectionGuard:
     def __init__(self, header_timeout: float, max_waiting: int) -> None:
         check_aiohttp()
         self.header_timeout, self.max_waiting = header_timeout, max_waiting
+        self.grace = min(2.0, header_timeout / 2)
         # Connections waiting for request headers -> (requests parsed then, since when);
         # oldest first. A changed count means a request came meanwhile.
         self._waiting: dict[RequestHandler, tuple[int, float]] = {}
@@ -131,9 +132,14 @@ class ConnectionGuard:
         self._report(now)
 
     def _evict_oldest(self) -> None:
-        """Close the oldest connections that never sent a request, past max_waiting of them."""
+        """Close the oldest connections that never sent a request, past max_waiting of them,
+        if they have had `grace` seconds to send it: under load a busy event loop reads an
+        honest device's first request late, and closing it then fails a working download."""
+        cutoff = asyncio.get_running_loop().time() - self.grace
         while len(self._fresh) > self.max_waiting:
             handler = next(iter(self._fresh))
+            if self._waiting.get(handler, (0, cutoff))[1] > cutoff:
+                return  # the oldest is recent: nobody has held a socket long yet
             del self._fresh[handler]
             self._waiting.pop(handler, None)
             # Sent a request meanwhile: it is no longer waiting. Not connected yet (the
