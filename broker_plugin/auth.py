@@ -1,4 +1,4 @@
-"""Device authentication for amqtt: `{dn}&{pk}` with the signed or plain password (PROTOCOL.md 1)."""
+"""Device authentication for amqtt: `{dn}&{pk}` with the signed or plain password (docs/protocol.md 1)."""
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,5 @@
 """The OTA plugin: starts the engine and the HTTP sidecar with the broker, and turns the
-device OTA topics into engine decisions (PROTOCOL.md 3). Thin: the engine decides."""
+device OTA topics into engine decisions (docs/protocol.md 3). Thin: the engine decides."""
 from __future__ import annotations
 
 import logging
@@ -31,7 +31,7 @@ MAX_BLOCKS_IN_FLIGHT = 4
 
 
 class OtaPlugin(BasePlugin):
-    """Configured in broker.yaml under `plugins: broker_plugin.ota.OtaPlugin:` (CONFIG.md)."""
+    """Configured in broker.yaml under `plugins: broker_plugin.ota.OtaPlugin:` (docs/configuration.md)."""
 
     @dataclass
     class Config:
@@ -48,7 +48,7 @@ class OtaPlugin(BasePlugin):
     def __init__(self, context) -> None:  # type: ignore[no-untyped-def]
         super().__init__(context)
         config = self.config
-        # settings_from_mapping validates the nested keys; base_dir is ours, not CONFIG.md's.
+        # settings_from_mapping validates the nested keys; base_dir is handled here (docs/configuration.md).
         options = {k: v for k, v in asdict(config).items() if k != "base_dir" and v not in (None, {})}
         base = Path(config.base_dir) if config.base_dir else Path.cwd()
         settings = settings_from_mapping(options, base / "broker.yaml")

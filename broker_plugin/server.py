@@ -1,4 +1,4 @@
-"""`ota-server`: runs the amqtt broker with the OTA plugins from broker.yaml (CONFIG.md).
+"""`ota-server`: runs the amqtt broker with the OTA plugins from broker.yaml (docs/configuration.md).
 
 A thin wrapper: it reads broker.yaml, applies the command-line overrides, checks the OTA
 settings and the catalog (a bad config, a data_dir in use or a damaged database is a one-line

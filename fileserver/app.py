@@ -1,4 +1,4 @@
-"""The HTTP side of the OTA server: translates requests into engine calls (PROTOCOL.md 4-5)."""
+"""The HTTP side of the OTA server: translates requests into engine calls (docs/protocol.md 4-5)."""
 from __future__ import annotations
 
 import asyncio

@@ -130,7 +130,7 @@ class Catalog:
 
 
 def derive_device_secret(product_secret: str, device_name: str) -> str:
-    """PROTOCOL.md section 1: hex(HMAC-SHA256(productSecret, deviceName))."""
+    """docs/protocol.md section 1: hex(HMAC-SHA256(productSecret, deviceName))."""
     return hmac.new(product_secret.encode(), device_name.encode(), hashlib.sha256).hexdigest()
 
 

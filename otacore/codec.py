@@ -1,4 +1,4 @@
-"""Wire formats of PROTOCOL.md 3: parsing device payloads, building replies, the binary block."""
+"""Wire formats of docs/protocol.md 3: parsing device payloads, building replies, the binary block."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Who a device is: MQTT/HTTP usernames, and the signed and plain password forms (PROTOCOL.md 1)."""
+"""Who a device is: MQTT/HTTP usernames, and the signed and plain password forms (docs/protocol.md 1)."""
 from __future__ import annotations
 
 import hashlib

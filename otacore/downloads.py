@@ -1,4 +1,4 @@
-"""Serving a job's file: signed URLs, who may fetch what, MQTT blocks (PROTOCOL.md 3e, 5),
+"""Serving a job's file: signed URLs, who may fetch what, MQTT blocks (docs/protocol.md 3e, 5),
 and the bytes served per job, which the engine reads as activity.
 
 Everything is decided from memory (the job as the engine holds it); bytes served are

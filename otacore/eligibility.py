@@ -1,4 +1,4 @@
-"""Which batch wants a device: the eligibility rules of CONFIG.md, as pure functions."""
+"""Which batch wants a device: the eligibility rules of docs/operations.md (Batches), as pure functions."""
 from __future__ import annotations
 
 from .catalog import Batch, Catalog, Package

@@ -1,4 +1,4 @@
-"""The upgrade description a device gets (PROTOCOL.md 3b `data`): the one shape shared by the
+"""The upgrade description a device gets (docs/protocol.md 3b `data`): the one shape shared by the
 push, the firmware/get reply and the HTTP get_ota_info answer."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What a reload may change (CONFIG.md): a started batch keeps its package, type, protocol and
+"""What a reload may change (docs/operations.md, Batches): a started batch keeps its package, type, protocol and
 mode, and its package keeps its version and bytes; a removed (canceled) batch's name is spent.
 Used by the engine before it applies a catalog and by `otactl validate` against the database."""
 from __future__ import annotations

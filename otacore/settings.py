@@ -1,4 +1,4 @@
-"""The OTA plugin's settings from broker.yaml (CONFIG.md), validated, with paths resolved."""
+"""The OTA plugin's settings from broker.yaml (docs/configuration.md), validated, with paths resolved."""
 from __future__ import annotations
 
 import resource

@@ -1,4 +1,4 @@
-"""Signed, expiring download URLs bound to one file and one device (PROTOCOL.md 5)."""
+"""Signed, expiring download URLs bound to one file and one device (docs/protocol.md 5)."""
 from __future__ import annotations
 
 import hashlib

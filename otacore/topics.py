@@ -1,4 +1,4 @@
-"""OTA topic names, which ones the server consumes, and each device's topic namespace (PROTOCOL.md 2-3)."""
+"""OTA topic names, which ones the server consumes, and each device's topic namespace (docs/protocol.md 2-3)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

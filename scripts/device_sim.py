@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Simulate one or many OTA devices speaking the Alink OTA protocol (docs: PROTOCOL.md).
+"""Simulate one or many OTA devices speaking the Alink OTA protocol (docs/protocol.md).
 
 Each device connects over MQTT, reports its version, takes an upgrade (pushed or asked
 for), downloads it over HTTP(S) ranges or MQTT blocks, verifies it, reports progress,
@@ -32,7 +32,7 @@ import yarl  # aiohttp's own URL type: lets us send the signed URL byte for byte
 
 SIGN_METHODS = {"hmacmd5": hashlib.md5, "hmacsha1": hashlib.sha1, "hmacsha256": hashlib.sha256}
 FILE_HASHES = {"md5": hashlib.md5, "sha256": hashlib.sha256}  # push signMethod, lowercased
-MQTT_BLOCK_MIN, MQTT_BLOCK_MAX = 256, 131072  # PROTOCOL.md 3e: allowed fileBlock.size
+MQTT_BLOCK_MIN, MQTT_BLOCK_MAX = 256, 131072  # docs/protocol.md 3e: allowed fileBlock.size
 HTTP_READ_PIECE = 8192
 HTTP_RETRIES = 5  # a download whose connection fails resumes, like device SDKs do
 
@@ -209,7 +209,7 @@ def parse_content_range(value: str | None) -> tuple[int, int, int]:
 
 
 def as_int(value: Any, what: str) -> int:
-    """Replies may carry numbers as strings or ints (PROTOCOL.md: accept both)."""
+    """Replies may carry numbers as strings or ints (docs/protocol.md: accept both)."""
     try:
         return int(value)
     except (TypeError, ValueError):

@@ -2,7 +2,7 @@
 
 `OtaServer` runs amqtt's Broker with our plugins in the test's event loop, on 127.0.0.1,
 with a catalog and data dir under tmp_path. `Device` is an aiomqtt (paho) client that
-speaks PROTOCOL.md like firmware would.
+speaks docs/protocol.md like firmware would.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Device auth, topic ACL, and the amqtt bugs DESIGN.md says we must defend against."""
+"""Device auth, topic ACL, and the amqtt bugs we must defend against (docs/operations.md)."""
 from __future__ import annotations
 
 import asyncio

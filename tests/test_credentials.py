@@ -1,4 +1,4 @@
-"""otacore/credentials.py: usernames, the Aliyun signed password, and the plain secret (PROTOCOL.md 1)."""
+"""otacore/credentials.py: usernames, the Aliyun signed password, and the plain secret (docs/protocol.md 1)."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""HTTP package downloads (PROTOCOL.md 5): signed URLs, Range, HEAD, 416, ETag, offset/length."""
+"""HTTP package downloads (docs/protocol.md 5): signed URLs, Range, HEAD, 416, ETag, offset/length."""
 from __future__ import annotations
 
 import hashlib

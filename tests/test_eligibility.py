@@ -1,4 +1,4 @@
-"""otacore/eligibility.py: which batch wants a device (CONFIG.md, Eligibility)."""
+"""otacore/eligibility.py: which batch wants a device (docs/operations.md, Batches)."""
 from __future__ import annotations
 
 from pathlib import Path

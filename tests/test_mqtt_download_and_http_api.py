@@ -1,4 +1,4 @@
-"""MQTT block downloads (PROTOCOL.md 3e) and the SagooIoT HTTP device API (section 4)."""
+"""MQTT block downloads (docs/protocol.md 3e) and the SagooIoT HTTP device API (section 4)."""
 from __future__ import annotations
 
 import base64
