@@ -879,6 +879,12 @@ class SessionDelivery:
     def is_online(self, device: DeviceId) -> bool:
         return self.live_session(device) is not None
 
+    def online_devices(self) -> int:
+        """Devices with at least one connected session now: a walk over the session table,
+        for a metrics scrape, not for hot paths."""
+        return len({device for session, _ in list(self.broker._sessions.values())
+                    if session.transitions.state == "connected" and (device := session_device(session)) is not None})
+
     def send(self, device: DeviceId, topic: str, payload: bytes, qos: int) -> bool:
         """Publish one of the device's downstream OTA topics to its live session; False when
         it is not connected. Aliyun's broker subscribes every device to these topics itself,

@@ -42,6 +42,7 @@ class OtaPlugin(BasePlugin):
         limits: dict[str, Any] = field(default_factory=dict)
         auth: dict[str, Any] = field(default_factory=dict)
         admin: dict[str, Any] = field(default_factory=dict)
+        metrics: dict[str, Any] = field(default_factory=dict)
         # Set by ota-server: the folder of broker.yaml, against which relative paths resolve.
         base_dir: str | None = None
 
@@ -62,6 +63,7 @@ class OtaPlugin(BasePlugin):
         log_hygiene.limit_floods()
         self.runtime = OtaRuntime(settings, SessionDelivery(broker))
         self._blocks_in_flight: dict[DeviceId, int] = {}
+        self._received = self.runtime.mqtt_received  # per topic kind, for GET /metrics
         set_upstream_consumer(broker, self.consume)
         # In someone's own broker the log is the only report; ota-server prints it itself.
         self.log_startup_error = True
@@ -107,6 +109,7 @@ class OtaPlugin(BasePlugin):
         return engine.settled() if engine.state.promises != promises else True
 
     def _handle(self, engine: OtaEngine, kind: str, device: DeviceId, topic: str, data: bytes) -> None:
+        self._received[kind] += 1
         if kind == FILE_DOWNLOAD:
             in_flight = self._blocks_in_flight.get(device, 0)
             if in_flight >= MAX_BLOCKS_IN_FLIGHT:

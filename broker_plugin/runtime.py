@@ -22,6 +22,7 @@ from amqtt.session import Session
 
 from fileserver.app import create_app
 from fileserver.connection_guard import HttpSite
+from fileserver.metrics import BrokerFigures
 from otacore.catalog import Catalog
 from otacore.credentials import check_mqtt_login
 from otacore.data_dir import (DataDirLock, DataDirWatch, admin_token, database_path, remove_server_info,
@@ -30,6 +31,7 @@ from otacore.engine import OtaEngine
 from otacore.journal import Journal
 from otacore.settings import Settings
 from otacore.store import Store, check_database
+from otacore.topics import FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS
 
 from .amqtt_private import SessionDelivery, broker_of, mqtt_connections, mqtt_listening_sockets, wire_client_id
 from .connection_budget import ConnectionBudget
@@ -55,6 +57,8 @@ class OtaRuntime:
         self._tasks: set[asyncio.Task[None]] = set()
         self._budget: ConnectionBudget | None = None
         self._watch: asyncio.Task[None] | None = None
+        # Device OTA messages received over MQTT per topic kind (OtaPlugin counts; GET /metrics).
+        self.mqtt_received: dict[str, int] = dict.fromkeys((INFORM, PROGRESS, FIRMWARE_GET, FILE_DOWNLOAD), 0)
 
     async def start(self) -> None:
         settings = self.settings
@@ -70,7 +74,8 @@ class OtaRuntime:
         loaded = await self.engine.reload()
         self.admin_token = admin_token(settings.data_dir, settings.admin_token)
         # keepalive 15 s: an idle download connection holds a descriptor a large fleet needs.
-        app = create_app(self.engine, self.admin_token, crowded=self._crowded)
+        app = create_app(self.engine, self.admin_token, crowded=self._crowded, broker=BrokerFigures(
+            lambda: mqtt_connections(self.delivery.broker), self.delivery.online_devices, self.mqtt_received))
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=15)
         await self._runner.setup()
         tls = None

@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 from aiohttp import web, web_fileresponse
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
 
 from otacore.codec import (PayloadError, decode_json, parse_firmware_request, parse_progress,
                            parse_version_report)
@@ -29,6 +30,7 @@ from otacore.signed_urls import UrlRejected
 from otacore.status import batch_report, batch_summaries
 
 from .connection_guard import GUARD, ConnectionGuard
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, BrokerFigures, exposition, metrics_registry
 from .status_page import batch_page, batches_page
 
 log = logging.getLogger("ota.http")
@@ -36,13 +38,16 @@ log = logging.getLogger("ota.http")
 ENGINE = web.AppKey("engine", OtaEngine)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 CROWDED = web.AppKey("crowded", Callable[[], bool])
+METRICS = web.AppKey("metrics", CollectorRegistry)
+DOWNLOAD_STATUSES = web.AppKey("download_statuses", dict[int, int])  # HTTP status -> /files/ answers
 MAX_DEVICE_BODY = 64 * 1024
 ADMIN_READ_WAIT = 5.0  # seconds an admin read waits for the database to catch up with memory
 
 
-def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] = lambda: False) \
-        -> web.Application:
-    """`crowded()`: True while the server is short of connections (the listeners wait)."""
+def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] = lambda: False,
+               broker: BrokerFigures | None = None) -> web.Application:
+    """`crowded()`: True while the server is short of connections (the listeners wait);
+    `broker`: the broker's figures for GET /metrics."""
     app = web.Application(client_max_size=MAX_DEVICE_BODY)
     app[ENGINE], app[ADMIN_TOKEN], app[CROWDED] = engine, admin_token, crowded
     app[OPEN_FILES] = OpenPackageFiles()
@@ -64,6 +69,10 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
     app.router.add_get("/admin/batches/{name}", batch_status_page)
     app.router.add_get("/healthz", healthz)
     app.on_response_prepare.append(_set_package_etag)
+    app[DOWNLOAD_STATUSES] = {200: 0, 206: 0}  # shown from the start, so that rate() sees the first ones
+    app[METRICS] = metrics_registry(engine, broker or BrokerFigures(), app[DOWNLOAD_STATUSES])
+    app.router.add_get("/metrics", metrics_page)
+    app.on_response_prepare.append(_count_download_status)
     return app
 
 
@@ -278,6 +287,14 @@ _DIRECT_FILE_SEND = _SEND_FILE is not None and all(
 async def _set_package_etag(request: web.Request, response: web.StreamResponse) -> None:
     if isinstance(response, PackageResponse) and response.status in (200, 206, 304):
         response.headers["ETag"] = response.package_etag
+
+
+async def _count_download_status(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer to a /files/ request, by status, for GET /metrics: counted as its headers
+    go out, when the status is final (a PackageResponse's 206, 304 or 416 is set then)."""
+    if request.path.startswith("/files/"):
+        statuses = request.app[DOWNLOAD_STATUSES]
+        statuses[response.status] = statuses.get(response.status, 0) + 1
 
 
 def _etag_matches(header: str, etag: str, *, weak: bool) -> bool:
@@ -686,3 +703,11 @@ async def healthz(request: web.Request) -> web.Response:
         return web.Response(text=json.dumps({"ok": True, "status": "ok"}), content_type="application/json")
     body = {"ok": False, "status": "degraded", "reason": trouble}
     return web.Response(text=json.dumps(body), content_type="application/json", status=503)
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    """GET /metrics in the Prometheus text format (docs/metrics.md): the admin token as a
+    Bearer token, unless broker.yaml says `metrics: {public: true}`."""
+    if not request.app[ENGINE].settings.metrics_public and (denied := _admin_only(request)) is not None:
+        return denied
+    return web.Response(body=exposition(request.app[METRICS]), headers={"Content-Type": METRICS_CONTENT_TYPE})

@@ -34,6 +34,10 @@ class Downloads:
         self._clock = clock
         self._blocks = BlockCache()
         self._in_flight: Counter[int] = Counter()  # job id -> HTTP transfers under way
+        # Package bytes sent to devices, for GET /metrics: completed HTTP transfers (a
+        # broken one counts 0, as in `finished`) and MQTT blocks.
+        self.bytes_http = 0
+        self.bytes_mqtt = 0
 
     def url(self, base_url: str, download: DownloadFile, job: Job, ttl_seconds: int) -> str:
         return sign_url(self._url_key, base_url, download.key, download.name, job.device, job.id, ttl_seconds)
@@ -75,6 +79,7 @@ class Downloads:
         self._in_flight[job_id] -= 1
         if self._in_flight[job_id] <= 0:
             del self._in_flight[job_id]
+        self.bytes_http += count
         self._count(job_id, count)
 
     def in_flight(self, job_id: int) -> bool:
@@ -110,6 +115,7 @@ class Downloads:
         if tail is None:
             return error(404, "the package file changed on the server since it was hashed")
         self._count(job.id, len(tail) - 2)
+        self.bytes_mqtt += len(tail) - 2
         header = {"id": request.id, "code": 200, "msg": "success",
                   "data": {"fileToken": token, "fileLength": size, "bSize": len(tail) - 2, "bOffset": request.offset}}
         return encode_block_reply(header, None) + tail

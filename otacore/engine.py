@@ -26,6 +26,7 @@ from .package_files import DownloadFile, PackageFiles
 from .reload_rules import reload_issues
 from .settings import Settings
 from .store import Store
+from .topics import UPGRADE_TOPIC_PREFIX
 
 log = logging.getLogger("ota.engine")
 
@@ -60,6 +61,9 @@ class OtaEngine:
         # Called with the new catalog after each successful reload (e.g. to drop sessions
         # of devices that were removed or whose secret changed).
         self.reload_listeners: list[Callable[[Catalog], None]] = []
+        # For GET /metrics: upgrade pushes handed to a live session, reloads by result.
+        self.pushes_sent = 0
+        self.reloads = {"ok": 0, "error": 0}
 
     # -- running -----------------------------------------------------------------------
     def start(self, timeout_sweep_seconds: float = 30.0, rollout_tick_seconds: float | None = None) -> None:
@@ -112,7 +116,9 @@ class OtaEngine:
             sends, self._outbox = self._outbox, []  # taken before the commit that covers them
             await self.journal.commit()
             for send in sends:
-                self.notifier.send(send.device, send.topic, send.payload, send.qos)
+                if self.notifier.send(send.device, send.topic, send.payload, send.qos) \
+                        and send.topic.startswith(UPGRADE_TOPIC_PREFIX):
+                    self.pushes_sent += 1
 
     async def settled(self) -> None:
         """Return once everything decided so far is on disk."""
@@ -121,6 +127,15 @@ class OtaEngine:
     # -- catalog -----------------------------------------------------------------------
     async def reload(self, catalog_path: Path | None = None) -> LoadedCatalog:
         """Validate the whole new catalog, then apply it; on any error nothing changes."""
+        try:
+            loaded = await self._reload(catalog_path)
+        except Exception:
+            self.reloads["error"] += 1
+            raise
+        self.reloads["ok"] += 1
+        return loaded
+
+    async def _reload(self, catalog_path: Path | None) -> LoadedCatalog:
         async with self._reload_lock:
             loaded = await asyncio.to_thread(prepare_catalog, self.settings, catalog_path)
             issues = reload_issues(loaded.catalog, loaded.files, self.state.batches)

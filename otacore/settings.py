@@ -32,6 +32,7 @@ _KNOWN = {
     "limits": {"max_file_mb", "extensions", *(name for name, *_ in NETWORK_LIMITS)},
     "auth": {"allow_plain_secret"},
     "admin": {"token"},
+    "metrics": {"public"},
 }
 
 
@@ -63,6 +64,7 @@ class Settings:
     max_unsent_kb: int = 1024
     max_packet_kb: int = 256
     log_field_max: int = 200
+    metrics_public: bool = False  # GET /metrics without the admin token
 
     @property
     def tls_enabled(self) -> bool:
@@ -231,6 +233,10 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
     if token is not None and (not isinstance(token, str) or len(token) < 16):
         bad("admin.token", "must be a string of at least 16 characters (or leave it out to generate one)")
         token = None
+    metrics_public = sub("metrics", "public", False)
+    if not isinstance(metrics_public, bool):
+        bad("metrics.public", "must be true or false")
+        metrics_public = False
 
     if issues:
         raise ConfigError(issues)
@@ -239,5 +245,6 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
         public_url=public_url.rstrip("/"), tls_certfile=certfile, tls_keyfile=keyfile,
         tls_host=tls_host, tls_port=tls_port, tls_public_url=tls_public_url.rstrip("/") if tls_public_url else None,
         url_ttl_seconds=ttl, max_file_mb=max_mb, extensions=ext_tuple,
-        allow_plain_secret=allow_plain, admin_token=token, source=source, **network_limits,
+        allow_plain_secret=allow_plain, admin_token=token, source=source, metrics_public=metrics_public,
+        **network_limits,
     )

@@ -47,6 +47,9 @@ def is_ota_topic(topic: str) -> bool:
     return parse_upstream(topic) is not None or parse_downstream(topic) is not None
 
 
+UPGRADE_TOPIC_PREFIX = "/ota/device/upgrade/"  # of every upgrade_topic()
+
+
 def upgrade_topic(device: DeviceId) -> str:
     return f"/ota/device/upgrade/{device.product_key}/{device.device_name}"
 

@@ -1,0 +1,126 @@
+"""GET /metrics: the server's figures in the Prometheus text format (docs/metrics.md).
+
+Hot paths only bump plain ints and dicts: bytes served in otacore/downloads.py, pushes and
+reloads in otacore/engine.py, MQTT messages in broker_plugin/ota.py, /files/ answers by
+status in fileserver/app.py. `OtaCollector` reads them, and walks the fleet's state for the
+per-batch figures, at scrape time only, in the event loop (nothing changes under it).
+
+Each server has its own CollectorRegistry, with prometheus_client's process and platform
+collectors, never the global one: tests run many servers in one process.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from otacore.engine import OtaEngine
+from otacore.jobs import JobState
+from otacore.rollout import failure_kind
+from otacore.rollout_policy import FAILURE_KINDS
+from otacore.topics import FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS
+
+# The classic text format (0.0.4), which every Prometheus reads, whatever the Accept header.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# MQTT upstream topic kind -> the `kind` label of ota_mqtt_messages_received_total.
+MESSAGE_KINDS = {INFORM: "version", PROGRESS: "progress", FIRMWARE_GET: "firmware", FILE_DOWNLOAD: "block"}
+# What otacore.rollout.rollout_view says a running batch is doing.
+ROLLOUT_STATES = ("active", "paused", "halted", "scheduled", "ended", "outside_window", "rate_limited")
+
+
+@dataclass
+class BrokerFigures:
+    """What the broker side knows, read at scrape time (broker_plugin/runtime.py supplies it;
+    an app without a broker, as in some tests, shows zeros)."""
+
+    mqtt_connections: Callable[[], int] = lambda: 0
+    devices_online: Callable[[], int] = lambda: 0
+    messages: Mapping[str, int] = field(default_factory=dict)  # upstream topic kind -> received
+
+
+class OtaCollector(Collector):
+    def __init__(self, engine: OtaEngine, broker: BrokerFigures, download_statuses: Mapping[int, int]) -> None:
+        self._engine = engine
+        self._broker = broker
+        self._statuses = download_statuses  # HTTP status -> /files/ answers (fileserver/app.py)
+
+    def collect(self) -> Iterator[Metric]:
+        engine, broker = self._engine, self._broker
+        yield GaugeMetricFamily("ota_mqtt_connections", "MQTT connections the broker's listeners hold now.",
+                                value=broker.mqtt_connections())
+        yield GaugeMetricFamily("ota_devices_online", "Devices with at least one connected MQTT session now.",
+                                value=broker.devices_online())
+        messages = CounterMetricFamily("ota_mqtt_messages_received",
+                                       "Device OTA messages received over MQTT, by kind (version report, progress "
+                                       "report, firmware request, block request).", labels=["kind"])
+        for kind, label in MESSAGE_KINDS.items():
+            messages.add_metric([label], broker.messages.get(kind, 0))
+        yield messages
+        yield CounterMetricFamily("ota_pushes_sent", "Upgrade pushes handed to a device's live MQTT session.",
+                                  value=engine.pushes_sent)
+        served = CounterMetricFamily("ota_bytes_served", "Package bytes sent to devices: completed HTTP "
+                                     "transfers and MQTT blocks.", labels=["protocol"])
+        served.add_metric(["http"], engine.downloads.bytes_http)
+        served.add_metric(["mqtt"], engine.downloads.bytes_mqtt)
+        yield served
+        statuses = CounterMetricFamily("ota_download_requests", "Answers to GET/HEAD /files/... requests, by "
+                                       "HTTP status.", labels=["status"])
+        for status, count in sorted(self._statuses.items()):
+            statuses.add_metric([str(status)], count)
+        yield statuses
+        reloads = CounterMetricFamily("ota_reloads", "Catalog reloads (start, SIGHUP, otactl reload, the admin "
+                                      "API), by result.", labels=["result"])
+        for result, count in engine.reloads.items():
+            reloads.add_metric([result], count)
+        yield reloads
+        yield from self._batches()
+
+    def _batches(self) -> Iterator[Metric]:
+        state = self._engine.state
+        jobs = GaugeMetricFamily("ota_jobs", "Devices per batch and job state, each counted once by its latest "
+                                 "job in the batch.", labels=["batch", "state"])
+        failed = GaugeMetricFamily("ota_failed_jobs", "Devices per batch whose latest job there failed, by how "
+                                   "it failed.", labels=["batch", "kind"])
+        for batch, counts in sorted(state.counts.items()):
+            for job_state in JobState:
+                jobs.add_metric([batch, job_state.value], counts.get(job_state, 0))
+            kinds = dict.fromkeys(FAILURE_KINDS, 0)
+            if counts.get(JobState.FAILED):
+                for job in state.latest_in_batch.get(batch, {}).values():
+                    if job.state == JobState.FAILED:
+                        kind = failure_kind(job)
+                        kinds[kind] = kinds.get(kind, 0) + 1
+            for kind, count in kinds.items():
+                failed.add_metric([batch, kind], count)
+        yield jobs
+        yield failed
+        rollout = GaugeMetricFamily("ota_batch_rollout_state", "1 for what each running batch's rollout is doing "
+                                    "now (active, paused, halted, ...), 0 for the other states.",
+                                    labels=["batch", "state"])
+        for batch in sorted(self._engine.running):
+            view = self._engine.core.rollout_view(batch)
+            if view is None:
+                continue
+            for rollout_state in ROLLOUT_STATES:
+                rollout.add_metric([batch, rollout_state], 1 if view["state"] == rollout_state else 0)
+        yield rollout
+
+
+def metrics_registry(engine: OtaEngine, broker: BrokerFigures, download_statuses: Mapping[int, int]) \
+        -> CollectorRegistry:
+    """A registry of its own for one server: its figures and the process's."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(OtaCollector(engine, broker, download_statuses))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The registry's metrics as text, for CONTENT_TYPE."""
+    return generate_latest(registry)
