@@ -3,6 +3,7 @@ device OTA topics into engine decisions (docs/protocol.md 3). Thin: the engine d
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class OtaPlugin(BasePlugin):
         log_hygiene.limit_floods()
         self.runtime = OtaRuntime(settings, SessionDelivery(broker))
         self._blocks_in_flight: dict[DeviceId, int] = {}
+        self._last_seen = self.runtime.last_seen  # username -> its latest message or connect
         self._received = self.runtime.mqtt_received  # per topic kind, for GET /metrics
         set_upstream_consumer(broker, self.consume)
         # In someone's own broker the log is the only report; ota-server prints it itself.
@@ -84,11 +86,13 @@ class OtaPlugin(BasePlugin):
         device = session_device(client_session)
         if device is not None:
             self.runtime.delivery.remember(device, client_id)
+            self._last_seen[client_session.username] = time.time()
 
     def consume(self, session: Session, topic: str, data: bytes) -> bool | Awaitable[None]:
         """The device OTA topics, from the packet path before their PUBACK (amqtt_private):
         decided now, in the order the device sent them; replies leave once committed, and a
         report that made a promise (a job, a final state) is acknowledged once it is on disk."""
+        self._last_seen[session.username] = time.time()  # any PUBLISH: the device is alive
         ota_topic = parse_upstream(topic)
         if ota_topic is None:
             return False  # not ours: amqtt routes it (the ACL decides)

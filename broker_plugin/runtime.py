@@ -24,7 +24,7 @@ from fileserver.app import create_app
 from fileserver.connection_guard import HttpSite
 from fileserver.metrics import BrokerFigures
 from otacore.catalog import Catalog
-from otacore.credentials import check_mqtt_login
+from otacore.credentials import DeviceId, check_mqtt_login
 from otacore.data_dir import (DataDirLock, DataDirWatch, admin_token, database_path, remove_server_info,
                               url_signing_key, write_server_info)
 from otacore.engine import OtaEngine
@@ -52,6 +52,9 @@ class OtaRuntime:
         self.startup_error: BaseException | None = None
         self.fatal_error: str | None = None  # why it stopped writing while running
         self.on_fatal: Callable[[], None] | None = None  # ota-server: stop the process
+        # Username `{dn}&{pk}` -> when that device last sent an MQTT message or connected
+        # (epoch seconds): OtaPlugin writes it, the admin API reads it through the engine.
+        self.last_seen: dict[str, float] = {}
         self._runner: web.AppRunner | None = None
         self._lock = DataDirLock(settings.data_dir)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -71,6 +74,7 @@ class OtaRuntime:
         self.engine = OtaEngine(settings, self.store, journal, self.delivery, url_signing_key(settings.data_dir))
         self.engine.start()
         self.engine.reload_listeners.append(self._drop_revoked_sessions)
+        self.engine.last_seen = self.seen_at
         loaded = await self.engine.reload()
         self.admin_token = admin_token(settings.data_dir, settings.admin_token)
         # keepalive 15 s: an idle download connection holds a descriptor a large fleet needs.
@@ -146,6 +150,10 @@ class OtaRuntime:
 
     def _crowded(self) -> bool:
         return self._budget is not None and self._budget.paused
+
+    def seen_at(self, device: DeviceId) -> float | None:
+        """When the device last sent an MQTT message or connected; None: not since the start."""
+        return self.last_seen.get(f"{device.device_name}&{device.product_key}")
 
     def _connections(self) -> int:
         http = len(self._runner.server.connections) if self._runner is not None and self._runner.server else 0

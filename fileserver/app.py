@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry
 from otacore.codec import (PayloadError, decode_json, parse_firmware_request, parse_progress,
                            parse_version_report)
 from otacore.credentials import DeviceId, check_http_login
+from otacore.device_views import (QueryError, device_detail, device_list, package_list, parse_device_query,
+                                  version_counts)
 from otacore.engine import OtaEngine
 from otacore.errors import ConfigError, Refused
 from otacore.package_files import DownloadFile, log_unreadable, open_hashed
@@ -65,6 +67,10 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
     app.router.add_post("/admin/api/reload", admin_reload)
     app.router.add_post("/admin/api/batches/{name}/{action:retry|cancel}", admin_batch_action)
     app.router.add_post("/admin/api/batches/{name}/{action:pause|resume}", admin_batch_pause)
+    app.router.add_get("/admin/api/devices", admin_devices)
+    app.router.add_get("/admin/api/devices/{product}/{device}", admin_device)
+    app.router.add_get("/admin/api/versions", admin_versions)
+    app.router.add_get("/admin/api/packages", admin_packages)
     app.router.add_get("/admin/", status_page)
     app.router.add_get("/admin/batches/{name}", batch_status_page)
     app.router.add_get("/healthz", healthz)
@@ -628,6 +634,51 @@ async def admin_batch_pause(request: web.Request) -> web.Response:
         return _error(exc.status, exc.message)
     return web.json_response({"code": 0, "message": "", "batch": name, "paused": action == "pause",
                               "rollout": engine.core.rollout_view(name)})
+
+
+async def admin_devices(request: web.Request) -> web.Response:
+    """GET /admin/api/devices?product=&module=&version=&online=&state=&q=&offset=&limit=: one
+    page of the fleet, from memory (no database read per device)."""
+    if (denied := _admin_only(request)) is not None:
+        return denied
+    try:
+        query = parse_device_query(request.query)
+    except QueryError as exc:
+        return _error(400, str(exc))
+    engine = request.app[ENGINE]
+    return web.json_response(device_list(engine.state, engine.catalog, query, engine.notifier.is_online,
+                                         engine.last_seen))
+
+
+async def admin_device(request: web.Request) -> web.Response:
+    """GET /admin/api/devices/{product}/{device}: versions, tags, and every job with its history."""
+    if (denied := _admin_only(request)) is not None:
+        return denied
+    engine = request.app[ENGINE]
+    device = DeviceId(request.match_info["product"], request.match_info["device"])
+    behind = await _database_behind(engine)  # the jobs' history is read from the database
+    if behind is not None:
+        return behind
+    detail = await device_detail(engine.store, engine.state, engine.catalog, device, engine.notifier.is_online,
+                                 engine.last_seen)
+    if detail is None:
+        return _error(404, f"no device {device}: it never reported a version and is not listed in the catalog")
+    return web.json_response(detail)
+
+
+async def admin_versions(request: web.Request) -> web.Response:
+    """GET /admin/api/versions: per product and module, devices per reported version."""
+    if (denied := _admin_only(request)) is not None:
+        return denied
+    return web.json_response(version_counts(request.app[ENGINE].state))
+
+
+async def admin_packages(request: web.Request) -> web.Response:
+    """GET /admin/api/packages: the live catalog's packages, their hashes and statuses."""
+    if (denied := _admin_only(request)) is not None:
+        return denied
+    engine = request.app[ENGINE]
+    return web.json_response(package_list(engine.catalog, engine.files, engine.package_status))
 
 
 async def admin_reload(request: web.Request) -> web.Response:

@@ -52,6 +52,9 @@ class OtaEngine:
         self.journal = journal
         self.state: FleetState = journal.state
         self.notifier = notifier
+        # When a device last sent an MQTT message or connected (epoch seconds; None: not since
+        # the start). The broker side knows; broker_plugin/runtime.py sets it.
+        self.last_seen: Callable[[DeviceId], float | None] = lambda device: None
         self.downloads = Downloads(self.state, url_key, self._file_of, clock)
         self.core = OtaCore(settings, self.state, self.downloads, notifier.is_online, clock)
         self._reload_lock = asyncio.Lock()

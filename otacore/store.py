@@ -252,3 +252,22 @@ class Store:
         async with self._db.execute("SELECT at, from_state, to_state, progress, reason FROM job_events "
                                     "WHERE job_id = ? ORDER BY id", (job_id,)) as cursor:
             return [tuple(row) async for row in cursor]
+
+    async def device_jobs(self, device: DeviceId) -> list[Job]:
+        """Every job the device had, any module and batch, newest first (index jobs_by_device)."""
+        async with self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE product_key = ? AND device_name = ? ORDER BY id DESC",
+                (device.product_key, device.device_name)) as cursor:
+            return [_job(row) async for row in cursor]
+
+    async def histories(self, job_ids: list[int]) -> dict[int, list[tuple[float, str | None, str, int | None, str]]]:
+        """The history of each of these jobs (oldest event first), in one query per 500 jobs."""
+        events: dict[int, list[tuple[float, str | None, str, int | None, str]]] = {job_id: [] for job_id in job_ids}
+        for start in range(0, len(job_ids), 500):
+            chunk = job_ids[start:start + 500]
+            async with self._db.execute(
+                    "SELECT job_id, at, from_state, to_state, progress, reason FROM job_events WHERE job_id IN "
+                    f"({','.join('?' * len(chunk))}) ORDER BY id", chunk) as cursor:
+                async for job_id, *event in cursor:
+                    events[job_id].append(tuple(event))  # type: ignore[arg-type]
+        return events
