@@ -1,7 +1,11 @@
-"""`otactl`: validate the catalog, reload the running server, show upgrade progress.
+"""`otactl`: validate the catalog, reload the running server, show upgrade progress, list
+devices, add packages.
 
 It reads the admin token (data_dir/admin-token or admin.token in broker.yaml) and never writes
-one: only the server makes it, and puts it back if it is deleted while the server runs."""
+one: only the server makes it, and puts it back if it is deleted while the server runs.
+
+Exit status: 0 done, 1 any error (usage errors included), 2 only from `plan --exit-code`
+when a reload would change something."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .catalog import Package, load_catalog
 from .catalog_loading import LoadedCatalog, prepare_catalog
@@ -26,6 +30,7 @@ from .config_files import load_settings
 from .data_dir import NoAdminToken, database_path, read_admin_token, read_server_info
 from .errors import ConfigError, ConfigIssue
 from .log_hygiene import clean_field
+from .package_add import PackageAddError, add_package
 from .package_files import HashCache
 from .plan import plan_reload
 from .reload_rules import reload_issues
@@ -35,14 +40,24 @@ from .store import Store, StoreError, database_error, load_state
 
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 1 like any other error: 2 means only "would change" (plan --exit-code)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="otactl", description="Manage the OTA server: validate and reload the "
-                                     "catalog, watch progress, retry or cancel devices.")
+    parser = _Parser(prog="otactl", description="Manage the OTA server: validate and reload the catalog, watch "
+                     "progress, list devices, add packages, retry or cancel devices. Exit status: 0 done, 1 error, "
+                     "2 only from plan --exit-code when a reload would change something.")
     parser.add_argument("--config", default="config/broker.yaml", help="broker.yaml (default: %(default)s)")
     parser.add_argument("--catalog", metavar="PATH", help="catalog file (overrides broker.yaml)")
     parser.add_argument("--data-dir", metavar="DIR", help="the server's data_dir (overrides broker.yaml)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("validate", help="check the catalog; print every error, or a summary")
+    validate = commands.add_parser("validate", help="check the catalog; print every error, or a summary")
+    validate.add_argument("--json", action="store_true", help="machine-readable output")
     commands.add_parser("reload", help="validate, then make the running server load the catalog")
     retry = commands.add_parser("retry", help="give failed devices of a running batch another job")
     retry.add_argument("batch")
@@ -61,11 +76,33 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="progress per batch, or per device of one batch")
     status.add_argument("batch", nargs="?", help="show this batch's devices")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--watch", type=float, metavar="SECONDS", help="redraw every SECONDS until Ctrl-C")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="redraw every SECONDS until Ctrl-C "
+                        "(progress bars on a terminal, plain text otherwise)")
+    devices = commands.add_parser("devices", help="devices the running server knows: versions, online, last "
+                                                  "seen, latest job")
+    devices.add_argument("--product", metavar="P")
+    devices.add_argument("--module", metavar="M", help="devices that reported this module")
+    devices.add_argument("--version", metavar="V", help="devices on this version (of --module, or of any module)")
+    devices.add_argument("--state", metavar="STATE", help="devices whose latest job is in this state")
+    online = devices.add_mutually_exclusive_group()
+    online.add_argument("--online", dest="online", action="store_const", const=True, help="connected now")
+    online.add_argument("--offline", dest="online", action="store_const", const=False, help="not connected")
+    devices.add_argument("--json", action="store_true", help="machine-readable output")
+    package = commands.add_parser("package", help="add a firmware image to the catalog")
+    package_commands = package.add_subparsers(dest="package_command", required=True)
+    add = package_commands.add_parser("add", help="copy FILE into packages_dir and add its package entry to the "
+                                                  "catalog (comments and formatting kept)")
+    add.add_argument("file", type=Path, metavar="FILE")
+    add.add_argument("--product", required=True, metavar="P")
+    add.add_argument("--version", required=True, metavar="V")
+    add.add_argument("--module", metavar="M", help="default: the product's default module")
+    add.add_argument("--id", metavar="ID", help="package id (default: PRODUCT-MODULE-VERSION)")
+    add.add_argument("--sign-method", choices=("SHA256", "MD5"), default="SHA256",
+                     help="hash devices check (default: %(default)s)")
     return parser
 
 
-def cmd_validate(settings: Settings) -> int:
+def cmd_validate(settings: Settings, as_json: bool = False) -> int:
     """Every catalog error, and every change the server's database would refuse on reload."""
     try:
         loaded = prepare_catalog(settings)
@@ -75,12 +112,18 @@ def cmd_validate(settings: Settings) -> int:
             if issues:
                 raise ConfigError(issues)
     except ConfigError as exc:
-        for issue in exc.issues:
-            print(issue)
+        _print_issues(exc.issues, as_json)
         print(f"{len(exc.issues)} error(s); nothing was loaded", file=sys.stderr)
         return 1
     catalog = loaded.catalog
     devices = sum(len(p.devices) for p in catalog.products.values())
+    if as_json:
+        print(json.dumps({"ok": True, "catalog": str(catalog.path), "products": len(catalog.products),
+                          "devices": devices, "packages": len(catalog.packages), "batches": [
+                              {"name": b.name, "type": b.type, "package": b.package,
+                               "version": catalog.packages[b.package].version, "protocol": b.protocol,
+                               "mode": b.mode, "push": b.push} for b in catalog.batches.values()]}, indent=2))
+        return 0
     print(f"{catalog.path}: OK: {len(catalog.products)} products, {devices} listed devices, "
           f"{len(catalog.packages)} packages, {len(catalog.batches)} batches")
     for batch in catalog.batches.values():
@@ -88,6 +131,17 @@ def cmd_validate(settings: Settings) -> int:
         print(f"  batch {batch.name}: {batch.type} {package.id} ({package.version}) via {batch.protocol}, "
               f"{batch.mode}, push {'on' if batch.push else 'off'}")
     return 0
+
+
+def _print_issues(issues: list[ConfigIssue], as_json: bool) -> None:
+    """Catalog errors on stdout: a line each, or `{"ok": false, "errors": [...]}`."""
+    if as_json:
+        print(json.dumps({"ok": False, "errors": [
+            {"file": str(issue.path), "line": issue.line, "key": issue.key, "message": issue.message,
+             "text": str(issue)} for issue in issues]}, indent=2))
+        return
+    for issue in issues:
+        print(issue)
 
 
 async def _reload_issues(loaded: LoadedCatalog, database: Path) -> list[ConfigIssue]:
@@ -124,11 +178,22 @@ def _admin_request(settings: Settings, method: str, path: str,
         context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     try:
         with urllib.request.urlopen(request, timeout=120, context=context) as response:  # noqa: S310
-            return response.status, json.loads(response.read())
+            return response.status, _json_body(response.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        return exc.code, _json_body(exc.read() or b"{}")
     except urllib.error.URLError as exc:
         raise SystemExit(f"otactl: cannot reach the server at {base}: {exc.reason}") from None
+
+
+def _json_body(raw: bytes) -> dict[str, Any]:
+    """The server answers JSON objects; anything else (a proxy's page) becomes its message."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        return body
+    return {"message": f"unexpected answer: {clean_field(raw[:200].decode('utf-8', 'replace'), 200)}"}
 
 
 def cmd_reload(settings: Settings) -> int:
@@ -175,8 +240,7 @@ def cmd_plan(settings: Settings, exit_code: bool, as_json: bool) -> int:
     try:
         loaded = prepare_catalog(settings)
     except ConfigError as exc:
-        for issue in exc.issues:
-            print(issue)
+        _print_issues(exc.issues, as_json)
         print(f"{len(exc.issues)} error(s); a reload would change nothing", file=sys.stderr)
         return 1
     database = database_path(settings.data_dir)
@@ -189,8 +253,7 @@ def cmd_plan(settings: Settings, exit_code: bool, as_json: bool) -> int:
         raise SystemExit(f"otactl: {database_error(database, exc)}") from None
     issues = reload_issues(loaded.catalog, loaded.files, state.batches)
     if issues:
-        for issue in issues:
-            print(issue)
+        _print_issues(issues, as_json)
         print(f"{len(issues)} error(s); the server would refuse this reload", file=sys.stderr)
         return 1
     lines = plan_reload(loaded.catalog, state, {k: v[0] for k, v in state.package_status.items()})
@@ -256,10 +319,14 @@ def _counts(summary: dict[str, Any]) -> str:
 
 
 def cmd_status(settings: Settings, batch: str | None, as_json: bool) -> int:
-    report = asyncio.run(_status(settings, batch))
+    _print_status(asyncio.run(_status(settings, batch)), batch, as_json)
+    return 0
+
+
+def _print_status(report: dict[str, Any], batch: str | None, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report, indent=2))
-        return 0
+        return
     if batch is None:
         rows = [["BATCH", "PACKAGE", "STATE", "DONE", "DEVICES"]]
         for s in report["batches"]:
@@ -268,7 +335,7 @@ def cmd_status(settings: Settings, batch: str | None, as_json: bool) -> int:
         for s in report["batches"]:
             if "rollout" in s:
                 print(clean_field(f"{s['name']}: {_rollout_line(s['rollout'])}", 300))
-        return 0
+        return
     s = report["batch"]
     print(f"batch {s['name']}: {s['type']} {s['package']} via {s['protocol']}, {s['mode']}, "
           f"state {s['state']}, package {s['package_status']}; {s['done_percent']}% done "
@@ -288,18 +355,91 @@ def cmd_status(settings: Settings, batch: str | None, as_json: bool) -> int:
         rows.append([d["device"], d["state"], d.get("from", "-"), d.get("to", "-"), f"{d['progress']}%",
                      f"{d['served_percent']}%", updated, message])
     print(_table(rows))
-    return 0
 
 
-def watch(show: Any, every: float) -> int:
+def cmd_watch(settings: Settings, batch: str | None, as_json: bool, every: float) -> int:
+    """On a terminal: progress bars per batch (rich), redrawn in place. Otherwise (a pipe, a
+    file) the plain status each time, or with --json one JSON document per line. Ctrl-C: 0."""
+    def fetch() -> dict[str, Any]:
+        return asyncio.run(_status(settings, batch))
+
+    if sys.stdout.isatty() and not as_json:
+        from .status_watch import watch_live  # rich is only needed here
+        return watch_live(fetch, every, batch is not None)
     try:
         while True:
-            print("\033[H\033[J", end="")  # clear the terminal, like watch(1)
-            print(time.strftime("%H:%M:%S"), f"(every {every:g} s, Ctrl-C to stop)")
-            show()
+            report = fetch()
+            if as_json:
+                print(json.dumps(report))
+            else:
+                print(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}")
+                _print_status(report, batch, False)
+            sys.stdout.flush()
             time.sleep(max(every, 0.2))
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_devices(settings: Settings, args: argparse.Namespace) -> int:
+    """Every matching device, paged through GET /admin/api/devices 500 at a time."""
+    params = {name: value for name, value in (("product", args.product), ("module", args.module),
+                                              ("version", args.version), ("state", args.state)) if value}
+    if args.online is not None:
+        params["online"] = "true" if args.online else "false"
+    devices: dict[tuple[str, str], dict[str, Any]] = {}  # a device added meanwhile may shift a page
+    offset = 0
+    while True:
+        query = urllib.parse.urlencode({**params, "offset": offset, "limit": 500})
+        status, body = _admin_request(settings, "GET", f"/admin/api/devices?{query}")
+        if status != 200:
+            print(f"otactl: {body.get('message', f'the server answered {status}')}", file=sys.stderr)
+            return 1
+        for device in body["devices"]:
+            devices[(device["product"], device["device"])] = device
+        offset += len(body["devices"])
+        if not body["devices"] or offset >= body["total"]:
+            break
+    listed = [devices[key] for key in sorted(devices)]
+    if args.json:
+        print(json.dumps({"total": len(listed), "devices": listed}, indent=2))
+        return 0
+    if not listed:
+        print("no devices match" if params else "no devices yet: none reported a version or is listed in the "
+                                                "catalog")
+        return 0
+    rows = [["DEVICE", "PRODUCT", "VERSIONS", "ONLINE", "LAST SEEN", "JOB"]]
+    for d in listed:
+        versions = d["versions"]
+        shown = versions.get("default", "-") if set(versions) <= {"default"} else \
+            " ".join(f"{module}={version}" for module, version in versions.items())
+        seen = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["last_seen"])) if d["last_seen"] else "-"
+        job = d["job"]
+        text = "-"
+        if job is not None:
+            text = f"{job['batch']} {job['state']} {job['progress']}%"
+            if job["code"] is not None:
+                text += f" [{job['code']}] {job['message']}"
+        rows.append([d["device"], d["product"], shown, "yes" if d["online"] else "no", seen, text])
+    print(_table(rows))
+    return 0
+
+
+def cmd_package_add(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        added = add_package(settings, args.file, args.product, args.version, module=args.module,
+                            package_id=args.id, sign_method=args.sign_method)
+    except PackageAddError as exc:
+        print(f"otactl: {exc}; nothing was changed", file=sys.stderr)
+        return 1
+    if added.copied:
+        print(f"copied {args.file} to {added.file} ({added.size} bytes)")
+    else:
+        print(f"{added.file} is already this file ({added.size} bytes); not copied")
+    print(f"added package {added.id} to {added.catalog}:{added.line}: product {added.product}, module "
+          f"{added.module}, version {added.version}, sign_method {added.sign_method}")
+    print(f"  md5 {added.md5}  sha256 {added.sha256}")
+    print("next: `otactl plan` shows what a reload would do; `otactl reload` applies it")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `otactl status | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:  # exit codes stay 0, 1 and 2 (status --watch ends with 0 itself)
+        print("otactl: interrupted", file=sys.stderr)
+        return 1
 
 
 def _main(argv: list[str] | None) -> int:
@@ -326,7 +469,7 @@ def _main(argv: list[str] | None) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "validate":
-        return cmd_validate(settings)
+        return cmd_validate(settings, args.json)
     if args.command == "reload":
         return cmd_reload(settings)
     if args.command in ("retry", "cancel"):
@@ -335,8 +478,12 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return cmd_pause(settings, args.command, args.batch)
     if args.command == "plan":
         return cmd_plan(settings, args.exit_code, args.json)
+    if args.command == "devices":
+        return cmd_devices(settings, args)
+    if args.command == "package":
+        return cmd_package_add(settings, args)
     if args.watch:
-        return watch(lambda: cmd_status(settings, args.batch, args.json), args.watch)
+        return cmd_watch(settings, args.batch, args.json, args.watch)
     return cmd_status(settings, args.batch, args.json)
 
 
