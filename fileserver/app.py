@@ -11,9 +11,10 @@ import binascii
 import hmac
 import json
 import logging
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import quote
 
 from aiohttp import web, web_fileresponse
 from aiohttp.abc import AbstractStreamWriter
@@ -33,7 +34,6 @@ from otacore.status import batch_report, batch_summaries
 
 from .connection_guard import GUARD, ConnectionGuard
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, BrokerFigures, exposition, metrics_registry
-from .status_page import batch_page, batches_page
 
 log = logging.getLogger("ota.http")
 
@@ -71,7 +71,8 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
     app.router.add_get("/admin/api/devices/{product}/{device}", admin_device)
     app.router.add_get("/admin/api/versions", admin_versions)
     app.router.add_get("/admin/api/packages", admin_packages)
-    app.router.add_get("/admin/", status_page)
+    app.router.add_get("/admin/", console_page)
+    app.router.add_get("/admin/static/{name}", console_file)
     app.router.add_get("/admin/batches/{name}", batch_status_page)
     app.router.add_get("/healthz", healthz)
     app.on_response_prepare.append(_set_package_etag)
@@ -537,7 +538,8 @@ def _body_too_slow(request: web.Request) -> web.Response:
 
 # -- admin API ---------------------------------------------------------------------------
 def _admin_only(request: web.Request) -> web.Response | None:
-    problem = _admin_problem(request)
+    # GETs also take the browser login (the console reads the API with it); POSTs never do.
+    problem = _admin_problem(request, browser=True)
     if problem is not None:
         return _error(401, f"{problem}: send Authorization: Bearer <token from data_dir/admin-token>",
                       'Bearer realm="ota-server admin"')
@@ -565,7 +567,25 @@ async def admin_batch(request: web.Request) -> web.Response:
     report = await batch_report(engine.store, engine.catalog, name, sha_of=engine.current_sha)
     if report is None:
         return _error(404, f"no batch named {name!r}")
-    return web.json_response(report)
+    return web.json_response(_page_of_devices(report, request.query))
+
+
+def _page_of_devices(report: dict[str, Any], query: Any) -> dict[str, Any]:
+    """`?state=&offset=&limit=` on a batch report: the console pages 10,000 devices by 50."""
+    devices = report["devices"]
+    state = query.get("state")
+    if state:
+        devices = [d for d in devices if d["state"] == state]
+    offset, limit = _query_int(query, "offset", 0), _query_int(query, "limit", 0)
+    total = len(devices)
+    if offset or limit:
+        devices = devices[offset:offset + limit] if limit else devices[offset:]
+    return {**report, "devices": devices, "total": total}
+
+
+def _query_int(query: Any, name: str, default: int) -> int:
+    raw = query.get(name, "")
+    return min(int(raw), 10**9) if raw.isascii() and raw.isdigit() and len(raw) <= 10 else default
 
 
 async def admin_job(request: web.Request) -> web.Response:
@@ -708,29 +728,33 @@ def _browser_login() -> web.Response:
                         headers={"WWW-Authenticate": 'Basic realm="ota-server admin"'})
 
 
-async def status_page(request: web.Request) -> web.Response:
+CONSOLE_DIR = Path(__file__).parent / "console"
+CONSOLE_FILES = {"console.js": "application/javascript", "console.css": "text/css"}
+
+
+async def console_page(request: web.Request) -> web.Response:
+    """The web console (fileserver/console/): one page that reads the admin JSON API."""
     if not _is_admin(request, browser=True):
         return _browser_login()
-    engine = request.app[ENGINE]
-    behind = await _database_behind(engine)
-    if behind is not None:
-        return behind
-    summaries = await batch_summaries(engine.store, engine.catalog, sha_of=engine.current_sha)
-    return web.Response(text=batches_page(summaries), content_type="text/html")
+    return web.FileResponse(CONSOLE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+async def console_file(request: web.Request) -> web.StreamResponse:
+    if not _is_admin(request, browser=True):
+        return _browser_login()
+    name = request.match_info["name"]
+    if name not in CONSOLE_FILES:  # a fixed list: no path from the request reaches the disk
+        return _error(404, "no such file")
+    return web.FileResponse(CONSOLE_DIR / name, headers={"Content-Type": CONSOLE_FILES[name],
+                                                          "Cache-Control": "no-cache"})
 
 
 async def batch_status_page(request: web.Request) -> web.Response:
+    """The old batch page's address: the console's batch view."""
     if not _is_admin(request, browser=True):
         return _browser_login()
-    engine = request.app[ENGINE]
     name = request.match_info["name"]
-    behind = await _database_behind(engine)
-    if behind is not None:
-        return behind
-    report = await batch_report(engine.store, engine.catalog, name, sha_of=engine.current_sha)
-    if report is None:
-        return web.Response(status=404, text=f"no batch named {name!r}\n")
-    return web.Response(text=batch_page(report["batch"], report["devices"]), content_type="text/html")
+    raise web.HTTPFound(f"/admin/#/batch/{quote(name, safe='')}")
 
 
 async def _database_behind(engine: OtaEngine) -> web.Response | None:

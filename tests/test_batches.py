@@ -212,7 +212,7 @@ async def test_listed_device_already_on_the_version_counts_for_verification(tmp_
         await server.stop()
 
 
-async def test_status_page_for_browsers(server: OtaServer) -> None:
+async def test_console_for_browsers(server: OtaServer) -> None:
     async with Device(server, "page-1") as device:
         await device.inform("1.0.0")
         await device.next_push()
@@ -221,12 +221,22 @@ async def test_status_page_for_browsers(server: OtaServer) -> None:
             assert response.status == 401 and "Basic" in response.headers["WWW-Authenticate"]
         auth = {"Authorization": "Basic " + base64.b64encode(f"admin:{server.admin_token}".encode()).decode()}
         async with http.get(f"{server.http_url}/admin/", headers=auth) as response:
-            assert response.status == 200 and "up-1.1.0" in await response.text()
-        async with http.get(f"{server.http_url}/admin/batches/up-1.1.0", headers=auth) as response:
-            page = await response.text()
-            assert response.status == 200 and "page-1" in page and "notified" in page
-        async with http.get(f"{server.http_url}/admin/batches/%3Cscript%3E", headers=auth) as response:
-            assert response.status == 404 and response.content_type == "text/plain"
+            assert response.status == 200 and "/admin/static/console.js" in await response.text()
+        for name, kind in (("console.js", "application/javascript"), ("console.css", "text/css")):
+            async with http.get(f"{server.http_url}/admin/static/{name}", headers=auth) as response:
+                assert response.status == 200 and response.content_type == kind
+        async with http.get(f"{server.http_url}/admin/static/..%2fapp.py", headers=auth) as response:
+            assert response.status == 404
+        # The console reads the API with the browser login...
+        async with http.get(f"{server.http_url}/admin/api/batches/up-1.1.0?state=notified&limit=10",
+                            headers=auth) as response:
+            report = await response.json()
+            assert response.status == 200 and report["total"] == 1 and report["devices"][0]["device"] == "page-1"
+        # ...but an action needs the token itself: a browser login alone cannot POST (no CSRF).
+        async with http.post(f"{server.http_url}/admin/api/batches/up-1.1.0/pause", headers=auth) as response:
+            assert response.status == 401
+        async with http.get(f"{server.http_url}/admin/batches/up-1.1.0", headers=auth, allow_redirects=False) as response:
+            assert response.status == 302 and response.headers["Location"] == "/admin/#/batch/up-1.1.0"
 
 
 async def test_admin_retry_and_cancel(server: OtaServer) -> None:
