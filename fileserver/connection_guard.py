@@ -144,7 +144,9 @@ class ConnectionGuard:
             self._waiting.pop(handler, None)
             # Sent a request meanwhile: it is no longer waiting. Not connected yet (the
             # moment after accept, or a TLS handshake): the next sweep counts it again.
-            if handler._request_count == 0 and handler.transport is not None:
+            # Only one still waiting now: one that has started its first request (a download
+            # under way counts 0 requests until it ends) is never closed from stale notes.
+            if handler._request_count == 0 and handler.transport is not None and _waiting_for_request(handler):
                 self._evicted += 1
                 handler.force_close()
 

@@ -4,10 +4,9 @@ step "0" when a download begins. The server takes all three and the device upgra
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
-import pytest
-from harness import Device, OtaServer, write_catalog
+from harness import Device, OtaServer
+from test_mqtt_download_and_http_api import mqtt_server  # noqa: F401  (the fixture: a pushed mqtt batch)
 
 from otacore.codec import decode_block_reply
 
@@ -19,14 +18,6 @@ NEXT_REQUEST = ('{{"id":"{id}","version":"1.0","params":{{"fileToken":"default",
 STARTED = b'{"id":2,"params":{"step":"0","desc":""}}'
 
 
-@pytest.fixture
-async def mqtt_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    write_catalog(tmp_path, """
-    - {name: over-mqtt, package: fw-1.1.0, type: upgrade, protocol: mqtt, mode: dynamic, push: true}
-    """)
-    server = await OtaServer(tmp_path).start()
-    yield server
-    await server.stop()
 
 
 async def test_the_c_link_sdk_upgrades_over_mqtt_blocks(mqtt_server: OtaServer) -> None:

@@ -165,7 +165,7 @@ async def test_a_body_sent_too_slowly_gets_408(quick: OtaServer) -> None:
 async def test_past_max_unauthenticated_the_oldest_waiting_sockets_are_closed(tmp_path: Path) -> None:
     write_catalog(tmp_path, UPGRADE_BATCH)
     server = await OtaServer(tmp_path, options={"limits": {"max_unauthenticated": 10,
-                                                           "header_timeout_seconds": 30}}).start()
+                                                           "header_timeout_seconds": 6}}).start()
     sockets = []
     try:
         for _ in range(20):
@@ -173,7 +173,7 @@ async def test_past_max_unauthenticated_the_oldest_waiting_sockets_are_closed(tm
             await asyncio.sleep(0.01)  # in this order
         status, _, body = await raw_request(server.http_port, b"GET /healthz HTTP/1.1\r\nHost: x")
         assert status == 200 and json.loads(body)["ok"] is True
-        await asyncio.sleep(3.2)  # their 2 s of grace, and a sweep
+        await asyncio.sleep(4.6)  # their grace (half the header deadline: 3 s here), and a sweep after it
         closed = [await closed_within(reader, 0.05) is not None for reader, _ in sockets]
         assert closed[:10] == [True] * 10, closed  # the oldest went first
         assert closed[12:] == [False] * 8, closed  # the newest are still held: at most 10 waiting
@@ -188,7 +188,7 @@ async def test_connections_between_two_requests_are_not_capped(tmp_path: Path) -
     # requests at any moment; counting them against the cap closed working downloads.
     write_catalog(tmp_path, UPGRADE_BATCH)
     server = await OtaServer(tmp_path, options={"limits": {"max_unauthenticated": 10,
-                                                           "header_timeout_seconds": 30}}).start()
+                                                           "header_timeout_seconds": 6}}).start()
     sockets = []
     try:
         for _ in range(25):
@@ -198,7 +198,7 @@ async def test_connections_between_two_requests_are_not_capped(tmp_path: Path) -
             sockets.append((reader, writer))
         for _ in range(15):  # and fresh sockets past the cap: only those are evicted
             sockets.append(await asyncio.open_connection("127.0.0.1", server.http_port))
-        await asyncio.sleep(3.2)  # the fresh ones' 2 s of grace, and a sweep
+        await asyncio.sleep(4.6)  # the fresh ones grace (3 s here), and a sweep after it
         for reader, writer in sockets[:25]:
             await reader.read(4096)  # the rest of the first answer
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -12,20 +12,14 @@ from pathlib import Path
 
 import pytest
 import raw_mqtt
+from conftest import UPGRADE_BATCH
 from harness import Device, OtaServer, write_catalog
 from raw_mqtt import connack, device_connect, open_raw, reset
 
 from broker_plugin import amqtt_private
 from otacore.credentials import DeviceId
 
-UPGRADE = """
-- name: up-1.1.0
-  package: fw-1.1.0
-  type: upgrade
-  protocol: http
-  mode: dynamic
-  push: true
-"""
+UPGRADE = UPGRADE_BATCH
 
 MQTT_UPGRADE = """
 - name: up-mqtt

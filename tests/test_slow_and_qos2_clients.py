@@ -8,6 +8,7 @@ import socket
 import struct
 
 from harness import Device, OtaServer, device_secret
+from raw_mqtt import packet, string
 from otacore.credentials import DeviceId
 
 
@@ -20,18 +21,6 @@ async def test_reports_at_qos_2_are_handled(server: OtaServer) -> None:
         assert push["data"]["version"] == "1.1.0"
 
 
-def _string(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack(">H", len(raw)) + raw
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    length, encoded = len(body), b""
-    while True:
-        digit, length = length % 128, length // 128
-        encoded += bytes([digit | (0x80 if length else 0)])
-        if not length:
-            return bytes([first]) + encoded + body
 
 
 async def test_a_device_that_stops_reading_is_disconnected_not_buffered_for(server: OtaServer) -> None:
@@ -42,10 +31,10 @@ async def test_a_device_that_stops_reading_is_disconnected_not_buffered_for(serv
     sock.connect(("127.0.0.1", server.mqtt_port))
     sock.setblocking(False)
     reader, writer = await asyncio.open_connection(sock=sock)
-    connect = _string("MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 600)
-    writer.write(_packet(0x10, connect + _string("slow-1") + _string("slow-1&a1Test") + _string(device_secret("slow-1"))))
+    connect = string("MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 600)
+    writer.write(packet(0x10, connect + string("slow-1") + string("slow-1&a1Test") + string(device_secret("slow-1"))))
     assert (await reader.readexactly(4))[3] == 0
-    report = _packet(0x30, _string("/ota/device/inform/a1Test/slow-1") +
+    report = packet(0x30, string("/ota/device/inform/a1Test/slow-1") +
                      json.dumps({"id": "1", "params": {"version": "1.0.0"}}).encode())
     closed = False
     try:
