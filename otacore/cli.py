@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sqlite3
 import ssl
 import sys
@@ -363,6 +364,12 @@ def cmd_watch(settings: Settings, batch: str | None, as_json: bool, every: float
     def fetch() -> dict[str, Any]:
         return asyncio.run(_status(settings, batch))
 
+    def interrupted(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Our own SIGINT handler: asyncio.run replaces only Python's default one, and a Ctrl-C
+    # landing while it swaps handlers in and out (once per redraw) could be lost.
+    signal.signal(signal.SIGINT, interrupted)
     if sys.stdout.isatty() and not as_json:
         from .status_watch import watch_live  # rich is only needed here
         return watch_live(fetch, every, batch is not None)
