@@ -22,11 +22,8 @@ the same deadline (asyncio's default is 60 s).
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import math
-import struct
-import termios
 from collections.abc import Callable
 
 import aiohttp
@@ -47,19 +44,6 @@ def check_aiohttp() -> None:
         raise RuntimeError(f"aiohttp {aiohttp.__version__}: RequestHandler has no {lacking}, which "
                            "fileserver/connection_guard.py reads to enforce limits.header_timeout_seconds; "
                            "install an aiohttp release it knows or update connection_guard.py")
-
-
-def _bytes_unread(transport: asyncio.BaseTransport) -> bool:
-    """Has the client sent bytes the event loop has not read yet? Then it is not idle: a
-    server busy with 10,000 devices reads a first request late, and closing such a
-    connection threw away a request already sent (2,800 of them in the fleet benchmark)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    try:
-        return bool(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
-    except OSError:
-        return False
 
 
 def _waiting_for_request(handler: RequestHandler) -> bool:
@@ -162,8 +146,7 @@ class ConnectionGuard:
             # moment after accept, or a TLS handshake): the next sweep counts it again.
             # Only one still waiting now: one that has started its first request (a download
             # under way counts 0 requests until it ends) is never closed from stale notes.
-            if handler._request_count == 0 and handler.transport is not None and _waiting_for_request(handler) \
-                    and not _bytes_unread(handler.transport):
+            if handler._request_count == 0 and handler.transport is not None and _waiting_for_request(handler):
                 self._evicted += 1
                 handler.force_close()
 
