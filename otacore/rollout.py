@@ -85,6 +85,7 @@ class Rollout:
     def __init__(self, state: FleetState) -> None:
         self.state = state
         self._starts: dict[str, deque[float]] = {}  # batch -> when its last jobs started (rate)
+        self._schedule: dict[str, tuple[int, RolloutPolicy, tuple[str, float | None] | None]] = {}
 
     # -- control (persisted in the batch row) ----------------------------------------
     def control(self, name: str) -> dict[str, Any]:
@@ -139,10 +140,18 @@ class Rollout:
         if control.get("paused"):
             kind = "halted" if control.get("by") == "abort" else "paused"
             return Block(kind, control.get("reason") or kind)
-        block = schedule_block(batch.policy, now)
-        if block is None:
+        if not (batch.policy.windows or batch.policy.start_at or batch.policy.end_at):
             return None
-        reason, until = block
+        # Windows take up to `minutes` steps of date arithmetic to answer: once a second per
+        # batch, not once per push (a batch start pushes to thousands of devices at once).
+        cached = self._schedule.get(batch.name)
+        if cached is None or cached[0] != int(now) or cached[1] is not batch.policy:
+            block = schedule_block(batch.policy, now)
+            cached = (int(now), batch.policy, block)
+            self._schedule[batch.name] = cached
+        if cached[2] is None:
+            return None
+        reason, until = cached[2]
         kind = "scheduled" if reason.startswith("scheduled") else "ended" if reason.startswith("ended") else "window"
         return Block(kind, reason, until)
 
