@@ -331,12 +331,17 @@ class _Edge:
                 return
 
 
+def _per_broker(broker: Broker, attribute: str, make: Callable[[Broker], T]) -> T:
+    """The one `make(broker)` kept on this broker (made on first use)."""
+    value = getattr(broker, attribute, None)
+    if value is None:
+        value = make(broker)
+        setattr(broker, attribute, value)
+    return value
+
+
 def _edge(broker: Broker) -> _Edge:
-    edge = getattr(broker, _EDGE, None)
-    if edge is None:
-        edge = _Edge(broker)
-        setattr(broker, _EDGE, edge)
-    return edge
+    return _per_broker(broker, _EDGE, _Edge)
 
 
 async def _start_with_waiter_first(self: BrokerProtocolHandler) -> None:
@@ -832,11 +837,7 @@ class _KeepAliveWatch:
 
 
 def _keep_alive_watch(broker: Broker) -> _KeepAliveWatch:
-    watch = getattr(broker, _KEEP_ALIVE, None)
-    if watch is None:
-        watch = _KeepAliveWatch(broker)
-        setattr(broker, _KEEP_ALIVE, watch)
-    return watch
+    return _per_broker(broker, _KEEP_ALIVE, _KeepAliveWatch)
 
 
 class SessionDelivery:
