@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
+import math
 import os
 import re
 import stat as stat_module
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, ConfigIssue
-from .rollout_policy import POLICY_KEYS, RolloutPolicy, read_policy
+from .rollout_policy import MAX_MINUTES, POLICY_KEYS, RolloutPolicy, read_policy, shown
 from .settings import Settings
 from .versions import VERSION_PATTERN as _VERSION_PATTERN, is_version
 from .yamlmarks import MarkedList, MarkedMap, YamlSyntaxError, load_marked
@@ -33,6 +34,8 @@ BATCH_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}\Z")
 # keys would own `/{pk}/{dn}/#` inside them, reaching other devices' topics.
 RESERVED_PRODUCT_KEYS = frozenset({"sys", "ota"})
 SIGN_METHODS = {"md5": "MD5", "sha256": "SHA256"}
+# ext_data goes into every upgrade message a device gets: plain JSON, and small.
+MAX_EXT_VALUES = 1000
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,10 @@ class _Checker:
         if not isinstance(value, str):
             self.add(item.line_of(name), _path(key, name), f"must be text, got {_kind(value)}")
             return default
+        if not _is_utf8(value):
+            self.add(item.line_of(name), _path(key, name), f"{shown(value)} holds a lone surrogate (a \\ud800-"
+                     "\\udfff escape), which UTF-8 cannot carry; write the character itself")
+            return default
         if pattern is not None and not pattern.match(value):
             self.add(item.line_of(name), _path(key, name), f"{value!r} is not valid: {rule}")
             return default
@@ -198,7 +205,7 @@ class _Checker:
     def flag(self, item: MarkedMap, key: str, name: str, default: bool) -> bool:
         value = item.get(name, default)
         if not isinstance(value, bool):
-            self.add(item.line_of(name), _path(key, name), f"must be true or false, got {value!r}")
+            self.add(item.line_of(name), _path(key, name), f"must be true or false, got {shown(value)}")
             return default
         return value
 
@@ -216,6 +223,42 @@ class _Checker:
                 continue
             result.append((value.line_of(index), str(entry)))
         return result
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json_problem(value: Any) -> str | None:
+    """Why `value` cannot go into a device's JSON message as it is, or None. Counts values as
+    reached, so YAML aliases cannot make a small file a huge message."""
+    stack, reached = [value], 0
+    while stack:
+        item = stack.pop()
+        reached += 1
+        if reached > MAX_EXT_VALUES:
+            return f"holds more than {MAX_EXT_VALUES} values; devices get it in every upgrade message: keep it small"
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                if not isinstance(key, str):
+                    return f"has the key {shown(key)}: keys must be text; quote it"
+                stack += [key, inner]
+        elif isinstance(item, list):
+            stack += item
+        elif isinstance(item, str):
+            if not _is_utf8(item):
+                return f"holds {shown(item)} with a lone surrogate, which UTF-8 cannot carry; write the character " \
+                       "itself"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return f"holds {item!r}, which JSON cannot carry; write a finite number or quote it"
+        elif not (item is None or isinstance(item, (bool, int))):
+            return f"holds {shown(item)} ({type(item).__name__}), which JSON cannot carry; quote it to send text"
+    return None
 
 
 def _kind(value: Any) -> str:
@@ -353,8 +396,11 @@ def _read_packages(check: _Checker, root: MarkedMap, products: dict[str, Product
         if kind == "diff" and diff_from:
             check.add(item.line_of("diff_from"), f"{key}.diff_from", "only full packages can list diff_from")
         ext_data = item.get("ext_data") or {}
-        if not isinstance(ext_data, dict) or any(not isinstance(k, str) for k in ext_data):
+        if not isinstance(ext_data, dict):
             check.add(item.line_of("ext_data"), f"{key}.ext_data", "must be a mapping of text keys to values")
+            ext_data = {}
+        elif (problem := _json_problem(ext_data)) is not None:
+            check.add(item.line_of("ext_data"), f"{key}.ext_data", problem)
             ext_data = {}
         notice = check.text(item, key, "notice")
         if package_id is None or version is None or product_key is None or file_path is None:
@@ -492,9 +538,11 @@ def _read_batches(check: _Checker, root: MarkedMap, products: dict[str, Product]
             check.add(item.line_of("mode"), f"{key}.mode", f"{mode!r} is not a mode; use static or dynamic")
         push = check.flag(item, key, "push", True)
         timeout = item.get("timeout_minutes")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 1):
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or
+                                    not 1 <= timeout <= MAX_MINUTES):
             check.add(item.line_of("timeout_minutes"), f"{key}.timeout_minutes",
-                      f"{timeout!r} is not valid: a whole number of minutes, at least 1 (or leave it out)")
+                      f"{shown(timeout)} is not valid: a whole number of minutes from 1 to {MAX_MINUTES:,} (a "
+                      "year), or leave it out")
             timeout = None
         devices = check.text_list(item, key, "devices")
         if kind == "verify" and not devices:

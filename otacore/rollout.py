@@ -140,20 +140,23 @@ class Rollout:
         if control.get("paused"):
             kind = "halted" if control.get("by") == "abort" else "paused"
             return Block(kind, control.get("reason") or kind)
-        if not (batch.policy.windows or batch.policy.start_at or batch.policy.end_at):
+        schedule = self.schedule(batch, now)
+        if schedule is None:
             return None
-        # Windows take up to `minutes` steps of date arithmetic to answer: once a second per
-        # batch, not once per push (a batch start pushes to thousands of devices at once).
-        cached = self._schedule.get(batch.name)
-        if cached is None or cached[0] != int(now) or cached[1] is not batch.policy:
-            block = schedule_block(batch.policy, now)
-            cached = (int(now), batch.policy, block)
-            self._schedule[batch.name] = cached
-        if cached[2] is None:
-            return None
-        reason, until = cached[2]
+        reason, until = schedule
         kind = "scheduled" if reason.startswith("scheduled") else "ended" if reason.startswith("ended") else "window"
         return Block(kind, reason, until)
+
+    def schedule(self, batch: Batch, now: float) -> tuple[str, float | None] | None:
+        """schedule_block's answer, worked out once a second per batch: a batch start asks it
+        for thousands of devices at once, and status and metrics ask it per request."""
+        if not (batch.policy.windows or batch.policy.start_at or batch.policy.end_at):
+            return None
+        cached = self._schedule.get(batch.name)
+        if cached is None or cached[0] != int(now) or cached[1] is not batch.policy:
+            cached = (int(now), batch.policy, schedule_block(batch.policy, now))
+            self._schedule[batch.name] = cached
+        return cached[2]
 
     def rate_left(self, batch: Batch, now: float) -> int | None:
         """Jobs that may still start in the current minute (None: no limit)."""
@@ -238,12 +241,18 @@ class Rollout:
     # -- the view ----------------------------------------------------------------------
     def view(self, batch: Batch, now: float) -> dict[str, Any]:
         return rollout_view(batch, self.control(batch.name), self.state.latest_in_batch.get(batch.name, {}).values(),
-                            now)
+                            now, self.schedule(batch, now))
 
 
-def rollout_view(batch: Batch, control: dict[str, Any], latest_jobs: Iterable[Job], now: float) -> dict[str, Any]:
+_UNSET: Any = object()
+
+
+def rollout_view(batch: Batch, control: dict[str, Any], latest_jobs: Iterable[Job], now: float,
+                 schedule: tuple[str, float | None] | None = _UNSET) -> dict[str, Any]:
     """What the batch's policy is doing now and why it is not pushing, for status (the
-    server's memory or a reading of the database give the same answer)."""
+    server's memory or a reading of the database give the same answer). `schedule`: the
+    answer of Rollout.schedule when the caller has one; without, it is worked out here (the
+    windows keep their last answer, so that costs no cron arithmetic within an opening)."""
     policy = batch.policy
     jobs = list(latest_jobs)
     queued = sum(job.state == JobState.QUEUED for job in jobs)
@@ -255,7 +264,7 @@ def rollout_view(batch: Batch, control: dict[str, Any], latest_jobs: Iterable[Jo
                     since=format_time(control["at"]) if control.get("at") else None,
                     figures=control.get("figures") or {})
     else:
-        block = schedule_block(policy, now)
+        block = schedule_block(policy, now) if schedule is _UNSET else schedule
         if block is not None:
             reason, until = block
             view.update(state="scheduled" if reason.startswith("scheduled") else

@@ -3,18 +3,40 @@ rate_per_minute, retry, start_at, end_at, windows, abort): reading it from the c
 file:line errors, and the pure questions asked of it (who is in, is it open now, when next).
 
 Time is always passed in (epoch seconds), never read here: the core's clock decides.
+
+The rule for reading: whatever is accepted here, the server can run, without an exception and
+without work that grows with a value (every number finite and bounded, every time within
+datetime's years, every cron able to match, few windows and waves). docs/rollouts.md lists
+the ranges.
 """
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cronsim import CronSim, CronSimError
+
 FAILURE_KINDS = ("failed", "download", "verify", "flash", "timeout", "boot")
 STEP_KINDS = {-1: "failed", -2: "download", -3: "verify", -4: "flash"}
 _OFFSET_RE = re.compile(r"^(?:UTC|Z|[+-]\d{2}:?\d{2})\Z")
+
+# The ranges a catalog may use (docs/rollouts.md). Times: well inside datetime's years 1..9999
+# whatever the offset, so every time and every opening near them can be formatted.
+EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+LATEST = dt.datetime(9000, 1, 1, tzinfo=dt.timezone.utc)
+MAX_MINUTES = 525_600  # a year: soak_minutes, retry.interval_minutes, timeout_minutes
+MAX_WINDOW_MINUTES = 7 * 24 * 60  # a week
+MAX_RATE = 1_000_000  # rate_per_minute
+MAX_RETRIES = 100  # retry.count
+MAX_MIN_FINISHED = 10_000_000  # abort.min_finished
+MAX_WINDOWS = 24  # windows per batch
+MAX_WAVES = 24  # waves per batch: status counts every wave's jobs on each request
+MAX_CRON_CHARS = 200
+MAX_CRON_ITEMS = 60  # comma-separated items in one cron field
 
 
 @dataclass(frozen=True)
@@ -39,57 +61,59 @@ class AbortRule:
 
 @dataclass(frozen=True)
 class Cron:
-    """Five-field cron (minute hour day-of-month month day-of-week), numbers only."""
+    """A five-field cron (minute hour day-of-month month day-of-week) that can match; the
+    sets are what each field allows (weekday 0 = Sunday; 7 is read as 0)."""
 
     text: str
     minutes: frozenset[int]
     hours: frozenset[int]
     days: frozenset[int]
     months: frozenset[int]
-    weekdays: frozenset[int]  # 0 = Sunday
-    any_day: bool  # day-of-month is `*`
-    any_weekday: bool
-
-    def matches(self, when: dt.datetime) -> bool:
-        return when.minute in self.minutes and when.hour in self.hours and self._day(when)
-
-    def _day(self, when: dt.datetime) -> bool:
-        if when.month not in self.months:
-            return False
-        day_ok, weekday_ok = when.day in self.days, (when.isoweekday() % 7) in self.weekdays
-        if self.any_day or self.any_weekday:  # cron: both restricted means either may match
-            return day_ok and weekday_ok
-        return day_ok or weekday_ok
+    weekdays: frozenset[int]
 
 
 @dataclass(frozen=True)
 class Window:
+    """Openings at the cron's times (read at `offset`), each lasting `minutes`. Its answers
+    come from cronsim, a field at a time, so they cost the same for 10 minutes as for a week;
+    and the latest and next openings are kept until `now` passes the next one."""
+
     cron: Cron
     minutes: float
     offset: dt.timezone
+    # [valid from, valid until, latest opening at or before, next opening after]
+    _span: list[Any] = field(default_factory=list, compare=False, repr=False)
 
     def open_at(self, now: float) -> float | None:
-        """When the opening that covers `now` began, or None when `now` is outside."""
-        local = dt.datetime.fromtimestamp(now, self.offset).replace(second=0, microsecond=0)
-        for back in range(int(self.minutes) + 1):
-            start = local - dt.timedelta(minutes=back)
-            if self.cron.matches(start) and now < start.timestamp() + self.minutes * 60:
-                return start.timestamp()
-        return None
+        """When the opening that covers `now` began, or None when `now` is outside. Openings
+        are all `minutes` long, so the latest one is the only one that can still be open."""
+        latest, _ = self._openings(now)
+        return latest if latest is not None and now < latest + self.minutes * 60 else None
 
     def next_open(self, now: float) -> float | None:
-        """The next opening after `now` (within a year), or None."""
-        local = dt.datetime.fromtimestamp(now, self.offset).replace(second=0, microsecond=0)
-        day = local.replace(hour=0, minute=0)
-        for _ in range(367):
-            if self.cron._day(day):
-                for hour in sorted(self.cron.hours):
-                    for minute in sorted(self.cron.minutes):
-                        start = day.replace(hour=hour, minute=minute)
-                        if start.timestamp() > now:
-                            return start.timestamp()
-            day = (day + dt.timedelta(days=1)).replace(hour=0, minute=0)
-        return None
+        """The next opening after `now` (within cronsim's 50 years), or None."""
+        return self._openings(now)[1]
+
+    def _openings(self, now: float) -> tuple[float | None, float | None]:
+        span = self._span
+        if span and span[0] <= now < span[1]:
+            return span[2], span[3]
+        latest, upcoming = self._step(now, reverse=True), self._step(now, reverse=False)
+        # Valid until the next opening; a cron that matched neither way (refused when read,
+        # so only by a clock near year 9999) is not searched again every second.
+        until = upcoming if upcoming is not None else (math.inf if latest is None else now + 60)
+        self._span[:] = [latest if latest is not None else now, until, latest, upcoming]
+        return latest, upcoming
+
+    def _step(self, now: float, *, reverse: bool) -> float | None:
+        """The latest opening at or before `now`, or the first after it; None when cronsim
+        finds none within 50 years or the dates leave datetime's range."""
+        try:
+            # Reverse iteration steps back one second first: start a second late to count now.
+            start = dt.datetime.fromtimestamp(math.floor(now) + (1 if reverse else 0), self.offset)
+            return next(CronSim(self.cron.text, start, reverse=reverse)).timestamp()
+        except (CronSimError, StopIteration, OverflowError, ValueError, OSError):
+            return None
 
 
 @dataclass(frozen=True)
@@ -146,7 +170,10 @@ def schedule_block(policy: RolloutPolicy, now: float) -> tuple[str, float | None
 
 
 def format_time(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):  # past year 9999: only a clock that far out gets here
+        return f"{epoch:.0f} (seconds since 1970)"
 
 
 # -- reading it from the catalog ------------------------------------------------------
@@ -159,22 +186,36 @@ POLICY_KEYS = {"state", "tags", "percent", "waves", "rate_per_minute", "retry", 
                "abort"}
 
 
+class _Counting:
+    """A Checker that remembers whether anything was wrong."""
+
+    def __init__(self, check: Checker) -> None:
+        self.check, self.added = check, 0
+
+    def add(self, line: int, key: str, message: str) -> None:
+        self.added += 1
+        self.check.add(line, key, message)
+
+
 def read_policy(check: Checker, item: Any, key: str) -> RolloutPolicy:
     """The policy keys of one batch mapping (a yamlmarks.MarkedMap); problems go to `check`."""
-    reader = _Reader(check, item, key)
+    counting = _Counting(check)
+    reader = _Reader(counting, item, key)
     state = reader.choice("state", ("active", "paused"))
     tags = reader.tags()
     percent = reader.number("percent", 0, 100, low_open=True)
     waves = reader.waves()
     if percent is not None and waves:
-        check.add(item.line_of("waves"), f"{key}.waves", "use either percent or waves, not both")
-    rate = reader.number("rate_per_minute", 1, None, whole=True)
+        counting.add(item.line_of("waves"), f"{key}.waves", "use either percent or waves, not both")
+    rate = reader.number("rate_per_minute", 1, MAX_RATE, whole=True)
     retry = reader.retry()
     start_at, end_at = reader.time("start_at"), reader.time("end_at")
     if start_at is not None and end_at is not None and end_at <= start_at:
-        check.add(item.line_of("end_at"), f"{key}.end_at", "is not after start_at; a batch must have time to run")
+        counting.add(item.line_of("end_at"), f"{key}.end_at", "is not after start_at; a batch must have time to run")
     windows = reader.windows()
     abort = reader.abort()
+    if counting.added:
+        return RolloutPolicy()  # the catalog is refused; and a bad value's text may be huge (YAML aliases)
     text = {name: _plain(item[name]) for name in POLICY_KEYS if name in item and item[name] is not None}
     return RolloutPolicy(state, tags, percent, waves, int(rate) if rate is not None else None, retry, start_at,
                          end_at, windows, abort, text)
@@ -188,6 +229,26 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (dt.datetime, dt.date)):
         return value.isoformat()
     return value
+
+
+def shown(value: Any) -> str:
+    """A value for an error message: short, and never the walk of a big structure (YAML
+    aliases can make a small file hold a list of a billion items)."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        if abs(value) < 10 ** 15:
+            return repr(value)
+        return f"a number of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 60 else repr(value[:57]) + f"... ({len(value)} characters)"
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return "a mapping"
+    return "a list" if isinstance(value, list) else type(value).__name__
 
 
 class _Reader:
@@ -206,25 +267,31 @@ class _Reader:
         if not self.present(name):
             return None
         value = self.item[name]
-        if value not in allowed:
-            self.bad(name, f"{value!r} is not one of {', '.join(allowed)}")
+        if not isinstance(value, str) or value not in allowed:
+            self.bad(name, f"{shown(value)} is not one of {', '.join(allowed)}")
             return None
-        return str(value)
+        return value
 
-    def number(self, name: str, low: float, high: float | None, *, whole: bool = False, low_open: bool = False,
+    def number(self, name: str, low: float, high: float, *, whole: bool = False, low_open: bool = False,
                holder: Any = None, path: str | None = None) -> float | None:
+        """A finite number in [low, high] ((low, high] with low_open); ints of any length
+        are compared as ints, so none is turned into a float before it is known to fit."""
         holder = self.item if holder is None else holder
         if name not in holder or holder[name] is None:
             return None
         value = holder[name]
         where = path or name
+        bounds = f"{'above' if low_open else 'at least'} {low:,g} and at most {high:,.0f}"
         if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
-            self.bad(where, f"must be {'a whole number' if whole else 'a number'}, got {value!r}", holder, name)
+            self.bad(where, f"must be {'a whole number' if whole else 'a number'} {bounds}, got {shown(value)}",
+                     holder, name)
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            self.bad(where, f"{value!r} is not a finite number: write one {bounds}", holder, name)
             return None
         too_low = value <= low if low_open else value < low
-        if too_low or (high is not None and value > high):
-            bounds = f"{'above' if low_open else 'at least'} {low:g}" + (f" and at most {high:g}" if high is not None else "")
-            self.bad(where, f"{value!r} is out of range: must be {bounds}", holder, name)
+        if too_low or value > high:
+            self.bad(where, f"{shown(value)} is out of range: must be {bounds}", holder, name)
             return None
         return float(value)
 
@@ -244,6 +311,9 @@ class _Reader:
         if not isinstance(value, list) or not value:
             self.bad("waves", "must be a list of {percent: N, success_percent: N, soak_minutes: N}")
             return ()
+        if len(value) > MAX_WAVES:
+            self.bad("waves", f"lists {len(value)} waves: at most {MAX_WAVES}; merge some")
+            return ()
         waves: list[Wave] = []
         previous = 0.0
         for index, entry in enumerate(value):
@@ -258,7 +328,7 @@ class _Reader:
                 return ()
             percent = self.number("percent", 0, 100, low_open=True, holder=entry, path=f"{path}.percent")
             success = self.number("success_percent", 0, 100, holder=entry, path=f"{path}.success_percent")
-            soak = self.number("soak_minutes", 0, None, holder=entry, path=f"{path}.soak_minutes")
+            soak = self.number("soak_minutes", 0, MAX_MINUTES, holder=entry, path=f"{path}.soak_minutes")
             if percent is None:
                 return ()
             if percent <= previous:
@@ -284,17 +354,17 @@ class _Reader:
             self.bad(f"retry.{extra}", "unknown key; expected count, interval_minutes, on", value, extra)
         if "count" not in value:
             self.bad("retry.count", "is required (how many retries per device)", value, "count")
-        count = self.number("count", 1, 100, whole=True, holder=value, path="retry.count")
-        interval = self.number("interval_minutes", 0, None, holder=value, path="retry.interval_minutes")
+        count = self.number("count", 1, MAX_RETRIES, whole=True, holder=value, path="retry.count")
+        interval = self.number("interval_minutes", 0, MAX_MINUTES, holder=value, path="retry.interval_minutes")
         kinds: frozenset[str] = frozenset(FAILURE_KINDS)
         if value.get("on") is not None:
             on = value["on"]
             if not isinstance(on, list) or not on or not all(isinstance(k, str) for k in on):
                 self.bad("retry.on", f"must be a list of failure kinds: {', '.join(FAILURE_KINDS)}", value, "on")
                 return None
-            unknown = [k for k in on if k not in FAILURE_KINDS]
+            unknown = sorted({k for k in on if k not in FAILURE_KINDS})
             if unknown:
-                self.bad("retry.on", f"{', '.join(map(repr, unknown))} is not a failure kind; use "
+                self.bad("retry.on", f"{', '.join(map(shown, unknown[:5]))} is not a failure kind; use "
                          f"{', '.join(FAILURE_KINDS)}", value, "on")
                 return None
             kinds = frozenset(on)
@@ -315,8 +385,13 @@ class _Reader:
                 parsed = None
         else:
             parsed = None
-        if parsed is None or parsed.tzinfo is None:
-            self.bad(name, f"{_plain(value)!r} is not an ISO 8601 time with an offset, like 2026-12-01T02:00:00+08:00")
+        if parsed is None or parsed.tzinfo is None or parsed.utcoffset() is None:
+            self.bad(name, f"{shown(value)} is not an ISO 8601 time with an offset, like 2026-12-01T02:00:00+08:00")
+            return None
+        # Aware datetimes compare by the instant: no arithmetic that could leave datetime's years.
+        if not EARLIEST <= parsed < LATEST:
+            self.bad(name, f"{shown(value)} is out of range: must be from {format_time(EARLIEST.timestamp())} to "
+                     f"before {format_time(LATEST.timestamp())} (leave {name} out for no limit)")
             return None
         return parsed.timestamp()
 
@@ -327,6 +402,10 @@ class _Reader:
         if not isinstance(value, list) or not value:
             self.bad("windows", 'must be a list like [{cron: "0 2 * * *", minutes: 120, timezone: "+08:00"}]')
             return ()
+        if len(value) > MAX_WINDOWS:
+            self.bad("windows", f"lists {len(value)} windows: at most {MAX_WINDOWS}; a cron's lists and ranges "
+                     "can say more in one window")
+            return ()
         windows = []
         for index, entry in enumerate(value):
             path = f"windows[{index}]"
@@ -336,17 +415,18 @@ class _Reader:
             for extra in set(entry) - {"cron", "minutes", "timezone"}:
                 self.bad(f"{path}.{extra}", "unknown key; expected cron, minutes, timezone", entry, extra)
             cron_text = entry.get("cron")
-            cron = parse_cron(cron_text) if isinstance(cron_text, str) else None
-            if cron is None:
-                self.bad(f"{path}.cron", f"{cron_text!r} is not a 5-field cron (minute hour day month weekday, "
-                         'numbers, *, ranges, lists and steps), like "0 2 * * *"', entry, "cron")
+            problem = cron_problem(cron_text)
+            if problem is not None:
+                self.bad(f"{path}.cron", problem, entry, "cron")
             if "minutes" not in entry:
                 self.bad(f"{path}.minutes", "is required (how long each opening lasts)", entry, "cron")
-            minutes = self.number("minutes", 0, 7 * 24 * 60, low_open=True, holder=entry, path=f"{path}.minutes")
+            minutes = self.number("minutes", 0, MAX_WINDOW_MINUTES, low_open=True, holder=entry,
+                                  path=f"{path}.minutes")
             offset = parse_offset(entry.get("timezone", "+00:00"))
             if offset is None:
-                self.bad(f"{path}.timezone", f"{entry.get('timezone')!r} is not an offset like +08:00 or UTC",
+                self.bad(f"{path}.timezone", f"{shown(entry.get('timezone'))} is not an offset like +08:00 or UTC",
                          entry, "timezone")
+            cron = parse_cron(cron_text) if problem is None else None
             if cron is not None and minutes is not None and offset is not None:
                 windows.append(Window(cron, minutes, offset))
         return tuple(windows)
@@ -363,7 +443,8 @@ class _Reader:
         if "failure_percent" not in value:
             self.bad("abort.failure_percent", "is required", value, "failure_percent")
         failure = self.number("failure_percent", 0, 100, low_open=True, holder=value, path="abort.failure_percent")
-        minimum = self.number("min_finished", 1, None, whole=True, holder=value, path="abort.min_finished")
+        minimum = self.number("min_finished", 1, MAX_MIN_FINISHED, whole=True, holder=value,
+                              path="abort.min_finished")
         if failure is None:
             return None
         return AbortRule(failure, int(minimum) if minimum is not None else 1)
@@ -371,6 +452,8 @@ class _Reader:
 
 def parse_offset(text: Any) -> dt.timezone | None:
     if isinstance(text, int) and not isinstance(text, bool):  # YAML reads +0800 as a number
+        if not -10_000 < text < 10_000:
+            return None
         text = f"{text:+05d}"
     if not isinstance(text, str) or not _OFFSET_RE.match(text.strip()):
         return None
@@ -385,45 +468,58 @@ def parse_offset(text: Any) -> dt.timezone | None:
     return dt.timezone(sign * dt.timedelta(hours=hours, minutes=minutes))
 
 
-_CRON_FIELDS = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+# The syntax accepted, checked before cronsim sees the text: numbers, `*`, ranges, lists and
+# steps only. cronsim also reads names (MON, JAN), L, LW, # and a seconds field; those stay
+# refused, so a catalog means the same to every cron a reader knows.
+_CRON_ITEM = r"(?:\*|[0-9]+(?:-[0-9]+)?)(?:/[0-9]+)?"
+_CRON_FIELD_RE = re.compile(rf"^{_CRON_ITEM}(?:,{_CRON_ITEM})*\Z")
+_CRON_NAMES = ("minute", "hour", "day-of-month", "month", "day-of-week")
+_CRON_SYNTAX = ('is not a 5-field cron (minute hour day month weekday, numbers, *, ranges, lists and steps), '
+                'like "0 2 * * *"')
+# A fixed point for the "can it match at all" question: any match is within 50 years of
+# it, for any cron of this syntax that matches at all (Feb 29 on a given weekday: every 40).
+_CRON_PROBE = dt.datetime(2001, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def cron_problem(text: Any) -> str | None:
+    """What is wrong with a window's cron, as the end of an error message; None when fine."""
+    if not isinstance(text, str):
+        return f"{shown(text)} {_CRON_SYNTAX}"
+    if len(text) > MAX_CRON_CHARS:
+        return f"is {len(text)} characters long: at most {MAX_CRON_CHARS}; use ranges and steps"
+    parts = text.split()
+    if len(parts) != 5 or not all(_CRON_FIELD_RE.match(part) for part in parts):
+        return f"{shown(text)} {_CRON_SYNTAX}"
+    for part, name in zip(parts, _CRON_NAMES):
+        if part.count(",") >= MAX_CRON_ITEMS:
+            return f"{shown(text)}: the {name} field lists {part.count(',') + 1} items: at most {MAX_CRON_ITEMS}; " \
+                   "use ranges and steps"
+    try:
+        schedule = CronSim(text, _CRON_PROBE)
+    except CronSimError as exc:
+        if str(exc) == "Bad day-of-month" and _cron_reads(f"0 0 {parts[2]} * *"):  # the days are fine alone
+            return f"{shown(text)} never matches: no month it lists has those days; pick days that exist " \
+                   "(Feb has 29 at most, Apr, Jun, Sep and Nov 30)"
+        return f"{shown(text)} {_CRON_SYNTAX} ({str(exc).lower()})"
+    try:
+        next(schedule)
+    except StopIteration:
+        return f"{shown(text)} never matches; pick days and months that meet"
+    return None
+
+
+def _cron_reads(text: str) -> bool:
+    try:
+        CronSim(text, _CRON_PROBE)
+    except CronSimError:
+        return False
+    return True
 
 
 def parse_cron(text: str) -> Cron | None:
-    """A 5-field cron expression, or None when it is not one."""
-    parts = text.split()
-    if len(parts) != 5:
+    """A 5-field cron expression that can match, or None when it is not one."""
+    if cron_problem(text) is not None:
         return None
-    sets = []
-    for part, (low, high) in zip(parts, _CRON_FIELDS):
-        values = _cron_field(part, low, high)
-        if values is None:
-            return None
-        sets.append(values)
-    weekdays = frozenset(v % 7 for v in sets[4])  # 7 is Sunday too
-    return Cron(text, frozenset(sets[0]), frozenset(sets[1]), frozenset(sets[2]), frozenset(sets[3]), weekdays,
-                parts[2] == "*", parts[4] == "*")
-
-
-def _cron_field(part: str, low: int, high: int) -> set[int] | None:
-    values: set[int] = set()
-    for piece in part.split(","):
-        body, _, step_text = piece.partition("/")
-        if step_text and not (step_text.isascii() and step_text.isdigit() and int(step_text) > 0):
-            return None
-        step = int(step_text) if step_text else 1
-        if body == "*":
-            start, end = low, high
-        elif "-" in body:
-            first, _, last = body.partition("-")
-            if not (first.isascii() and first.isdigit() and last.isascii() and last.isdigit()):
-                return None
-            start, end = int(first), int(last)
-        elif body.isascii() and body.isdigit():
-            start = int(body)
-            end = high if step_text else start
-        else:
-            return None
-        if not low <= start <= end <= high:
-            return None
-        values.update(range(start, end + 1, step))
-    return values
+    schedule = CronSim(text, _CRON_PROBE)
+    return Cron(text, frozenset(schedule.minutes), frozenset(schedule.hours), frozenset(schedule.days),
+                frozenset(schedule.months), frozenset(int(d) % 7 for d in schedule.weekdays))  # type: ignore[arg-type]

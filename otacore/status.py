@@ -21,13 +21,18 @@ async def _waiting(store: Store, batch: Batch | None, jobbed: set[str]) -> set[s
 
 
 ShaOf = Callable[[Package], str]
+# A batch's schedule answer at a time (Rollout.schedule: the server's once-a-second answer).
+ScheduleOf = Callable[[Batch, float], tuple[str, float | None] | None]
 
 
 async def batch_summaries(store: Store, catalog: Catalog | None, only: str | None = None,
-                          sha_of: ShaOf | None = None, now: float | None = None) -> list[dict[str, Any]]:
+                          sha_of: ShaOf | None = None, now: float | None = None,
+                          schedule: ScheduleOf | None = None) -> list[dict[str, Any]]:
     """One summary per batch (or just `only`), counting each device's latest job once.
     With `sha_of` (a package's current file hash), a verification earned by an earlier
-    build of the package shows as unverified."""
+    build of the package shows as unverified. With `schedule`, a batch's schedule is the
+    server's answer of this second; without, the batch's windows answer (from their last
+    openings, no cron arithmetic within an opening)."""
     rows = await store.batches()
     statuses = await store.package_statuses()
     counts_by_batch = await store.state_counts(only)
@@ -59,15 +64,17 @@ async def batch_summaries(store: Store, catalog: Catalog | None, only: str | Non
         })
         if batch is not None and row is not None and row.state == "running" and \
                 (not batch.policy.empty or row.control.get("by")):
-            summaries[-1]["rollout"] = rollout_view(batch, row.control, await store.latest_jobs(name),
-                                                    time.time() if now is None else now)
+            at = time.time() if now is None else now
+            jobs = await store.latest_jobs(name)
+            summaries[-1]["rollout"] = rollout_view(batch, row.control, jobs, at) if schedule is None else \
+                rollout_view(batch, row.control, jobs, at, schedule(batch, at))
     return summaries
 
 
-async def batch_report(store: Store, catalog: Catalog | None, name: str,
-                       sha_of: ShaOf | None = None) -> dict[str, Any] | None:
+async def batch_report(store: Store, catalog: Catalog | None, name: str, sha_of: ShaOf | None = None,
+                       schedule: ScheduleOf | None = None) -> dict[str, Any] | None:
     """The summary of one batch and a row per device, or None when there is no such batch."""
-    summaries = await batch_summaries(store, catalog, only=name, sha_of=sha_of)
+    summaries = await batch_summaries(store, catalog, only=name, sha_of=sha_of, schedule=schedule)
     if not summaries:
         return None
     jobs = await store.latest_jobs(name)

@@ -27,8 +27,38 @@ class MarkedList(list):
         return self.item_lines[index] if 0 <= index < len(self.item_lines) else self.line
 
 
+MAX_DEPTH = 100  # nesting of lists and mappings; deeper would exhaust Python's recursion
+_MAX_INT_BITS = 14_000  # about 4,200 digits: within Python's 4,300-digit limit on int <-> str
+
+
 class _MarkingLoader(yaml.SafeLoader):
-    pass
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"lists and mappings nest more than {MAX_DEPTH} deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: Any, deep: bool = False) -> Any:
+        # PyYAML lets a plain ValueError out for a scalar it matched but cannot build (a time
+        # like 2026-02-30, an int of over 4300 digits): give it the node's line like any error.
+        try:
+            value = super().construct_object(node, deep)
+            # A hex or octal int escapes that limit, and then str() or json.dumps() of it fails.
+            if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
+                raise ValueError("too many digits")
+            return value
+        except (ValueError, OverflowError) as exc:
+            text = str(node.value) if isinstance(node, yaml.ScalarNode) else ""
+            shown = repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
+            reason = "too many digits" if "digits" in str(exc) else str(exc)
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {shown} ({reason})",
+                                                    node.start_mark) from None
 
 
 def _construct_map(loader: _MarkingLoader, node: yaml.MappingNode) -> MarkedMap:
@@ -80,3 +110,5 @@ def load_marked(path: Path) -> Any:
         raise YamlSyntaxError(path, line, f"invalid YAML: {problem}") from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(path, 0, f"invalid YAML: {exc}") from None
+    except RecursionError:  # MAX_DEPTH should prevent it; a line-less error beats a traceback
+        raise YamlSyntaxError(path, 0, "invalid YAML: nested too deeply; flatten the lists and mappings") from None

@@ -323,6 +323,50 @@ def test_package_version_must_be_three_numbers(tmp_path, version):
     assert repr(version) in issue.message
 
 
+@pytest.mark.parametrize("ext_data, hint", [
+    # A date: json.dumps raised at every push of the package.
+    ("{released: 2026-01-01}", "holds 2026-01-01 (date), which JSON cannot carry; quote it"),
+    ("{gain: .nan}", "holds nan, which JSON cannot carry"),
+    ("{gain: [1, -.inf]}", "holds -inf, which JSON cannot carry"),
+    ("{1: one}", "has the key 1: keys must be text"),
+    ("{blob: !!binary aGVsbG8=}", "(bytes), which JSON cannot carry"),
+    ('{note: "\\ud800"}', "lone surrogate"),
+    ("{a: &a [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a], "
+     "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b], d: [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]}",
+     "holds more than 1000 values"),  # 10,000 values by aliases, in every upgrade message
+])
+def test_ext_data_must_be_small_plain_json(tmp_path, ext_data, hint):
+    expect_issue(tmp_path, key="packages[2].ext_data", needle=f"ext_data: {ext_data}", hint=hint,
+                 packages=extra_package(ext_data=ext_data))
+
+
+def test_text_with_a_lone_surrogate_is_refused(tmp_path):
+    # It would reach a device inside the push's JSON, whose UTF-8 encoding raises.
+    expect_issue(tmp_path, key="packages[2].notice", needle='notice: "\\udc80 night mode"', hint="lone surrogate",
+                 packages=extra_package(notice='"\\udc80 night mode"'))
+
+
+@pytest.mark.parametrize("scalar, hint", [
+    ("2026-02-30T00:00:00Z", "day is out of range for month"),
+    ("2026-13-01", "month must be in 1..12"),
+    ("1" + "0" * 5000, "too many digits"),
+    ("0x" + "f" * 5000, "too many digits"),  # hex escapes Python's digit limit; str() of it would not
+])
+def test_a_scalar_yaml_cannot_build_is_a_line_error(tmp_path, scalar, hint):
+    # PyYAML raised a bare ValueError for these: a traceback instead of file:line.
+    text = catalog_text(packages=extra_package(notice=scalar))
+    (issue,) = load_errors(tmp_path, text)
+    assert issue.line == len(text.splitlines()) - len(BASE_BATCHES.splitlines()), str(issue)
+    assert hint in issue.message and "fix the YAML syntax" in issue.message and len(str(issue)) < 200
+
+
+def test_nesting_too_deep_is_a_line_error(tmp_path):
+    text = catalog_text(packages=extra_package(ext_data="{a: " + "[" * 5000 + "]" * 5000 + "}"))
+    (issue,) = load_errors(tmp_path, text)
+    assert issue.line == line_of(text, "ext_data: {a: " + "[" * 5000 + "]" * 5000 + "}")
+    assert "nest more than 100 deep" in issue.message
+
+
 def test_bad_sign_method(tmp_path):
     expect_issue(tmp_path, key="packages[2].sign_method", needle="sign_method: SHA1", hint="use SHA256 or MD5",
                  packages=extra_package(sign_method="SHA1"))
@@ -486,6 +530,25 @@ def test_duplicate_batch_name(tmp_path):
 def test_push_must_be_a_boolean(tmp_path, value):
     expect_issue(tmp_path, key="batches[1].push", needle=f"push: {value}", hint="must be true or false",
                  batches=extra_batch(push=value))
+
+
+@pytest.mark.parametrize("value, hint", [
+    ("0", "from 1 to 525,600"),
+    ("525601", "from 1 to 525,600"),
+    ("1" + "0" * 400, "a number of about 401 digits is not valid"),  # was an OverflowError at the first timeout
+    (".nan", "nan is not valid"),
+    ("true", "True is not valid"),
+    ("2.5", "a whole number of minutes"),
+])
+def test_timeout_minutes_is_a_whole_number_up_to_a_year(tmp_path, value, hint):
+    expect_issue(tmp_path, key="batches[1].timeout_minutes", needle=f"timeout_minutes: {value}", hint=hint,
+                 batches=extra_batch(timeout_minutes=value))
+
+
+def test_timeout_minutes_of_a_year_loads(tmp_path):
+    text = catalog_text(batches=extra_batch(timeout_minutes="525600"))
+    catalog = load_catalog(write_catalog(tmp_path, text), settings_for(tmp_path))
+    assert catalog.batches["b2"].timeout_minutes == 525_600
 
 
 # --- reporting --------------------------------------------------------------------------------

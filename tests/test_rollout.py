@@ -11,7 +11,8 @@ from test_decisions import BASE, C, F, N, Q, S, T0, World, dev
 
 from otacore.catalog import load_catalog
 from otacore.errors import ConfigError, Refused
-from otacore.rollout_policy import device_share, parse_cron, parse_offset, Window
+from otacore import rollout_policy
+from otacore.rollout_policy import Cron, RolloutPolicy, device_share, parse_cron, parse_offset, schedule_block, Window
 from otacore.settings import settings_from_mapping
 from harness import write_catalog
 
@@ -254,6 +255,62 @@ def test_window_arithmetic() -> None:
         assert parse_cron(bad) is None
 
 
+def test_window_edges_and_the_day_rule() -> None:
+    utc = parse_offset("UTC")
+    at = dt.datetime(2026, 12, 1, 2, 0, tzinfo=utc).timestamp()  # a Tuesday
+    window = Window(parse_cron("0 2 * * *"), 30, utc)
+    assert window.open_at(at) == at and window.open_at(at - 0.5) is None  # the opening minute counts
+    assert window.open_at(at + 30 * 60 - 0.001) == at and window.open_at(at + 30 * 60) is None
+    assert window.next_open(at) == at + 86_400 and window.next_open(at - 0.5) == at
+    # Day-of-month and day-of-week both restricted: either may match (cron's rule) ...
+    either = Window(parse_cron("0 2 15 * 2"), 30, utc)
+    assert either.open_at(at) == at  # a Tuesday, not the 15th
+    # ... one of them starting with `*`: both must (`*/2`, odd days, too: as in Vixie and Debian cron).
+    both = Window(parse_cron("0 2 */2 * 2"), 30, utc)
+    assert both.open_at(at) == at  # the 1st is odd
+    assert both.open_at(at + 7 * 86_400) is None  # Tuesday the 8th is not
+    assert parse_cron("0 0 * * 7").weekdays == parse_cron("0 0 * * 0").weekdays == {0}  # both Sunday
+    # A leap day is found by the fields, not by walking: the next is years away.
+    leap = Window(parse_cron("0 0 29 2 *"), 60, utc)
+    assert leap.next_open(at) == dt.datetime(2028, 2, 29, tzinfo=utc).timestamp()
+    assert leap.open_at(at) is None
+
+
+def test_windows_cost_does_not_grow_with_minutes_or_their_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 week-long windows (more than a catalog may list): each asks cronsim for its last
+    and next opening once, and then keeps them until the next opening."""
+    calls = []
+    real = rollout_policy.CronSim
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rollout_policy, "CronSim", counted)
+    windows = tuple(Window(parse_cron("0 0 1 1 *"), 10080, parse_offset("+08:00")) for _ in range(300))
+    policy = RolloutPolicy(windows=windows)
+    calls.clear()  # parse_cron's own checks
+    outside = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc).timestamp()
+    reason, until = schedule_block(policy, outside)
+    assert reason.startswith("outside its window") and until == dt.datetime(
+        2027, 1, 1, tzinfo=parse_offset("+08:00")).timestamp()
+    assert len(calls) == 2 * 300
+    for later in (1, 60, 86_400, 30 * 86_400):
+        assert schedule_block(policy, outside + later) is not None
+    assert len(calls) == 2 * 300  # nothing new until the next opening
+    assert schedule_block(policy, until + 60) is None  # inside: the first window answers
+    assert len(calls) == 2 * 300 + 2
+
+
+def test_a_cron_that_never_matches_costs_nothing_at_run_time() -> None:
+    # Refused when read (below); built by hand, it answers "never" and remembers that.
+    nothing: frozenset[int] = frozenset()
+    never = Window(Cron("0 0 31 2 *", nothing, nothing, nothing, nothing, nothing), 10, parse_offset("UTC"))
+    assert never.open_at(T0) is None and never.next_open(T0) is None
+    assert never._span[1] == float("inf")
+    assert schedule_block(RolloutPolicy(windows=(never,)), T0) == ("outside its window", None)
+
+
 # -- the catalog ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("keys, expected", [
@@ -268,6 +325,9 @@ def test_window_arithmetic() -> None:
     ({"state": "stopped"}, "state: 'stopped' is not one of active, paused"),
     ({"abort": "{failure_percent: 150}"}, "abort.failure_percent: 150 is out of range"),
     ({"windows": '[{cron: "0 2 * * *", minutes: 60, timezone: "Asia/Shanghai"}]'}, "is not an offset like +08:00"),
+    ({"windows": '[{cron: "0 2 * * MON", minutes: 60}]'}, "is not a 5-field cron"),  # cronsim reads names; we do not
+    ({"windows": '[{cron: "@daily", minutes: 60}]'}, "is not a 5-field cron"),
+    ({"windows": '[{cron: "0 2 L * *", minutes: 60}]'}, "is not a 5-field cron"),
 ])
 def test_bad_policy_keys_are_file_line_errors(tmp_path: Path, keys: dict[str, str], expected: str) -> None:
     write_catalog(tmp_path, batch(**keys), base=BASE)
@@ -277,6 +337,67 @@ def test_bad_policy_keys_are_file_line_errors(tmp_path: Path, keys: dict[str, st
     text = str(error.value)
     assert expected in text, text
     assert f"{tmp_path / 'ota.yaml'}:" in text and "batches[0]." in text
+
+
+# Issue 13's red team: each of these passed `otactl validate` and then made status, metrics and
+# the console answer 500 (or stall the event loop) after a reload.
+RED_TEAM = [
+    ({"start_at": '"9999-12-31T23:00:00-14:00"'}, "start_at", "is out of range: must be from 2000-01-01T00:00:00Z"),
+    ({"start_at": "9999-12-31T23:00:00-14:00"}, "start_at", "is out of range"),  # a YAML timestamp, unquoted
+    ({"end_at": '"0001-01-01T00:00:00+14:00"'}, "end_at", "is out of range: must be from 2000-01-01T00:00:00Z"),
+    ({"end_at": '"8999-12-31T23:59:59-14:00"'}, "end_at", "is out of range"),  # 9000-01-01T13:59:59Z
+    ({"windows": '[{cron: "* * * * *", minutes: .nan}]'}, "windows[0].minutes", "nan is not a finite number"),
+    ({"waves": "[{percent: 10, soak_minutes: .inf}, {percent: 100}]"}, "waves[0].soak_minutes",
+     "inf is not a finite number"),
+    ({"retry": "{count: 1, interval_minutes: .nan}"}, "retry.interval_minutes", "nan is not a finite number"),
+    ({"rate_per_minute": "1" + "0" * 400}, "rate_per_minute",
+     "a number of about 401 digits is out of range: must be at least 1 and at most 1,000,000"),
+    ({"windows": "[" + ", ".join(['{cron: "0 0 31 2 *", minutes: 10080}'] * 300) + "]"}, "windows",
+     "lists 300 windows: at most 24"),
+    ({"windows": '[{cron: "0 0 31 2 *", minutes: 10080}]'}, "windows[0].cron", "'0 0 31 2 *' never matches"),
+    ({"windows": '[{cron: "0 0 30 2 *", minutes: 60}]'}, "windows[0].cron", "'0 0 30 2 *' never matches"),
+    # The same class of value in the other keys.
+    ({"percent": ".nan"}, "percent", "nan is not a finite number"),
+    ({"waves": "[{percent: .nan}]"}, "waves[0].percent", "nan is not a finite number"),
+    ({"abort": "{failure_percent: 10, min_finished: 10000001}"}, "abort.min_finished", "at most 10,000,000"),
+    ({"retry": "{count: 1, interval_minutes: 525601}"}, "retry.interval_minutes", "at most 525,600"),
+    ({"rate_per_minute": "true"}, "rate_per_minute", "must be a whole number at least 1 and at most 1,000,000"),
+    ({"waves": "[" + ", ".join(f"{{percent: {p}}}" for p in range(1, 26)) + "]"}, "waves",
+     "lists 25 waves: at most 24"),
+    ({"windows": '[{cron: "' + ",".join(["1"] * 61) + ' * * * *", minutes: 5}]'}, "windows[0].cron",
+     "the minute field lists 61 items: at most 60"),
+    ({"windows": '[{cron: "0 2 * * *' + " " * 200 + '", minutes: 5}]'}, "windows[0].cron",
+     "characters long: at most 200"),
+]
+
+
+@pytest.mark.parametrize("keys, key, expected", RED_TEAM)
+def test_red_team_values_are_file_line_errors(tmp_path: Path, keys: dict[str, str], key: str, expected: str) -> None:
+    write_catalog(tmp_path, batch(**keys), base=BASE)
+    settings = settings_from_mapping({"data_dir": str(tmp_path / "var")}, tmp_path / "broker.yaml")
+    with pytest.raises(ConfigError) as error:
+        load_catalog(tmp_path / "ota.yaml", settings)
+    (issue,) = error.value.issues
+    text = (tmp_path / "ota.yaml").read_text().splitlines()
+    assert text[issue.line - 1].strip().startswith(f"{key.split('.')[0].split('[')[0]}:"), (issue.line, str(issue))
+    assert str(issue).startswith(f"{tmp_path / 'ota.yaml'}:{issue.line}: batches[0].{key}: "), str(issue)
+    assert expected in issue.message and "\n" not in str(issue) and len(str(issue)) < 300, str(issue)
+
+
+def test_values_at_the_ends_of_the_ranges_load_and_run(tmp_path: Path) -> None:
+    w = World(tmp_path, batch(start_at='"2000-01-01T00:00:00Z"', end_at='"8999-12-31T23:59:59Z"',
+                              rate_per_minute="1000000", retry="{count: 100, interval_minutes: 525600}",
+                              abort="{failure_percent: 100, min_finished: 10000000}", timeout_minutes="525600",
+                              windows="[" + ", ".join(['{cron: "0 0 1 1 *", minutes: 10080, timezone: "-14:00"}'] * 24)
+                                      + "]"))
+    w.online.add("d1")
+    w.report("d1", "1.0.0")
+    assert w.core.rollout_view("up")["state"] == "outside_window"
+    w.now = dt.datetime(8999, 1, 1, 15, tzinfo=dt.timezone.utc).timestamp()  # 01:00 on Jan 1st at -14:00
+    assert pushed(tick(w)) == {"d1"}
+    w.now = dt.datetime(9000, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+    tick(w)
+    assert w.core.rollout_view("up")["state"] == "ended"
 
 
 def test_retry_on_is_read_although_yaml_calls_it_true(tmp_path: Path) -> None:
