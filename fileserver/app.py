@@ -11,7 +11,7 @@ import binascii
 import hmac
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote
@@ -28,6 +28,7 @@ from otacore.device_views import (QueryError, device_detail, device_list, packag
                                   version_counts)
 from otacore.engine import OtaEngine
 from otacore.errors import ConfigError, Refused
+from otacore.jobs import ALL_STATES
 from otacore.package_files import DownloadFile, log_unreadable, open_hashed
 from otacore.signed_urls import UrlRejected
 from otacore.status import batch_report, batch_summaries
@@ -80,6 +81,7 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
     app[METRICS] = metrics_registry(engine, broker or BrokerFigures(), app[DOWNLOAD_STATUSES])
     app.router.add_get("/metrics", metrics_page)
     app.on_response_prepare.append(_count_download_status)
+    app.on_response_prepare.append(_protect_admin_answers)
     return app
 
 
@@ -93,6 +95,30 @@ async def _start_guard(app: web.Application) -> None:
 
 async def _stop_guard(app: web.Application) -> None:
     await app[GUARD].stop()
+
+
+# The console is plain files from this server: scripts, styles, fetches and forms only from
+# 'self', no inline code or style attributes (console.js sets widths through CSSOM), never
+# in a frame, and no address of it leaks to another site in a Referer.
+ADMIN_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+async def _protect_admin_answers(request: web.Request, response: web.StreamResponse) -> None:
+    """ADMIN_HEADERS on every answer under /admin (console, its files, the API, errors and
+    the router's own 404/405 included) and on /metrics. Not on /files/ (downloads keep their
+    caching and ETags) nor on the device API."""
+    path = request.path
+    if not (path.startswith("/admin/") or path in ("/admin", "/metrics")):
+        return
+    response.headers.update(ADMIN_HEADERS)
+    # The answers name devices and show the fleet's state: kept by no cache. The console's
+    # own code holds no data: revalidated (ETag), so a new version shows at once.
+    response.headers["Cache-Control"] = "no-cache" if path.startswith("/admin/static/") else "no-store"
 
 
 def _error(status: int, message: str, challenge: str | None = None,
@@ -553,39 +579,47 @@ async def admin_status(request: web.Request) -> web.Response:
     behind = await _database_behind(engine)  # the database shows what memory knows
     if behind is not None:
         return behind
-    return web.json_response({"batches": await batch_summaries(engine.store, engine.catalog, sha_of=engine.current_sha)})
+    return web.json_response({"batches": await batch_summaries(engine.store, engine.catalog, sha_of=engine.current_sha,
+                                                             schedule=engine.core.rollout.schedule)})
 
 
 async def admin_batch(request: web.Request) -> web.Response:
+    """GET /admin/api/batches/{name}?state=&offset=&limit=: the batch's summary and one page
+    of its devices (the console pages 10,000 devices by 50)."""
     if (denied := _admin_only(request)) is not None:
         return denied
+    try:
+        state, offset, limit = _report_page(request.query)
+    except QueryError as exc:
+        return _error(400, str(exc))
     engine = request.app[ENGINE]
     name = request.match_info["name"]
     behind = await _database_behind(engine)
     if behind is not None:
         return behind
-    report = await batch_report(engine.store, engine.catalog, name, sha_of=engine.current_sha)
+    report = await batch_report(engine.store, engine.catalog, name, sha_of=engine.current_sha,
+                                schedule=engine.core.rollout.schedule)
     if report is None:
         return _error(404, f"no batch named {name!r}")
-    return web.json_response(_page_of_devices(report, request.query))
+    devices = report["devices"] if state is None else [d for d in report["devices"] if d["state"] == state]
+    return web.json_response({**report, "total": len(devices), "offset": offset, "limit": limit,
+                              "devices": devices[offset:offset + limit]})
 
 
-def _page_of_devices(report: dict[str, Any], query: Any) -> dict[str, Any]:
-    """`?state=&offset=&limit=` on a batch report: the console pages 10,000 devices by 50."""
-    devices = report["devices"]
-    state = query.get("state")
-    if state:
-        devices = [d for d in devices if d["state"] == state]
-    offset, limit = _query_int(query, "offset", 0), _query_int(query, "limit", 0)
-    total = len(devices)
-    if offset or limit:
-        devices = devices[offset:offset + limit] if limit else devices[offset:]
-    return {**report, "devices": devices, "total": total}
+# A batch report's rows are its jobs plus "waiting_report": listed devices that have not
+# reported a version yet (otacore.status.batch_report).
+REPORT_STATES = (*(state.value for state in ALL_STATES), "waiting_report")
 
 
-def _query_int(query: Any, name: str, default: int) -> int:
-    raw = query.get(name, "")
-    return min(int(raw), 10**9) if raw.isascii() and raw.isdigit() and len(raw) <= 10 else default
+def _report_page(query: Mapping[str, str]) -> tuple[str | None, int, int]:
+    """(state, offset, limit) of a batch report's query; QueryError as for the devices API.
+    offset and limit go through the devices API's own parser: the same defaults, bounds and
+    messages."""
+    paging = parse_device_query({name: query[name] for name in ("offset", "limit") if name in query})
+    state = query.get("state") or None
+    if state is not None and state not in REPORT_STATES:
+        raise QueryError(f"state={state!r} is not a state of a batch report; use one of {', '.join(REPORT_STATES)}")
+    return state, paging.offset, paging.limit
 
 
 async def admin_job(request: web.Request) -> web.Response:
@@ -707,6 +741,10 @@ async def admin_reload(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     try:
         loaded = await engine.reload()
+    except Refused as exc:  # the database takes no writes: said at once, not after a hang
+        log.warning("reload refused: %s", exc.message)
+        return web.json_response({"code": exc.status, "message": exc.message, "errors": [exc.message]},
+                                 status=exc.status)
     except ConfigError as exc:
         log.warning("reload refused: %s", exc.one_line())
         return web.json_response({"code": 400, "message": "catalog has errors; nothing changed",
@@ -736,7 +774,7 @@ async def console_page(request: web.Request) -> web.Response:
     """The web console (fileserver/console/): one page that reads the admin JSON API."""
     if not _is_admin(request, browser=True):
         return _browser_login()
-    return web.FileResponse(CONSOLE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+    return web.FileResponse(CONSOLE_DIR / "index.html")
 
 
 async def console_file(request: web.Request) -> web.StreamResponse:
@@ -745,8 +783,7 @@ async def console_file(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     if name not in CONSOLE_FILES:  # a fixed list: no path from the request reaches the disk
         return _error(404, "no such file")
-    return web.FileResponse(CONSOLE_DIR / name, headers={"Content-Type": CONSOLE_FILES[name],
-                                                          "Cache-Control": "no-cache"})
+    return web.FileResponse(CONSOLE_DIR / name, headers={"Content-Type": CONSOLE_FILES[name]})
 
 
 async def batch_status_page(request: web.Request) -> web.Response:

@@ -10,10 +10,14 @@ catalog loader; on any error the catalog and packages_dir are put back as they w
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import os
 import re
+import secrets
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,19 @@ from .versions import VERSION_PATTERN
 
 # Where keys of a new entry go when the last entry does not show the order.
 KEY_ORDER = ("id", "name", "product", "module", "version", "type", "file", "sign_method")
+
+# The most a copied image's permission bits may be: the server only reads it (as its own user,
+# the one otactl runs as to read the admin token). The copy keeps the source's bits within
+# this, so it is never more open than the source nor executable or writable by others.
+MAX_PACKAGE_MODE = 0o644
+
+# What to do when writing into packages_dir fails, by errno.
+_WRITE_HINTS = {
+    errno.ENOSPC: "free some space there", errno.EDQUOT: "free some space there (disk quota)",
+    errno.EACCES: "check that you may write there", errno.EPERM: "check that you may write there",
+    errno.EROFS: "that file system is read-only", errno.ENAMETOOLONG: "give the image a shorter file name",
+    errno.EFBIG: "that file system cannot hold a file this big",
+}
 
 
 class PackageAddError(Exception):
@@ -70,6 +87,15 @@ def add_package(settings: Settings, source: Path, product: str, version: str, mo
                 package_id: str | None = None, sign_method: str = "SHA256") -> AddedPackage:
     """Copy `source` into packages_dir and add its entry to the catalog; PackageAddError (and
     nothing changed) when anything is wrong, including what the catalog loader refuses."""
+    try:
+        return _add_package(settings, source, product, version, module, package_id, sign_method)
+    except OSError as exc:  # one no step below foresaw: still one line (what was changed is put back)
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise PackageAddError(f"{where}{exc.strerror or exc}; check the paths and their permissions") from None
+
+
+def _add_package(settings: Settings, source: Path, product: str, version: str, module: str | None,
+                 package_id: str | None, sign_method: str) -> AddedPackage:
     module = module or DEFAULT_MODULE
     package_id = package_id or default_id(product, module, version)
     _check_names(product, module, version, package_id, sign_method)
@@ -81,16 +107,16 @@ def add_package(settings: Settings, source: Path, product: str, version: str, mo
         raise PackageAddError(f"cannot read the catalog {catalog_path} ({exc}); pass --catalog or check it") from None
     root = _parse(catalog_path, original)
     packages_dir = (catalog_path.parent / str(root.get("packages_dir") or "packages")).resolve()
-    if not packages_dir.is_dir():
-        raise PackageAddError(f"packages_dir {packages_dir} is not a folder; create it or fix packages_dir in "
-                              f"{catalog_path}")
+    if not os.path.isdir(packages_dir):  # False for any error too (a folder we may not search)
+        raise PackageAddError(f"packages_dir {packages_dir} is not a folder you can reach; create it, fix its "
+                              f"permissions or fix packages_dir in {catalog_path}")
     existing = root.get("packages")
     if isinstance(existing, list) and any(isinstance(item, dict) and str(item.get("id")) == package_id
                                           for item in existing):
         raise PackageAddError(f"{catalog_path}: package id {package_id!r} is taken; pass another --id")
-    _check_source(source, settings)
+    source_mode = _check_source(source, settings)
     target = packages_dir / source.name
-    copied, digest = _place(source, target)
+    copied, digest = _place(source, target, source_mode & MAX_PACKAGE_MODE)
     fields = {"id": package_id, "product": product, "version": version, "file": source.name,
               "sign_method": sign_method}
     if module != DEFAULT_MODULE:
@@ -105,7 +131,7 @@ def add_package(settings: Settings, source: Path, product: str, version: str, mo
             raise
     except BaseException:
         if copied:
-            target.unlink(missing_ok=True)
+            _remove_quietly(target)
         raise
     return AddedPackage(package_id, product, module, version, sign_method, catalog_path, line, target, copied,
                         *digest)
@@ -144,45 +170,90 @@ def _parse(path: Path, text: str) -> CommentedMap:
     return root
 
 
-def _check_source(source: Path, settings: Settings) -> None:
-    if not source.is_file():
-        problem = "is not a regular file" if source.exists() else "does not exist"
-        raise PackageAddError(f"{source} {problem}; name the firmware image to add")
+def _check_source(source: Path, settings: Settings) -> int:
+    """The permission bits of the regular file `source` names (through symlinks), once it is
+    known to be an image the server would serve; PackageAddError otherwise."""
+    try:
+        info = source.stat()
+    except FileNotFoundError:
+        problem = "is a symlink to a missing file" if source.is_symlink() else "does not exist"
+        raise PackageAddError(f"{source} {problem}; name the firmware image to add") from None
+    except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES on a folder on the way
+        raise PackageAddError(f"cannot read {source} ({exc.strerror or exc}); check the path and its "
+                              "permissions") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO, socket or device"
+        raise PackageAddError(f"{source} is not a regular file ({kind}); name the firmware image to add")
     if not any(source.name.lower().endswith(ending) for ending in settings.extensions):
         raise PackageAddError(f"{source.name!r} has an ending the server does not serve; allowed: "
                               f"{' '.join(settings.extensions)} (limits.extensions in broker.yaml)")
-    size = source.stat().st_size
-    if size == 0:
+    if info.st_size == 0:
         raise PackageAddError(f"{source} is empty; name the real image")
-    if size > settings.max_file_bytes:
-        raise PackageAddError(f"{source} has {size} bytes, over limits.max_file_mb ({settings.max_file_mb} MB)")
+    if info.st_size > settings.max_file_bytes:
+        raise PackageAddError(f"{source} has {info.st_size} bytes, over limits.max_file_mb ({settings.max_file_mb} MB)")
+    return stat.S_IMODE(info.st_mode)
 
 
-def _place(source: Path, target: Path) -> tuple[bool, tuple[int, str, str]]:
-    """Copy `source` to `target` unless the very same bytes are there: (copied, (size, md5,
-    sha256) of the file in packages_dir). A different file there is refused."""
-    if target.exists() or target.is_symlink():
+def _place(source: Path, target: Path, mode: int) -> tuple[bool, tuple[int, str, str]]:
+    """Copy `source` to `target` with permission bits `mode`, unless the very same bytes are
+    there: (copied, (size, md5, sha256) of the file in packages_dir). A different file there
+    is refused."""
+    if os.path.lexists(target):
         if not target.is_file():
             raise PackageAddError(f"{target} exists and is not a regular file; remove it or rename {source.name}")
-        theirs, ours = hash_file(target), hash_file(source)
+        try:
+            theirs, ours = hash_file(target), hash_file(source)
+        except OSError as exc:
+            raise PackageAddError(f"cannot compare {source} with {target} ({exc.strerror or exc}); check that "
+                                  "both are readable") from None
         if theirs != ours:
             raise PackageAddError(f"{target} exists with other content than {source}; give the new image "
                                   "another file name (or remove the old file if no package uses it)")
         return False, (target.stat().st_size, *ours)
-    temporary = target.with_name(f".{target.name}.otactl-{os.getpid()}.tmp")
     try:
-        shutil.copyfile(source, temporary)
-        try:
-            os.link(temporary, target)  # never over a file that appeared meanwhile
-        finally:
-            temporary.unlink(missing_ok=True)
+        # Non-blocking: a FIFO put in its place since the check gives no bytes (then the
+        # loader's "is empty" puts everything back) instead of waiting for a writer forever.
+        reader = os.fdopen(os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb")
+    except OSError as exc:
+        raise PackageAddError(f"cannot read {source} ({exc.strerror or exc}); check its permissions") from None
+    temporary = _temporary_beside(target)
+    try:
+        with reader, _new_file(temporary, mode) as writer:
+            shutil.copyfileobj(reader, writer, 1024 * 1024)
+        os.link(temporary, target)  # never over a file that appeared meanwhile
     except FileExistsError:
         raise PackageAddError(f"{target} appeared while copying; run the command again") from None
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise PackageAddError(f"cannot copy {source} to {target.parent} ({exc.strerror or exc}); check that the "
-                              "folder is writable and has room") from None
+        hint = _WRITE_HINTS.get(exc.errno, "check that folder")
+        raise PackageAddError(f"cannot copy {source} into {target.parent} ({exc.strerror or exc}); {hint}") from None
+    finally:
+        _remove_quietly(temporary)
     return True, (target.stat().st_size, *hash_file(target))
+
+
+def _temporary_beside(path: Path) -> Path:
+    """A name for a file made next to `path` and then renamed or linked to it; short whatever
+    `path`'s name (`.{name}.tmp` is over the 255-byte limit for a 250-byte name)."""
+    return path.with_name(f".otactl-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _new_file(path: Path, mode: int) -> io.BufferedWriter:
+    """A file made for us alone (0600 while the bytes go in), then given `mode` exactly: the
+    umask neither widens nor narrows what _place decided."""
+    handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(handle, mode)
+        return os.fdopen(handle, "wb")
+    except BaseException:
+        os.close(handle)
+        raise
+
+
+def _remove_quietly(path: Path) -> None:
+    """Clean-up that never raises over the error that made it necessary (the name may be
+    the very one the file system refused)."""
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _with_entry(path: Path, text: str, root: CommentedMap, fields: dict[str, str]) -> tuple[str, int]:
@@ -268,14 +339,14 @@ def _replace_text(path: Path, expected: str, text: str) -> None:
     with open(path, encoding="utf-8", newline="") as handle:
         if handle.read() != expected:
             raise PackageAddError(f"{path} changed while the package was being added; run the command again")
-    temporary = path.with_name(f".{path.name}.otactl-{os.getpid()}.tmp")
+    temporary = _temporary_beside(path)
     try:
-        with open(temporary, "w", encoding="utf-8", newline="") as handle:
+        with open(temporary, "x", encoding="utf-8", newline="") as handle:
             handle.write(text)
         shutil.copymode(path, temporary)
         os.replace(temporary, path)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
+        _remove_quietly(temporary)
         raise PackageAddError(f"cannot write {path} ({exc.strerror or exc}); check that it and its folder are "
                               "writable") from None
 

@@ -1,7 +1,8 @@
 """The web console in a real browser: headless Chromium (Debian's `chromium`, installed by
 scripts/test when missing), driven over the DevTools protocol with aiohttp's websocket
 client, against the real server while simulated devices upgrade. The page must show a
-progress bar, see a device's state change without a reload, and retry a failed device."""
+progress bar, see a device's state change without a reload, and retry a failed device, all
+under the server's Content-Security-Policy without one violation."""
 from __future__ import annotations
 
 import asyncio
@@ -58,6 +59,18 @@ class Page:
             await asyncio.sleep(0.2)
 
 
+CSP_LISTENER = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation", event => window.__cspViolations.push(
+  `${event.effectiveDirective} blocked ${event.blockedURI || "inline"} at ${event.sourceFile}:${event.lineNumber}`));
+"""
+
+
+async def assert_no_csp_violations(page: Page) -> None:
+    violations = await page.evaluate("window.__cspViolations")
+    assert violations == [], violations
+
+
 @pytest.fixture
 async def browser(tmp_path: Path) -> AsyncIterator[Page]:
     assert BROWSER is not None
@@ -80,6 +93,8 @@ async def browser(tmp_path: Path) -> AsyncIterator[Page]:
                 page = Page(socket)
                 await page.send("Page.enable")
                 await page.send("Network.enable")
+                # Before any of the page's own code: every CSP violation the browser reports.
+                await page.send("Page.addScriptToEvaluateOnNewDocument", source=CSP_LISTENER)
                 yield page
     finally:
         process.terminate()
@@ -112,6 +127,11 @@ async def test_the_console_follows_a_batch_live_and_retries_a_failed_device(tmp_
         await browser.wait_for("document.querySelectorAll('tr[data-batch] .bar span').length >= 3",
                                "the batch's progress bar with succeeded, in_progress and failed parts")
         assert "50%" in await browser.evaluate("document.querySelector('tr[data-batch] td.num').innerText")  # done: succeeded + failed
+        # The bar's parts are sized from JS under the CSP (CSSOM, not style attributes).
+        widths = await browser.evaluate("[...document.querySelectorAll('tr[data-batch] .bar span')]"
+                                        ".map(part => part.getBoundingClientRect().width)")
+        assert all(width > 0 for width in widths), widths
+        await assert_no_csp_violations(browser)
         await browser.evaluate("window.__sameDocument = true")  # gone if the page reloads
 
         await browser.evaluate("location.hash = '#/batch/up-1.1.0'")
@@ -133,8 +153,21 @@ async def test_the_console_follows_a_batch_live_and_retries_a_failed_device(tmp_
         await browser.wait_for("document.querySelector('tr[data-device=\"cam-03\"]').dataset.state === 'notified'",
                                "cam-03 notified again after the retry")
 
+        await browser.evaluate("location.hash = '#/devices'")
+        await browser.wait_for("!!document.querySelector('tr[data-device=\"cam-04\"]')", "the device list")
+        await browser.evaluate("location.hash = '#/device/a1Test/cam-03'")
+        await browser.wait_for("document.querySelectorAll('h2').length >= 2", "cam-03's page with its jobs")
         await browser.evaluate("location.hash = '#/'")
         await browser.wait_for("document.querySelectorAll('tr[data-batch] .bar span').length >= 3", "overview again")
+        await assert_no_csp_violations(browser)
+        # The policy is in force and the listener hears it: an inline style is refused, and reported.
+        refused = await browser.evaluate("""(() => { const probe = document.createElement("div");
+            probe.id = "csp-probe"; probe.setAttribute("style", "width: 7px"); document.body.append(probe);
+            return probe.style.width === ""; })()""")
+        assert refused, "an inline style attribute was applied: no Content-Security-Policy in force"
+        await browser.wait_for("window.__cspViolations.some(v => v.startsWith('style-src'))",
+                               "the violation of the inline style, reported", timeout=5)
+        await browser.evaluate("document.getElementById('csp-probe').remove()")
         if os.environ.get("OTA_CONSOLE_SCREENSHOT"):  # docs/console.png: OTA_CONSOLE_SCREENSHOT=1 ./scripts/test -k console
             shot = await browser.send("Page.captureScreenshot", format="png")
             SCREENSHOT.write_bytes(base64.b64decode(shot["data"]))

@@ -1,5 +1,6 @@
 """`otactl` for daily work, as a user runs it: `package add` on a commented catalog (the file
-changes by the new entry only; refusals change nothing), `devices` against a running
+changes by the new entry only; refusals, file-system errors included, are one line and change
+nothing; the copy never has wider permissions than the image), `devices` against a running
 `ota-server` (paging, filters, table, JSON), `--json` on every read command, `status --watch`
 on a pipe and on a terminal, and the exit codes scripts rely on."""
 from __future__ import annotations
@@ -11,16 +12,19 @@ import hashlib
 import json
 import os
 import pty
+import resource
 import select
 import shutil
 import signal
 import struct
 import subprocess
+import tempfile
 import termios
 import textwrap
 import time
 from pathlib import Path
 
+import pytest
 from harness import BASE_CATALOG, Device, OtaServer, free_port, make_firmware, write_catalog
 from conftest import UPGRADE_BATCH
 from test_cli import BIN, broker_yaml, otactl, server_process
@@ -123,6 +127,105 @@ def test_package_add_refusals_change_nothing(tmp_path: Path) -> None:
     usage = otactl(config, "package", "add", new, "--product", "a1DemoCam")  # no --version
     assert usage.returncode == 1 and "--version" in usage.stderr
     assert snapshot(tmp_path) == untouched
+
+
+def test_package_add_file_system_edges_are_one_line_and_change_nothing(tmp_path: Path) -> None:
+    config = demo_catalog(tmp_path)
+    incoming = tmp_path / "incoming"
+    make_firmware(incoming / "fw.bin", 50_000, 3)
+    (incoming / "folder.bin").mkdir()
+    os.mkfifo(incoming / "fifo.bin")  # opening it to read would wait for a writer forever
+    (incoming / "dangling.bin").symlink_to(incoming / "gone.bin")
+    (incoming / "loop.bin").symlink_to(incoming / "loop.bin")
+    untouched = snapshot(tmp_path)
+
+    def refused(source: str, reason: str, limit_bytes: int | None = None) -> None:
+        command = [str(BIN / "otactl"), "--config", str(config), "package", "add", source, "--product", "a1DemoCam",
+                   "--version", "1.2.0"]
+        # RLIMIT_FSIZE: a real write failure (EFBIG) even for root, partway through the copy.
+        limit = None if limit_bytes is None else \
+            (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes)))
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, preexec_fn=limit)
+        assert result.returncode == 1, (source[-60:], result.stdout, result.stderr)
+        assert reason in result.stderr and "nothing was changed" in result.stderr, (source[-60:], result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert snapshot(tmp_path) == untouched, source[-60:]  # no half copy, no temporary file left
+
+    refused(str(incoming / ("n" * 252 + ".bin")), "(File name too long); check the path")  # 256 bytes
+    refused(str(incoming / "folder.bin"), "is not a regular file (a folder)")
+    refused(str(incoming / "fifo.bin"), "is not a regular file (a FIFO, socket or device)")
+    refused(str(incoming / "dangling.bin"), "is a symlink to a missing file")
+    refused(str(incoming / "loop.bin"), "(Too many levels of symbolic links)")
+    refused(str(incoming / "fw.bin"), f"cannot copy {incoming / 'fw.bin'} into {tmp_path / 'packages'} (File too "
+            "large)", limit_bytes=20_000)
+
+
+def test_package_add_permission_errors_are_one_line_and_change_nothing(tmp_path: Path) -> None:
+    """An unreadable image and a packages_dir the user may not write: as an ordinary user
+    (root reads and writes anything: then otactl runs as `nobody` through setpriv, in a folder
+    `nobody` can reach)."""
+    unprivileged: list[str] = []
+    root = tmp_path
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot run otactl as an ordinary user")
+        unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        root = Path(tempfile.mkdtemp(prefix="otactl-perm-", dir="/tmp"))
+        root.chmod(0o755)
+    try:
+        config = demo_catalog(root)
+        make_firmware(root / "incoming" / "secret.bin", 5000, 5)
+        make_firmware(root / "incoming" / "fw.bin", 5000, 6)
+        for path in (root / "ota.yaml", root / "incoming" / "fw.bin"):
+            path.chmod(0o666)
+        (root / "incoming" / "secret.bin").chmod(0o000 if not unprivileged else 0o600)  # nobody cannot read it
+        (root / "packages").chmod(0o555)  # nobody may write here
+        untouched = snapshot(root)
+        for source, reason in ((root / "incoming" / "secret.bin", "cannot read"),
+                               (root / "incoming" / "fw.bin", "cannot copy")):
+            result = subprocess.run([*unprivileged, str(BIN / "otactl"), "--config", str(config), "package", "add",
+                                     str(source), "--product", "a1DemoCam", "--version", "1.2.0"],
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == 1, (source, result.stdout, result.stderr)
+            assert f"{reason} {source}" in result.stderr and "(Permission denied)" in result.stderr, result.stderr
+            assert "nothing was changed" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+            assert snapshot(root) == untouched
+    finally:
+        (root / "packages").chmod(0o755)
+        if root != tmp_path:
+            shutil.rmtree(root)
+
+
+def test_package_add_takes_a_255_byte_file_name(tmp_path: Path) -> None:
+    config = demo_catalog(tmp_path)
+    name = "n" * 251 + ".bin"  # the longest a file system takes: no room for a longer temporary name
+    image = make_firmware(tmp_path / "incoming" / name, 5000, 4)
+    result = otactl(config, "package", "add", str(tmp_path / "incoming" / name), "--product", "a1DemoCam",
+                    "--version", "1.2.0")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "packages" / name).read_bytes() == image
+    assert not [p.name for p in (tmp_path / "packages").iterdir() if p.name.startswith(".")]
+    assert otactl(config, "validate").returncode == 0
+
+
+def test_package_add_never_widens_the_images_permissions(tmp_path: Path) -> None:
+    """The copy keeps the source's permission bits, at most 0644 (docs/operations.md): a
+    private image stays private, even named through a symlink; nothing becomes executable."""
+    config = demo_catalog(tmp_path)
+    for version, (name, mode, expected) in enumerate((("private.bin", 0o600, 0o600), ("group.bin", 0o640, 0o640),
+                                                      ("tool.bin", 0o755, 0o644), ("shared.bin", 0o666, 0o644)), 2):
+        source = tmp_path / "incoming" / name
+        make_firmware(source, 5000, version)
+        source.chmod(mode)
+        link = tmp_path / "links" / name
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(source)
+        result = otactl(config, "package", "add", str(link), "--product", "a1DemoCam", "--version",
+                        f"{version}.0.0")
+        assert result.returncode == 0, result.stderr
+        copied = tmp_path / "packages" / name
+        assert not copied.is_symlink() and copied.read_bytes() == source.read_bytes()
+        assert oct(copied.stat().st_mode & 0o7777) == oct(expected), name
 
 
 FLEET_CATALOG = BASE_CATALOG.replace("      - name: MCU\n", "      - name: MCU\n    devices:\n" + "".join(

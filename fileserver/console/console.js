@@ -10,6 +10,8 @@ const POLL_MS = 2000;
 let timer = null;
 let generation = 0; // a newer render makes older fetches' results void
 
+// The server's Content-Security-Policy allows no inline scripts or style attributes: styles
+// come from console.css, and the few computed ones are set through node.style.
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs || {})) {
@@ -57,7 +59,10 @@ function bar(counts, total) {
   const node = el("div", {class: "bar", title: STATES.filter(s => counts[s]).map(s => `${s} ${counts[s]}`).join(", ")});
   if (!total) return node;
   for (const state of STATES) {
-    if (counts[state]) node.append(el("span", {class: `s-${state}`, style: `width:${100 * counts[state] / total}%`}));
+    if (!counts[state]) continue;
+    const part = el("span", {class: `s-${state}`});
+    part.style.width = `${100 * counts[state] / total}%`; // through CSSOM: the CSP refuses style attributes
+    node.append(part);
   }
   return node;
 }
@@ -117,6 +122,13 @@ async function overview(gen) {
           el("h2", {text: "Packages"}), pkgs, el("h2", {text: "Versions in the fleet"}), dist];
 }
 
+// An offset typed into the address bar: anything but a whole number is the first page
+// (the API answers 400 to a bad one).
+function offsetParam(p) {
+  const offset = Number(p.get("offset") || 0);
+  return Number.isSafeInteger(offset) && offset > 0 ? offset : 0;
+}
+
 function params() {
   const query = location.hash.split("?")[1] || "";
   return new URLSearchParams(query);
@@ -130,7 +142,7 @@ function setParams(base, values) {
 
 async function devices(gen) {
   const p = params();
-  const offset = Number(p.get("offset") || 0);
+  const offset = offsetParam(p);
   const query = new URLSearchParams({offset, limit: PAGE});
   for (const key of ["product", "version", "online", "state", "q"]) if (p.get(key)) query.set(key, p.get(key));
   const data = await api(`/admin/api/devices?${query}`);
@@ -194,7 +206,7 @@ async function device(gen, product, name) {
 
 async function batch(gen, name) {
   const p = params();
-  const offset = Number(p.get("offset") || 0);
+  const offset = offsetParam(p);
   const state = p.get("state") || "";
   const query = new URLSearchParams({offset, limit: PAGE});
   if (state) query.set("state", state);
