@@ -19,7 +19,7 @@ from typing import Any
 from otacore.catalog import load_catalog
 from otacore.config_files import BrokerConfigFile, read_broker_config
 from otacore.data_dir import DataDirInUse
-from otacore.errors import ConfigError
+from otacore.errors import ConfigError, Refused
 from otacore.settings import PLUGIN_PATH, split_host_port
 
 log = logging.getLogger("ota.server")
@@ -155,6 +155,8 @@ async def _reload(runtime: Any) -> None:
         log.info("SIGHUP: catalog reloaded (%d batches)", len(loaded.catalog.batches))
     except ConfigError as exc:
         log.error("SIGHUP: reload refused, nothing changed: %s", exc.one_line())
+    except Refused as exc:
+        log.error("SIGHUP: reload refused: %s", exc.message)
     except Exception:  # a signal handler's task has nobody else to report to
         log.exception("SIGHUP: reload failed")
 

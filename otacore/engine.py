@@ -19,7 +19,7 @@ from .catalog_loading import LoadedCatalog, prepare_catalog
 from .credentials import DeviceId
 from .decisions import OtaCore, Send
 from .downloads import Downloads
-from .errors import ConfigError
+from .errors import ConfigError, Refused
 from .fleet_state import FleetState
 from .journal import Journal
 from .package_files import DownloadFile, PackageFiles
@@ -40,6 +40,7 @@ class Notifier(Protocol):
 
 
 ROLLOUT_TICK_SECONDS = 1.0
+TROUBLE_POLL_SECONDS = 0.1
 
 
 class OtaEngine:
@@ -127,6 +128,25 @@ class OtaEngine:
         """Return once everything decided so far is on disk."""
         await self.journal.commit()
 
+    def _writable(self) -> None:
+        """An admin change is refused at once while the database takes no writes: it would
+        wait for the disk with nobody told why."""
+        trouble = self.journal.trouble()
+        if trouble is not None:
+            raise Refused(503, f"nothing changed: {trouble}; /healthz says when the database takes writes again")
+
+    async def _admin_settled(self) -> None:
+        """Await the commit of an admin change; if writes start failing meanwhile, answer at
+        once: the change holds in memory and is written when the disk takes it."""
+        commit = asyncio.ensure_future(self.settled())
+        while not (await asyncio.wait({commit}, timeout=TROUBLE_POLL_SECONDS))[0]:
+            trouble = self.journal.trouble()
+            if trouble is not None:
+                commit.add_done_callback(lambda done: done.cancelled() or done.exception())
+                raise Refused(503, f"done in memory, not yet on disk: {trouble}; it is written once the "
+                                   "database takes writes again (/healthz says when)")
+        commit.result()
+
     # -- catalog -----------------------------------------------------------------------
     async def reload(self, catalog_path: Path | None = None) -> LoadedCatalog:
         """Validate the whole new catalog, then apply it; on any error nothing changes."""
@@ -140,12 +160,14 @@ class OtaEngine:
 
     async def _reload(self, catalog_path: Path | None) -> LoadedCatalog:
         async with self._reload_lock:
+            self._writable()
             loaded = await asyncio.to_thread(prepare_catalog, self.settings, catalog_path)
             issues = reload_issues(loaded.catalog, loaded.files, self.state.batches)
             if issues:
                 raise ConfigError(issues)
+            self._writable()  # the disk may have filled while the files were read
             self.post(self.core.apply_catalog(loaded.catalog, loaded.files))
-            await self.settled()
+            await self._admin_settled()
             for listener in self.reload_listeners:
                 listener(loaded.catalog)
             return loaded
@@ -178,24 +200,28 @@ class OtaEngine:
 
     # -- admin actions -----------------------------------------------------------------
     async def retry(self, batch_name: str, device_names: list[str] | None = None) -> int:
+        self._writable()
         count, sends = self.core.retry(batch_name, device_names)
         self.post(sends)
-        await self.settled()
+        await self._admin_settled()
         return count
 
     async def cancel_devices(self, batch_name: str, device_names: list[str]) -> int:
+        self._writable()
         count, sends = self.core.cancel_devices(batch_name, device_names)
         self.post(sends)
-        await self.settled()
+        await self._admin_settled()
         return count
 
     async def pause(self, batch_name: str) -> None:
+        self._writable()
         self.post(self.core.pause(batch_name))
-        await self.settled()
+        await self._admin_settled()
 
     async def resume(self, batch_name: str) -> None:
+        self._writable()
         self.post(self.core.resume(batch_name))
-        await self.settled()
+        await self._admin_settled()
 
     # -- rollouts ------------------------------------------------------------------------
     async def run_rollouts(self, every_seconds: float = ROLLOUT_TICK_SECONDS) -> None:

@@ -307,6 +307,63 @@ async def test_refused_writes_are_kept_and_healthz_says_degraded_until_they_work
     assert any("database writes work again" in r.getMessage() for r in caplog.records)
 
 
+async def admin_post(server: OtaServer, path: str) -> tuple[int, dict, float]:
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{server.http_url}/admin/api/{path}", headers={"Authorization": f"Bearer {server.admin_token}"}) as answer:
+        return answer.status, await answer.json(), time.monotonic() - started
+
+
+async def test_while_the_disk_is_full_admin_changes_are_refused_at_once_and_devices_still_connect(
+        server: OtaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_module, "RETRY_SECONDS", 0.1)
+    await server.engine.settled()
+    refuse_writes(await idle(server.engine.journal), True)
+    async with Device(server, "d1") as device:
+        # a promise that cannot land: its PUBACK waits, and the journal is in trouble from here
+        promised = asyncio.ensure_future(device.inform("1.0.0"))
+        await wait_until(lambda: _degraded_body(server), what="503")
+        catalog_before = server.engine.core.catalog
+
+        for path in ("reload", f"batches/{BATCH}/pause", f"batches/{BATCH}/retry"):
+            status, body, seconds = await admin_post(server, path)
+            assert status == 503 and seconds < 1.0, (path, status, seconds)
+            assert body["message"].startswith("nothing changed: database writes failing since "), body
+        assert server.engine.core.catalog is catalog_before
+        assert server.engine.core.rollout_view(BATCH)["state"] != "paused"
+
+        started = time.monotonic()
+        async with Device(server, "d2"):  # CONNECT, CONNACK and SUBACKs come from memory
+            assert time.monotonic() - started < 1.0
+
+        refuse_writes(await idle(server.engine.journal), False)
+        await wait_until(lambda: _healthy(server), what="200 from /healthz")
+        await asyncio.wait_for(promised, 3)
+        status, body, _ = await admin_post(server, "reload")
+        assert status == 200, body
+
+
+async def test_an_admin_change_made_as_the_disk_fills_is_answered_and_written_once_it_has_room(
+        server: OtaServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_module, "RETRY_SECONDS", 0.1)
+    db = server.root / "var" / "ota.sqlite3"
+    await server.engine.settled()
+    refuse_writes(await idle(server.engine.journal), True)  # not noticed yet: nothing was written since
+    status, body, seconds = await admin_post(server, f"batches/{BATCH}/pause")
+    assert status == 503 and seconds < 2.0, (status, body, seconds)
+    assert body["message"].startswith("done in memory, not yet on disk: database writes failing since "), body
+    assert server.engine.core.rollout_view(BATCH)["state"] == "paused"
+
+    refuse_writes(await idle(server.engine.journal), False)
+    await server.engine.settled()
+    [(control,)] = await asyncio.to_thread(read, db, f"SELECT control FROM batches WHERE name = '{BATCH}'")
+    assert json.loads(control)["paused"] is True
+
+
+async def _healthy(server: OtaServer) -> bool:
+    return (await healthz(server.http_url))[0] == 200
+
+
 async def _degraded_body(server: OtaServer) -> tuple[int, dict] | None:
     status, body = await healthz(server.http_url)
     return (status, body) if status == 503 else None
