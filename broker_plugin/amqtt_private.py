@@ -7,6 +7,9 @@
   every filter on the broker sent past the ACL on connect. It also removes per-connection
   and per-packet costs (a state machine and four queues per session, a walk of the whole
   filter table per connect and per deleted session, a task and timer per packet read).
+- `harden` also holds clients to MQTT 3.1.1 where amqtt reads on: a malformed CONNECT, fixed
+  header or PUBLISH closes the connection (CONNACK 1 first for MQTT 5 or 3.1, 2 for a client
+  id not UTF-8), and a QoS 1/2 message nobody acknowledges ends without an ERROR.
 - `set_upstream_consumer`: hands the device OTA topics to the OTA plugin from the packet
   path, synchronously, before the PUBACK: a report acknowledged is a report counted, in the
   order the device sent it (amqtt's own hook runs later, as a detached task).
@@ -22,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -30,12 +34,15 @@ from typing import Any, Generic, TypeVar
 
 import amqtt.mqtt.protocol.broker_handler as amqtt_broker_handler
 import amqtt.session as amqtt_session
+from amqtt.adapters import BufferReader
 from amqtt.broker import Broker
+from amqtt.codecs_amqtt import read_or_raise
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
-from amqtt.mqtt.connack import NOT_AUTHORIZED, ConnackPacket
+from amqtt.mqtt.connack import IDENTIFIER_REJECTED, NOT_AUTHORIZED, UNACCEPTABLE_PROTOCOL_VERSION, ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.mqtt.packet import MQTTFixedHeader
+from amqtt.mqtt.packet import (CONNECT, DISCONNECT, PINGREQ, PUBACK, PUBCOMP, PUBREC, PUBREL, SUBSCRIBE, UNSUBSCRIBE,
+                               MQTTFixedHeader)
 from amqtt.mqtt.pingresp import PingRespPacket
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.publish import PublishPacket, PublishVariableHeader
@@ -50,6 +57,8 @@ from otacore.topics import filters_matching, is_ota_topic
 log = logging.getLogger("ota.broker")
 refused_log = logging.getLogger("ota.broker.refused")
 refused_log.addFilter(Burst(("refused CONNECT",), burst=5, interval=10.0))
+crowded_log = logging.getLogger("ota.broker.crowded")
+crowded_log.addFilter(Burst(("closing the oldest connection of",), burst=5, interval=10.0))
 # amqtt repeats each refusal as "Failed to initialize client session"; ours is the one line.
 logging.getLogger("amqtt.broker").addFilter(Burst(("Failed to initialize client session",), burst=0))
 _HARDENED = "_ota_hardened"
@@ -67,6 +76,7 @@ class BrokerLimits:
 
     connect_timeout: float = 10.0  # seconds from accepting a connection to its CONNECT
     max_unauthenticated: int = 1000  # connections without an accepted CONNECT; the oldest is dropped past it
+    max_connections_per_device: int = 4  # live connections of one device's credentials; the oldest closes past it
     max_subscriptions: int = 100  # filters per device, over all its client ids
     max_retained_bytes: int = 64 * 1024  # retained topic+payload bytes per device
     session_expiry_seconds: float = 86400.0  # a disconnected clean_session=0 session is kept this long
@@ -111,7 +121,8 @@ def check_internals(broker: Broker) -> None:
     # plugins_manager is not set yet while plugins are built; it is looked up at call time.
     needed = ("_servers", "_sessions", "_subscriptions", "_retained_messages", "_authenticate", "_delete_session",
               "add_subscription", "_del_subscription", "_del_all_subscriptions",
-              "_initialize_client_session", "_publish_retained_messages_for_subscription", "_matches",
+              "_initialize_client_session", "_handle_client_session", "_publish_retained_messages_for_subscription",
+              "_matches",
               "_topic_filtering", "_get_handler", "config", "retain_message")
     missing = [name for name in needed if not hasattr(broker, name)]
     session_hooks = ("_init_states", "_on_enter_connected", "_on_enter_disconnected")
@@ -149,6 +160,7 @@ def harden(broker: Broker) -> None:
         return
     check_internals(broker)
     broker._initialize_client_session = _hardened_initializer(broker)  # type: ignore[method-assign]
+    broker._handle_client_session = _noting_connection_end(broker)  # type: ignore[method-assign]
     broker._publish_retained_messages_for_subscription = _retained_for_own_filters(broker)  # type: ignore[method-assign]
     broker.retain_message = _bounded_retain(broker)  # type: ignore[method-assign]
     # amqtt logs `repr(self._subscriptions)` on every SUBSCRIBE, at any log level: with a
@@ -163,6 +175,10 @@ def harden(broker: Broker) -> None:
     # amqtt reads a whole packet (up to 256 MB) into memory before anyone may refuse it.
     MQTTFixedHeader.from_stream = _bounded_fixed_header(MQTTFixedHeader.from_stream)  # type: ignore[method-assign]
     PublishVariableHeader.from_stream = _fatal_when_malformed(PublishVariableHeader.from_stream)  # type: ignore[method-assign]
+    # Bugs (17)-(19): amqtt reads on where MQTT 3.1.1 closes, and errs where nothing is wrong.
+    MQTTFixedHeader.from_stream = _strict_fixed_header(MQTTFixedHeader.from_stream)  # type: ignore[method-assign]
+    BrokerProtocolHandler.init_from_connect = _conforming_connect(BrokerProtocolHandler.init_from_connect)  # type: ignore[method-assign]
+    BrokerProtocolHandler.mqtt_publish = _quiet_when_unacknowledged(BrokerProtocolHandler.mqtt_publish)  # type: ignore[method-assign]
     table = _SubscriptionTable(broker._subscriptions)
     broker._subscriptions = table
     broker.add_subscription = _indexed_add_subscription(broker, table)  # type: ignore[method-assign]
@@ -250,6 +266,17 @@ def _hardened_initializer(broker: Broker) -> Any:
             session, session.parent = stored, 1
         else:
             session.parent = 0
+        for older_session, older_writer in edge.admit(session, handler, writer):
+            # A cloned or leaked credential must not hold the listener's slots: as Aliyun
+            # does for a device that connects again, its oldest connection gives way.
+            crowded_log.warning("closing the oldest connection of %s (client id %s): over "
+                                "limits.max_connections_per_device (%d); a leaked secret, or a device "
+                                "reconnecting without closing", device,
+                                clean_field(repr(wire_client_id(older_session))), limits.max_connections_per_device)
+            older_session.will_flag = False  # the device is still here: no will says it left
+            # Reset, and let its own loop end as for a device that lost power: stopping its
+            # handler from here waits for ever on a reader task cancelled before it ran.
+            _abort(older_writer)
         await edge.stored(session)
         if session.keep_alive > 0:
             # Bug (3): amqtt never closes a silent client. MQTT allows 1.5x keep-alive.
@@ -289,6 +316,39 @@ class _Edge:
         self._pending: collections.OrderedDict[Any, None] = collections.OrderedDict()
         # Plain dicts keep insertion order at a third of an OrderedDict's size (one per device).
         self._client_ids: dict[DeviceId, dict[str, None]] = {}
+        # Each device's logged-in connections, oldest first (limits.max_connections_per_device).
+        # The writer is kept because a handler has none until its CONNACK is sent.
+        self._live: dict[DeviceId, dict[BrokerProtocolHandler, tuple[Session, Any]]] = {}
+
+    def admit(self, session: Session, handler: BrokerProtocolHandler,
+              writer: Any) -> list[tuple[Session, Any]]:
+        """Count a logged-in connection against its device's cap; returns the device's
+        oldest connections that must close to make room (already no longer counted).
+        Synchronous, so connects of one device racing each other cannot all pass."""
+        device = session_device(session)
+        if device is None:
+            return []
+        live = self._live.setdefault(device, {})
+        for known in [h for h, (_, w) in live.items() if _writer_transport(w) is None]:
+            del live[known]  # closed before its loop began, so `left` never came
+        live[handler] = (session, writer)
+        excess = len(live) - limits_of(self._broker).max_connections_per_device
+        closing = []
+        for known in list(live)[:max(excess, 0)]:
+            closing.append(live.pop(known))
+        return closing
+
+    def left(self, session: Session, handler: BrokerProtocolHandler) -> None:
+        """A connection's loop ended: it no longer counts for its device."""
+        device = session_device(session)
+        live = self._live.get(device) if device is not None else None
+        if live is not None:
+            live.pop(handler, None)
+            if not live:
+                del self._live[device]
+
+    def live_connections(self, device: DeviceId) -> int:
+        return len(self._live.get(device, ()))
 
     def arrived(self, writer: Any) -> None:
         self._pending[writer] = None
@@ -329,6 +389,20 @@ class _Edge:
                 await self._broker._delete_session(client_id)
             if len(ids) <= MAX_SESSIONS_PER_DEVICE:
                 return
+
+
+def _noting_connection_end(broker: Broker) -> Any:
+    """amqtt's per-connection loop, with the edge told when it ends (however it ends)."""
+    handle_client_session = broker._handle_client_session
+    edge = _edge(broker)
+
+    async def handle(reader: Any, writer: Any, session: Session, handler: BrokerProtocolHandler, *args: Any) -> None:
+        try:
+            await handle_client_session(reader, writer, session, handler, *args)
+        finally:
+            edge.left(session, handler)
+
+    return handle
 
 
 def _per_broker(broker: Broker, attribute: str, make: Callable[[Broker], T]) -> T:
@@ -409,6 +483,194 @@ def _pingresp(broker: Broker, handler: BrokerProtocolHandler) -> Any:
     return handle_pingreq
 
 
+# What MQTT 3.1.1 fixes in the fixed header of each packet a client sends (2.2.2, 3.x.1): its
+# name, its reserved flags and, for some, its remaining length. PUBLISH's flags are its own.
+_CLIENT_PACKETS: dict[int, tuple[str, int, int | None]] = {
+    CONNECT: ("CONNECT", 0b0000, None), PUBACK: ("PUBACK", 0b0000, 2), PUBREC: ("PUBREC", 0b0000, 2),
+    PUBREL: ("PUBREL", 0b0010, 2), PUBCOMP: ("PUBCOMP", 0b0000, 2), SUBSCRIBE: ("SUBSCRIBE", 0b0010, None),
+    UNSUBSCRIBE: ("UNSUBSCRIBE", 0b0010, None), PINGREQ: ("PINGREQ", 0b0000, 0), DISCONNECT: ("DISCONNECT", 0b0000, 0),
+}
+
+
+def _fixed_header_problem(header: MQTTFixedHeader) -> str | None:
+    """Why this fixed header breaks MQTT 3.1.1 (the connection must close), or None."""
+    rule = _CLIENT_PACKETS.get(header.packet_type)
+    if rule is None:
+        return None
+    name, flags, length = rule
+    if header.flags != flags:
+        return f"malformed {name}: fixed-header flags {header.flags:#06b}, MQTT 3.1.1 requires {flags:#06b}"
+    if length is not None and header.remaining_length != length:
+        return f"malformed {name}: remaining length {header.remaining_length}, MQTT 3.1.1 requires {length}"
+    return None
+
+
+def _strict_fixed_header(from_stream: Any) -> Any:
+    """Bug (17): amqtt ignores the reserved flags of a packet and, for PINGREQ, DISCONNECT and
+    the acknowledgements, its length: a SUBSCRIBE with flags 0 was answered, a PINGREQ with a
+    payload answered and its payload read as the next packet, a DISCONNECT with one taken as
+    a clean goodbye. MQTT 3.1.1 closes the connection (the will is published)."""
+    if getattr(from_stream, "_ota_strict", False):
+        return from_stream
+
+    # wraps() keeps _bounded_fixed_header's mark too: harden() runs per broker, wrap once.
+    @functools.wraps(from_stream.__func__)
+    async def strict(cls: Any, reader: Any) -> Any:
+        header = await from_stream.__func__(cls, reader)
+        problem = _fixed_header_problem(header) if header is not None else None
+        if problem is not None:
+            raise MalformedPacket(problem)
+        return header
+
+    strict._ota_strict = True  # type: ignore[attr-defined]
+    return classmethod(strict)
+
+
+class _Truncated(Exception):
+    """A CONNECT shorter than its own fields say."""
+
+
+class _Fields:
+    """Reads a CONNECT's fields from its bytes, as MQTT 3.1.1 lays them out."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data, self._at = data, 0
+
+    def take(self, size: int) -> bytes:
+        if self._at + size > len(self._data):
+            raise _Truncated
+        self._at += size
+        return self._data[self._at - size:self._at]
+
+    def field(self) -> bytes:
+        """A two-byte length and that many bytes (a string or binary data)."""
+        return self.take(int.from_bytes(self.take(2), "big"))
+
+    @property
+    def left(self) -> int:
+        return len(self._data) - self._at
+
+
+def _bad_string(raw: bytes) -> bool:
+    """Not an MQTT UTF-8 string: undecodable (surrogates and overlong forms too) or with U+0000."""
+    try:
+        return "\0" in raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+
+
+def _connect_problem(body: bytes) -> tuple[int | None, str] | None:
+    """Why MQTT 3.1.1 refuses a CONNECT (its bytes after the fixed header): the CONNACK code to
+    answer before closing (None: close without one) and the reason; None when it may go on."""
+    fields = _Fields(body)
+    try:
+        name = fields.field()
+        if name not in (b"MQTT", b"MQIsdp"):  # MQTT-3.1.2-1: may close without a CONNACK
+            return None, f"protocol name {clean_field(repr(name))} is not MQTT"
+        level = fields.take(1)[0]
+        if name != b"MQTT" or level != 4:  # MQTT 3.1 ("MQIsdp", 3) and MQTT 5 are not spoken
+            return UNACCEPTABLE_PROTOCOL_VERSION, (f"protocol level {level} ({name.decode()}): only MQTT 3.1.1 "
+                                                   "(level 4) is spoken; answered CONNACK 1")
+        flags = fields.take(1)[0]
+        fields.take(2)  # keep-alive
+        will = bool(flags & 0x04)
+        if not will and flags & 0x38:  # MQTT-3.1.2-13, -15
+            return None, "will QoS or will retain set without the will flag"
+        if _bad_string(fields.field()):  # MQTT-1.5.3-1, -2; MQTT-3.1.3-9 answers CONNACK 2
+            return IDENTIFIER_REJECTED, "client id is not UTF-8 or holds U+0000; answered CONNACK 2"
+        if will:
+            if _bad_string(fields.field()):
+                return None, "will topic is not UTF-8 or holds U+0000"
+            fields.field()  # will message
+        if flags & 0x80 and _bad_string(fields.field()):
+            return None, "username is not UTF-8 or holds U+0000"
+        if flags & 0x40:
+            fields.field()  # password
+    except _Truncated:
+        return None, "malformed CONNECT: shorter than its fields say"
+    if fields.left:
+        return None, f"malformed CONNECT: {fields.left} bytes after its last field"
+    return None
+
+
+def _conforming_connect(init_from_connect: Any) -> Any:
+    """Bug (18): amqtt parses a CONNECT field by field, not by its length, and takes what it
+    finds: an MQTT 5 CONNECT (its properties read as the client id's length) waited for bytes
+    that never came and was closed at the connect deadline without the CONNACK 1 MQTT 3.1.1
+    asks for; a client id with U+0000 or not UTF-8 was accepted (as the text "b'\\xff'"), and
+    so were will QoS and retain bits without a will. The whole CONNECT is read first (within
+    limits.max_packet_kb) and checked; amqtt then parses that copy. A refusal raises MQTTError,
+    so the hardened initializer closes the socket and logs it with the other refused CONNECTs."""
+    if getattr(init_from_connect, "_ota_conforming", False):
+        return init_from_connect
+    parse = init_from_connect.__func__
+
+    @functools.wraps(parse)
+    async def init(cls: Any, reader: Any, writer: Any, plugins_manager: Any, loop: Any = None) -> Any:
+        header = await MQTTFixedHeader.from_stream(reader)
+        if header is None:
+            raise NoDataError("the connection closed before its CONNECT")
+        peer = writer.get_peer_info() or ("?", 0)
+        if header.packet_type != CONNECT:  # MQTT-3.1.0-1
+            raise MQTTError(f"first packet from {peer[0]}:{peer[1]} is of type {header.packet_type}, not a CONNECT")
+        body = await read_or_raise(reader, header.remaining_length) if header.remaining_length else b""
+        refusal = _connect_problem(body)
+        if refusal is not None:
+            code, reason = refusal
+            if code is not None:
+                await ConnackPacket.build(0, code).to_stream(writer)
+            raise MQTTError(f"CONNECT from {peer[0]}:{peer[1]}: {reason}")
+        return await parse(cls, BufferReader(header.to_bytes() + body), writer, plugins_manager, loop)
+
+    init._ota_conforming = True  # type: ignore[attr-defined]
+    return classmethod(init)
+
+
+def _quiet_when_unacknowledged(mqtt_publish: Any) -> Any:
+    """Bug (19): a QoS 1 or 2 message amqtt publishes itself (a will, a broadcast, a retained
+    message) to a subscriber that never acknowledges it raised TimeoutError in its task after
+    5 s, or CancelledError when the connection closed first; each was logged as an ERROR with
+    a traceback, at the next broadcast or at shutdown. Nothing resends it (MQTT 3.1.1 resends
+    only on reconnect), so a delivery that ends unacknowledged ends quietly; a connection
+    already gone is not written to and waited on for 5 s."""
+    if getattr(mqtt_publish, "_ota_quiet", False):
+        return mqtt_publish
+
+    @functools.wraps(mqtt_publish)
+    async def publish(self: BrokerProtocolHandler, topic: str, data: bytes | bytearray, qos: int | None,
+                      retain: bool, ack_timeout: int | None = None) -> Any:
+        if qos in (1, 2) and _connection_gone(self):
+            log.debug("client %r is gone; QoS %s message on %r not sent", _client_of(self), qos, topic)
+            return None
+        try:
+            return await mqtt_publish(self, topic, data, qos, retain, ack_timeout)
+        except TimeoutError:
+            if ack_timeout is not None:  # a caller that set its own deadline wants to know
+                raise
+            log.debug("client %r did not acknowledge a QoS %s message on %r", _client_of(self), qos, topic)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task was cancelled, not just amqtt's waiter for the acknowledgement
+            log.debug("client %r left before acknowledging a QoS %s message on %r", _client_of(self), qos, topic)
+        return None
+
+    publish._ota_quiet = True  # type: ignore[attr-defined]
+    return publish
+
+
+def _client_of(handler: BrokerProtocolHandler) -> str | None:
+    return handler.session.client_id if handler.session is not None else None
+
+
+def _connection_gone(handler: BrokerProtocolHandler) -> bool:
+    writer = handler.writer
+    if writer is None or getattr(writer, "is_closed", False):
+        return True
+    transport = getattr(getattr(writer, "_writer", None), "transport", None)
+    return transport is not None and transport.is_closing()
+
+
 def _consuming_publish(broker: Broker, handler: BrokerProtocolHandler, session: Session) -> Any:
     """The handler's PUBLISH entry, offering each message to the upstream consumer first.
     amqtt starts one task per packet in arrival order and this runs before its first await,
@@ -458,7 +720,11 @@ def _publish_problem(topic: str | None, qos: int | None, session: Session) -> st
 
 
 def _transport(handler: BrokerProtocolHandler) -> asyncio.WriteTransport | None:
-    writer = handler.writer
+    return _writer_transport(handler.writer)
+
+
+def _writer_transport(writer: Any) -> asyncio.WriteTransport | None:
+    """The transport of an amqtt writer adapter, or None once it is closed or closing."""
     stream = getattr(writer, "_writer", None) if writer is not None and not writer.is_closed else None
     transport = getattr(stream, "transport", None)
     return None if transport is None or transport.is_closing() else transport

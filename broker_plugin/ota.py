@@ -57,6 +57,7 @@ class OtaPlugin(BasePlugin):
         broker = broker_of(context)
         set_limits(broker, BrokerLimits(
             connect_timeout=settings.connect_timeout_seconds, max_unauthenticated=settings.unauthenticated_cap,
+            max_connections_per_device=settings.max_connections_per_device,
             max_subscriptions=settings.max_subscriptions, max_retained_bytes=settings.max_retained_kb * 1024,
             session_expiry_seconds=settings.session_expiry_hours * 3600, max_unsent=settings.max_unsent_kb * 1024,
             max_packet=settings.max_packet_kb * 1024))

@@ -18,6 +18,7 @@ NETWORK_LIMITS: tuple[tuple[str, float, float, str], ...] = (
     ("connect_timeout_seconds", 10, 1, "seconds from an MQTT connection's accept to its CONNECT"),
     ("header_timeout_seconds", 10, 1, "seconds an HTTP connection has to send a request's headers"),
     ("max_unauthenticated", 5000, 10, "connections not yet authenticated; past it the oldest is dropped"),
+    ("max_connections_per_device", 4, 1, "MQTT connections one device's credentials hold; past it the oldest closes"),
     ("max_subscriptions", 100, 1, "subscription filters per MQTT client"),
     ("max_retained_kb", 64, 0, "retained message bytes per device (never on OTA topics)"),
     ("session_expiry_hours", 24, 0, "hours a disconnected clean_session=0 session is kept"),
@@ -58,6 +59,7 @@ class Settings:
     connect_timeout_seconds: float = 10
     header_timeout_seconds: float = 10
     max_unauthenticated: int = 5000
+    max_connections_per_device: int = 4
     max_subscriptions: int = 100
     max_retained_kb: int = 64
     session_expiry_hours: float = 24

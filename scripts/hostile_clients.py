@@ -25,6 +25,10 @@ N clients run at once for a duration; each loops, picking one attack at random e
     block_hog          MQTT block requests of 128 KiB at QoS 0 (for a real stream: the device
                        reports --version to be pushed one) on a socket never read (reading
                        paused, 4 KiB receive buffer); `timeout` = the server kept it open
+  MQTT, one device's secret on many machines (--clones N --clone NAME, besides --clients)
+    cloned_credential  N connections logged in at once with that one secret, each its own
+                       client id, held as long as the server keeps them and reconnecting
+                       --clone-retry s after it closes one (a leaked secret, a cloned image)
   HTTP, no credentials needed (a signed URL the device was pushed is used when known)
     slowloris          request headers trickled a byte at a time, never finished
     http_idle          sockets that send nothing, held open
@@ -269,6 +273,7 @@ class Siege:
         self.anon_attacks = [a for a in ALL_ATTACKS if a in enabled and a not in MQTT_ATTACKS_DEVICE]
         self.device_attacks = [a for a in ALL_ATTACKS if a in enabled]
         self.payload_max = int(args.max_payload_mb * 1024 * 1024)
+        self.held_clones = self.most_clones = 0  # --clones: logged-in connections held now, and at most
 
     # -- plumbing
 
@@ -973,6 +978,45 @@ class Siege:
                 self.report.note(kind, f"client exception {type(exc).__name__}: {exc}"[:160])
             await self.pause(rng_pause.uniform(0, self.args.pause))
 
+    async def cloned_credential(self, index: int) -> None:
+        """One of --clones connections logged in with one device's secret (its own client id
+        each), held for as long as the server lets it stay; reconnects --clone-retry s after
+        the server closes it. A leaked secret on many machines, or a cloned firmware image."""
+        me = Identity(self.args.clone, self.args.product,
+                      self.args.secret or derive_secret(self.args.product_secret, self.args.clone))
+        kind = "cloned_credential"
+        while not self.stop.is_set() and self.remaining() > 0.5:
+            started = time.monotonic()
+            try:
+                code, reader, writer = await self.login(me, client_id=f"{me.name}-clone-{index}-"
+                                                                     f"{random.getrandbits(24):06x}", plain=True)
+            except Unreachable as exc:
+                self.report.record(kind, "unreachable")
+                self.report.note(kind, f"connect failed: {exc}"[:120])
+            except ConnectTimeout:
+                self.report.record(kind, "timeout")
+            except (TimeoutError, ConnectionError, OSError, asyncio.IncompleteReadError, ValueError):
+                self.report.record(kind, "closed")
+            else:
+                if code != 0:
+                    self.report.record(kind, "refused")
+                    reset(writer)
+                else:
+                    self.report.record(kind, "accepted")
+                    self.held_clones += 1
+                    self.most_clones = max(self.most_clones, self.held_clones)
+                    with contextlib.suppress(Exception):  # until the server closes it, or the siege ends
+                        stop = asyncio.ensure_future(self.stop.wait())
+                        read = asyncio.ensure_future(reader.read())
+                        await asyncio.wait([stop, read], return_when=asyncio.FIRST_COMPLETED)
+                        if read.done():
+                            self.report.stats(kind).seconds_to_close.append(time.monotonic() - started)
+                        stop.cancel()
+                        read.cancel()
+                    self.held_clones -= 1
+                    reset(writer)
+            await self.pause(self.args.clone_retry * random.uniform(0.5, 1.5))
+
     async def pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stop.wait(), seconds)
@@ -998,6 +1042,8 @@ class Siege:
         while not self.stop.is_set():
             await self.pause(self.args.status_every)
             line = {"elapsed_s": round(time.monotonic() - self.report.started, 1), **self.report.totals()}
+            if self.args.clones:
+                line["clones_held"] = self.held_clones
             print(json.dumps({"status": line}), file=sys.stderr, flush=True)
 
     async def run(self) -> dict[str, Any]:
@@ -1006,6 +1052,7 @@ class Siege:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop.set)
         clients = [asyncio.create_task(self.client(i)) for i in range(self.args.clients)]
+        clients += [asyncio.create_task(self.cloned_credential(i)) for i in range(self.args.clones)]
         status = asyncio.create_task(self.status_loop()) if self.args.status_every else None
         print(json.dumps({"status": {"started": self.args.clients}}), file=sys.stderr, flush=True)
         with contextlib.suppress(TimeoutError):
@@ -1020,7 +1067,9 @@ class Siege:
         alive = await self.server_alive()
         return {"seconds": round(time.monotonic() - self.report.started, 1), "clients": self.args.clients,
                 "totals": self.report.totals(), "server_alive": alive,
-                "attacks": {kind: self.report.kinds[kind].as_dict() for kind in ALL_ATTACKS if kind in self.report.kinds}}
+                **({"clones_held_at_most": self.most_clones} if self.args.clones else {}),
+                "attacks": {kind: self.report.kinds[kind].as_dict() for kind in (*ALL_ATTACKS, "cloned_credential")
+                            if kind in self.report.kinds}}
 
 
 # -------------------------------------------------------------------------- helpers
@@ -1112,6 +1161,8 @@ def build_parser() -> argparse.ArgumentParser:
     creds.add_argument("--squat", type=lambda v: [n for n in v.split(",") if n], default=[], metavar="CLIENT_IDS",
                        help="comma-separated client ids to log in on with our own valid credentials "
                             "(clean_session 0 or 1): ids another device holds must be refused")
+    creds.add_argument("--clone", metavar="NAME",
+                       help="with --clones: the device whose secret the cloned connections share")
     run = p.add_argument_group("the siege")
     run.add_argument("--clients", type=int, default=10, help="hostile clients at once (default: %(default)s)")
     run.add_argument("--anonymous", type=int, default=0, metavar="N",
@@ -1130,6 +1181,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest PUBLISH payload of a flood, in MB (default: %(default)s)")
     run.add_argument("--pause", type=float, default=0.2,
                      help="at most this many seconds (random) between one client's attacks (default: %(default)s)")
+    run.add_argument("--clones", type=int, default=0, metavar="N",
+                     help="besides --clients: N connections logged in at once with the one secret of --clone, "
+                          "each its own client id, reconnecting when closed (default: %(default)s)")
+    run.add_argument("--clone-retry", type=float, default=2.0, metavar="SECONDS",
+                     help="about this long between a clone being closed and connecting again (default: %(default)s)")
     run.add_argument("--seed", type=int, help="random seed, for a repeatable mix")
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print the report as JSON (default: a table)")
@@ -1143,6 +1199,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.secret and len(args.device) > 1:
         parser.error("--secret is one device's secret: give one --device, or --product-secret")
+    if args.clones and not args.clone:
+        parser.error("--clones needs --clone NAME: the device whose secret they share")
     if args.clients < 1 or args.duration <= 0:
         parser.error("--clients and --duration must be positive")
     if args.seed is not None:

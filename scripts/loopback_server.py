@@ -18,13 +18,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_broker_yaml(root: Path, mqtt_port: int, http_port: int, max_file_mb: int | None = None) -> Path:
+def write_broker_yaml(root: Path, mqtt_port: int, http_port: int, max_file_mb: int | None = None,
+                      max_connections: int = 50000) -> Path:
     """broker.yaml in `root` with the three OTA plugins, catalog `ota.yaml` and data_dir `var`."""
     limits = f"\n    limits: {{max_file_mb: {max_file_mb}}}" if max_file_mb else ""
     path = root / "broker.yaml"
     path.write_text(f"""
 listeners:
-  default: {{type: tcp, bind: 127.0.0.1:{mqtt_port}, max_connections: 50000}}
+  default: {{type: tcp, bind: 127.0.0.1:{mqtt_port}, max_connections: {max_connections}}}
 plugins:
   broker_plugin.auth.DeviceAuthPlugin: {{}}
   broker_plugin.acl.DeviceTopicPlugin: {{}}

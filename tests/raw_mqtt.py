@@ -73,3 +73,24 @@ async def connack(reader: asyncio.StreamReader, timeout: float = 5.0) -> int:
     head = await asyncio.wait_for(reader.readexactly(4), timeout)
     assert head[0] == 0x20, head
     return head[3]
+
+
+def connect_v5(client_id: str, username: str, password: str, keep_alive: int = 60) -> bytes:
+    """An MQTT 5 CONNECT as paho's MQTTv5 client sends it: properties after the keep-alive
+    (here a session expiry interval of 0 and a receive maximum of 20)."""
+    properties = b"\x11" + struct.pack(">I", 0) + b"\x21" + struct.pack(">H", 20)
+    payload = string(client_id) + string(username) + string(password)
+    return packet(0x10, string("MQTT") + bytes([5, 0xC2]) + struct.pack(">H", keep_alive)
+                  + bytes([len(properties)]) + properties + payload)
+
+
+def raw_connect(client_id: bytes, username: str, password: str, *, name: str = "MQTT", level: int = 4,
+                flags: int = 0xC2) -> bytes:
+    """A CONNECT with a client id of any bytes (not UTF-8, U+0000) and flags as given, so
+    that bits no library would set (a will QoS without a will) can be sent."""
+    payload = string(client_id) + string(username) + string(password)
+    return packet(0x10, string(name) + bytes([level, flags]) + struct.pack(">H", 60) + payload)
+
+
+def unsubscribe(topic_filter: str, packet_id: int = 1) -> bytes:
+    return packet(0xA2, struct.pack(">H", packet_id) + string(topic_filter))

@@ -74,3 +74,34 @@ async def test_light_queue_keeps_order_and_hands_items_on_when_a_getter_is_cance
         await queue.put(item)
     assert queue.qsize() == 3 and [queue.get_nowait(), await queue.get(), queue.get_nowait()] == [2, 3, 4]
     assert queue.empty()
+
+
+async def test_the_packet_checks_rely_on_what_they_wrap(server: OtaServer) -> None:
+    from amqtt.mqtt.packet import MQTTFixedHeader
+
+    from broker_plugin.amqtt_private import _bounded_fixed_header, _conforming_connect, _strict_fixed_header
+    # The whole CONNECT is read first and handed to amqtt's own parser (as a BufferReader),
+    # which reads nothing else from the stream.
+    parse = _original(BrokerProtocolHandler.init_from_connect)
+    assert list(inspect.signature(parse).parameters) == ["cls", "reader", "writer", "plugins_manager", "loop"]
+    assert inspect.getsource(parse).count("reader") == 2  # the parameter, and ConnectPacket.from_stream(reader)
+    assert "ConnectPacket.from_stream(reader)" in inspect.getsource(parse)
+    # A malformed packet ends the reader loop through its catch-all (a warning line, then the
+    # will); an MQTTError would only discard the packet and read on.
+    loop_source = inspect.getsource(BrokerProtocolHandler._reader_loop)
+    assert "except MQTTError:" in loop_source and "except Exception as e:" in loop_source
+    assert list(inspect.signature(_original(BrokerProtocolHandler.mqtt_publish)).parameters) == \
+        ["self", "topic", "data", "qos", "retain", "ack_timeout"]
+    # Every broker hardens the shared classes once: the wrappers must not stack per broker.
+    header = MQTTFixedHeader.from_stream
+    assert _bounded_fixed_header(header) is header and _strict_fixed_header(header) is header
+    connect = BrokerProtocolHandler.init_from_connect
+    assert _conforming_connect(connect) is connect
+
+
+def _original(function: object) -> object:
+    """The amqtt function under our wrapper."""
+    function = getattr(function, "__func__", function)
+    while hasattr(function, "__wrapped__"):
+        function = function.__wrapped__  # type: ignore[attr-defined]
+    return function

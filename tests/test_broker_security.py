@@ -12,6 +12,8 @@ import aiomqtt
 import pytest
 import raw_mqtt
 
+from otacore.credentials import DeviceId
+
 from harness import Device, OtaServer, device_secret, write_catalog
 from conftest import UPGRADE_BATCH
 
@@ -211,3 +213,41 @@ async def test_a_second_connection_of_the_device_does_not_steal_its_messages(ser
         await device.inform("1.0.0")
         assert (await device.next_push())["data"]["version"] == "1.1.0"
         assert (await device.firmware_get())["code"] == 200
+
+
+async def test_one_devices_credentials_hold_at_most_max_connections_per_device(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A leaked secret used to hold unlimited connections: with the listener's
+    # max_connections, one device took every slot and honest devices waited.
+    write_catalog(tmp_path, UPGRADE_BATCH)
+    server = await OtaServer(tmp_path, options={"limits": {"max_connections_per_device": 3}},
+                             listener={"max_connections": 12}).start()
+    try:
+        clones = []
+        for index in range(10):  # more than the listener's free slots, one at a time
+            clone = Device(server, "leaked", client_id=f"clone-{index}", subscribe=False)
+            await clone.__aenter__()
+            clones.append(clone)
+        await asyncio.sleep(0.2)
+        closed = [clone.disconnected for clone in clones]
+        assert closed == [True] * 7 + [False] * 3, "the oldest connections give way, the newest three stay"
+        edge = server.plugin.runtime.delivery.broker._ota_edge
+        assert edge.live_connections(DeviceId("a1Test", "leaked")) == 3
+        # Other devices connect at once and upgrade; the listener is not full.
+        async with Device(server, "honest-1") as honest, Device(server, "honest-2") as other:
+            await honest.inform("1.0.0")
+            assert (await honest.next_push())["data"]["version"] == "1.1.0"
+            await other.inform("1.0.0")
+            assert (await other.next_push())["data"]["version"] == "1.1.0"
+        # The newest connection of the leaked device still gets its messages.
+        await clones[-1].inform("1.0.0")
+        assert (await clones[-1].next_push(timeout=5))["data"]["version"] == "1.1.0"
+        warnings = [r.getMessage() for r in caplog.records if r.name == "ota.broker.crowded"]
+        assert warnings and all("over limits.max_connections_per_device (3)" in w for w in warnings)
+        assert len(warnings) <= 6, "logged in bursts"
+        for clone in clones:
+            await clone.__aexit__(None, None, None)
+        await asyncio.sleep(0.2)
+        assert edge.live_connections(DeviceId("a1Test", "leaked")) == 0
+    finally:
+        await server.stop()

@@ -10,10 +10,11 @@ import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiomqtt
 import pytest
 import raw_mqtt
 from conftest import UPGRADE_BATCH
-from harness import Device, OtaServer, write_catalog
+from harness import Device, OtaServer, device_secret, write_catalog
 from raw_mqtt import connack, device_connect, open_raw, reset
 
 from broker_plugin import amqtt_private
@@ -411,3 +412,105 @@ async def test_acks_for_unknown_packets_are_logged_in_bursts(limited: OtaServer,
     writer.close()
     lines = [r for r in caplog.records if r.getMessage().startswith("Received PUB")]
     assert len(lines) <= 21, len(lines)
+
+
+@pytest.mark.parametrize("name, connect, code", [
+    ("U+0000 in the client id", raw_mqtt.raw_connect(b"dev-19\x00x", "dev-19&a1Test", device_secret("dev-19")), 2),
+    ("client id not UTF-8", raw_mqtt.raw_connect(b"dev-19\xff", "dev-19&a1Test", device_secret("dev-19")), 2),
+    ("a surrogate in the client id",
+     raw_mqtt.raw_connect(b"dev-19\xed\xa0\x80", "dev-19&a1Test", device_secret("dev-19")), 2),
+    ("will QoS without a will",
+     raw_mqtt.raw_connect(b"dev-19", "dev-19&a1Test", device_secret("dev-19"), flags=0xC2 | 0x08), None),
+    ("will retain without a will",
+     raw_mqtt.raw_connect(b"dev-19", "dev-19&a1Test", device_secret("dev-19"), flags=0xC2 | 0x20), None),
+    ("MQTT 5", raw_mqtt.connect_v5("dev-19", "dev-19&a1Test", device_secret("dev-19")), 1),
+    ("MQTT 3.1", raw_mqtt.raw_connect(b"dev-19", "dev-19&a1Test", device_secret("dev-19"), name="MQIsdp", level=3), 1),
+    ("level 3 named MQTT", raw_mqtt.raw_connect(b"dev-19", "dev-19&a1Test", device_secret("dev-19"), level=3), 1),
+])
+async def test_connects_mqtt_3_1_1_refuses_are_answered_or_closed(
+        limited: OtaServer, caplog: pytest.LogCaptureFixture, name: str, connect: bytes, code: int | None) -> None:
+    # amqtt accepted the first five (a client id of U+0000, or "b'\\xff'" for bytes not UTF-8),
+    # and read an MQTT 5 CONNECT's properties as the client id's length: no CONNACK, closed
+    # at the connect deadline. MQTT 3.1 ("MQIsdp") was closed without the CONNACK 1 it asks for.
+    caplog.set_level(logging.INFO)
+    reader, writer = await open_raw(limited.mqtt_port)
+    writer.write(connect)
+    if code is not None:
+        assert await connack(reader, timeout=1.5) == code, name  # within limited's 2 s deadline
+    assert await asyncio.wait_for(reader.read(), 5) == b"", name  # ...and closed
+    writer.close()
+    assert limited.broker is not None
+    assert await _until(lambda: amqtt_private.mqtt_connections(limited.broker) == 0)
+    assert not limited.broker._sessions, name  # refused before any session was made
+    assert not [r for r in caplog.records if r.exc_info], name
+    async with Device(limited, "dev-19") as device:  # the device itself, well-formed, gets in
+        await device.inform("1.0.0")
+        await device.next_push()
+
+
+@pytest.mark.parametrize("protocol", [aiomqtt.ProtocolVersion.V5, aiomqtt.ProtocolVersion.V31])
+async def test_paho_speaking_mqtt_5_or_3_1_is_told_the_version_is_unsupported(
+        limited: OtaServer, protocol: aiomqtt.ProtocolVersion) -> None:
+    client = aiomqtt.Client("127.0.0.1", limited.mqtt_port, identifier="dev-20", username="dev-20&a1Test",
+                            password=device_secret("dev-20"), protocol=protocol, timeout=1.5)
+    with pytest.raises(aiomqtt.MqttCodeError) as refused:
+        async with client:
+            pass
+    assert str(refused.value.rc) == "Unsupported protocol version"
+
+
+@pytest.mark.parametrize("name, packet", [
+    ("SUBSCRIBE with flags 0", b"\x80" + raw_mqtt.subscribe("/a1Test/dev-21/user/x")[1:]),
+    ("UNSUBSCRIBE with flags 0", b"\xa0" + raw_mqtt.unsubscribe("/a1Test/dev-21/user/x")[1:]),
+    ("PUBREL with flags 0", raw_mqtt.packet(0x60, b"\x00\x01")),
+    ("PINGREQ with a payload", raw_mqtt.packet(0xC0, b"\xc0\x00")),  # the payload: another PINGREQ
+    ("DISCONNECT with a payload", raw_mqtt.packet(0xE0, b"\xc0\x00")),
+])
+async def test_a_malformed_fixed_header_closes_the_connection_and_publishes_the_will(
+        limited: OtaServer, caplog: pytest.LogCaptureFixture, name: str, packet: bytes) -> None:
+    # amqtt answered each (SUBACK, UNSUBACK, two PINGRESPs: the payload read as a packet), or
+    # took the DISCONNECT as a clean goodbye and published no will. MQTT 3.1.1 closes.
+    caplog.set_level(logging.INFO)
+    status = "/a1Test/dev-21/user/status"
+    watch_reader, watcher = await open_raw(limited.mqtt_port)
+    watcher.write(device_connect("dev-21", client_id="dev-21-watch"))
+    assert await connack(watch_reader) == 0
+    watcher.write(raw_mqtt.subscribe(status, qos=0))
+    await asyncio.wait_for(watch_reader.readexactly(5), 5)
+    reader, writer = await open_raw(limited.mqtt_port)
+    writer.write(device_connect("dev-21", will=(status, b"gone", 0, False)))
+    assert await connack(reader) == 0
+    writer.write(packet)
+    assert await asyncio.wait_for(reader.read(), 5) == b"", name  # closed, nothing answered
+    will = await asyncio.wait_for(watch_reader.read(100), 5)
+    assert will.endswith(b"gone"), (name, will)
+    writer.close()
+    watcher.close()
+    assert not [r for r in caplog.records if r.exc_info or "never retrieved" in r.getMessage()], name
+
+
+async def test_a_will_its_subscriber_never_acknowledges_leaves_no_error_at_shutdown(
+        server: OtaServer, caplog: pytest.LogCaptureFixture) -> None:
+    # amqtt's task for a QoS 1 will failed after 5 s without a PUBACK (or was cancelled with
+    # the connection): an ERROR with a traceback at the next broadcast or at shutdown.
+    caplog.set_level(logging.INFO)
+    status = "/a1Test/dev-22/user/status"
+    reader, subscriber = await open_raw(server.mqtt_port)  # never sends a PUBACK
+    subscriber.write(device_connect("dev-22", client_id="dev-22-sub"))
+    assert await connack(reader) == 0
+    subscriber.write(raw_mqtt.subscribe(status, qos=1))
+    await asyncio.wait_for(reader.readexactly(5), 5)
+    _, device = await open_raw(server.mqtt_port)
+    device.write(device_connect("dev-22", will=(status, b"offline", 1, False)))
+    reset(device)
+    assert (await asyncio.wait_for(reader.read(100), 5)).endswith(b"offline")  # the will, QoS 1
+    assert await _until(lambda: any("Timeout waiting for PUBACK" in r.getMessage() for r in caplog.records), 10)
+    _, again = await open_raw(server.mqtt_port)  # the next broadcast, and one left unacknowledged
+    again.write(device_connect("dev-22", client_id="dev-22-pub"))
+    again.write(raw_mqtt.publish(status, b"back", qos=0))
+    assert (await asyncio.wait_for(reader.read(100), 5)).endswith(b"back")
+    await server.stop()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], \
+        [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    subscriber.close()
+    again.close()
