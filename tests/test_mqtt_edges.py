@@ -459,6 +459,17 @@ async def test_paho_speaking_mqtt_5_or_3_1_is_told_the_version_is_unsupported(
     assert str(refused.value.rc) == "Unsupported protocol version"
 
 
+async def subscribed_watcher(port: int, device: str, topic: str, qos: int
+                             ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A second connection of `device`, subscribed to `topic` (its SUBACK read)."""
+    reader, writer = await open_raw(port)
+    writer.write(device_connect(device, client_id=f"{device}-watch"))
+    assert await connack(reader) == 0
+    writer.write(raw_mqtt.subscribe(topic, qos=qos))
+    await asyncio.wait_for(reader.readexactly(5), 5)
+    return reader, writer
+
+
 @pytest.mark.parametrize("name, packet", [
     ("SUBSCRIBE with flags 0", b"\x80" + raw_mqtt.subscribe("/a1Test/dev-21/user/x")[1:]),
     ("UNSUBSCRIBE with flags 0", b"\xa0" + raw_mqtt.unsubscribe("/a1Test/dev-21/user/x")[1:]),
@@ -472,11 +483,7 @@ async def test_a_malformed_fixed_header_closes_the_connection_and_publishes_the_
     # took the DISCONNECT as a clean goodbye and published no will. MQTT 3.1.1 closes.
     caplog.set_level(logging.INFO)
     status = "/a1Test/dev-21/user/status"
-    watch_reader, watcher = await open_raw(limited.mqtt_port)
-    watcher.write(device_connect("dev-21", client_id="dev-21-watch"))
-    assert await connack(watch_reader) == 0
-    watcher.write(raw_mqtt.subscribe(status, qos=0))
-    await asyncio.wait_for(watch_reader.readexactly(5), 5)
+    watch_reader, watcher = await subscribed_watcher(limited.mqtt_port, "dev-21", status, qos=0)
     reader, writer = await open_raw(limited.mqtt_port)
     writer.write(device_connect("dev-21", will=(status, b"gone", 0, False)))
     assert await connack(reader) == 0
@@ -495,11 +502,7 @@ async def test_a_will_its_subscriber_never_acknowledges_leaves_no_error_at_shutd
     # the connection): an ERROR with a traceback at the next broadcast or at shutdown.
     caplog.set_level(logging.INFO)
     status = "/a1Test/dev-22/user/status"
-    reader, subscriber = await open_raw(server.mqtt_port)  # never sends a PUBACK
-    subscriber.write(device_connect("dev-22", client_id="dev-22-sub"))
-    assert await connack(reader) == 0
-    subscriber.write(raw_mqtt.subscribe(status, qos=1))
-    await asyncio.wait_for(reader.readexactly(5), 5)
+    reader, subscriber = await subscribed_watcher(server.mqtt_port, "dev-22", status, qos=1)  # never PUBACKs
     _, device = await open_raw(server.mqtt_port)
     device.write(device_connect("dev-22", will=(status, b"offline", 1, False)))
     reset(device)
