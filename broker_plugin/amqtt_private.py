@@ -35,7 +35,7 @@ from typing import Any, Generic, TypeVar
 import amqtt.mqtt.protocol.broker_handler as amqtt_broker_handler
 import amqtt.session as amqtt_session
 from amqtt.adapters import BufferReader
-from amqtt.broker import Broker
+from amqtt.broker import Broker, BrokerError
 from amqtt.codecs_amqtt import read_or_raise
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
@@ -92,6 +92,21 @@ def set_limits(broker: Broker, limits: BrokerLimits) -> None:
 
 def limits_of(broker: Broker) -> BrokerLimits:
     return getattr(broker, _LIMITS, None) or BrokerLimits()
+
+
+def set_tls_contexts(broker: Broker, make: Callable[[dict[str, Any]], Any]) -> None:
+    """Listeners with `ssl: on` get their context from `make(listener)` (broker_plugin/tls.py)
+    instead of amqtt's default server context, whose TLS 1.2 suites no RSA-only device
+    stack shares. A missing or unreadable file stays amqtt's BrokerError, which says so."""
+    def create(listener: Any) -> Any:
+        try:
+            return make(listener)
+        except KeyError as exc:
+            raise BrokerError(f"listener 'ssl: on' needs certfile and keyfile: {exc} is missing") from exc
+        except (OSError, ValueError) as exc:
+            raise BrokerError(f"cannot use the listener's certfile {listener.get('certfile')!r} or keyfile "
+                              f"{listener.get('keyfile')!r}: {exc}") from exc
+    broker._create_ssl_context = create  # type: ignore[method-assign]
 _SUBSCRIPTION_REFUSED = 0x80  # SUBACK return code
 T = TypeVar("T")
 
@@ -123,7 +138,7 @@ def check_internals(broker: Broker) -> None:
               "add_subscription", "_del_subscription", "_del_all_subscriptions",
               "_initialize_client_session", "_handle_client_session", "_publish_retained_messages_for_subscription",
               "_matches",
-              "_topic_filtering", "_get_handler", "config", "retain_message")
+              "_topic_filtering", "_get_handler", "config", "retain_message", "_create_ssl_context")
     missing = [name for name in needed if not hasattr(broker, name)]
     session_hooks = ("_init_states", "_on_enter_connected", "_on_enter_disconnected")
     if not all(hasattr(Session, name) for name in session_hooks):
@@ -137,6 +152,11 @@ def check_internals(broker: Broker) -> None:
 def mqtt_connections(broker: Broker) -> int:
     """Connections the broker's listeners hold now."""
     return sum(getattr(server, "conn_count", 0) for server in broker._servers.values())
+
+
+def connections_replaced(broker: Broker) -> int:
+    """Logged-in connections closed so far because their device logged in once too many."""
+    return _edge(broker).replaced
 
 
 def mqtt_listening_sockets(broker: Broker) -> list[Any]:
@@ -241,6 +261,18 @@ def _hardened_initializer(broker: Broker) -> Any:
         if device is not None:
             session.client_id = f"{device.product_key}/{device.device_name}/{session.client_id}"
         _CONNECTING.set(session.client_id)  # this task now handles this client's connect
+        # Connects of one client id take turns until each is registered: two at once both
+        # saw the same old connection, both went on, and shared one Session (sockets left
+        # in CLOSE-WAIT for good, four live connections under one client id).
+        turn = await edge.take_turn(session)
+        try:
+            return await _accepted(session, handler, reader, writer, device, limits)
+        except BaseException:
+            edge.turn_over(session.client_id, turn)
+            raise
+
+    async def _accepted(session: Session, handler: BrokerProtocolHandler, reader: Any, writer: Any,
+                        device: DeviceId | None, limits: BrokerLimits) -> tuple[Any, Session]:
         existing = broker._sessions.get(session.client_id)
         if existing is not None and existing[0].transitions.is_connected():
             # Bug (2): a second CONNECT with the same client id must close the first.
@@ -251,10 +283,11 @@ def _hardened_initializer(broker: Broker) -> Any:
             existing[0].will_flag = False
             await existing[1].handle_connection_closed()
             await existing[1].stop()
-            # A clean_session=0 connect goes on with this same Session object: let the old
-            # connection's loop finish with it first, or it marks the session disconnected
-            # (and publishes the will copied below) while the new connection is live.
-            await existing[0].transitions.wait_disconnected(limits.connect_timeout)
+            # Let the old connection's loop end first: a clean_session=0 connect goes on with
+            # this same Session object, which that loop would mark disconnected (and publish
+            # the will copied below) while the new connection is live. The session's state
+            # alone does not say it: it turns "disconnected" before the loop has ended.
+            await edge.loop_ended(existing[1], limits.connect_timeout)
         if session.clean_session:
             await broker._delete_session(session.client_id)
             session.parent = 0
@@ -263,6 +296,7 @@ def _hardened_initializer(broker: Broker) -> Any:
             for name in ("will_flag", "will_message", "will_topic", "will_qos", "will_retain", "keep_alive",
                          "username", "password"):
                 setattr(stored, name, getattr(session, name))
+            stored.ota_turn, session.ota_turn = session.ota_turn, None  # connect() is called on it
             session, session.parent = stored, 1
         else:
             session.parent = 0
@@ -314,11 +348,16 @@ class _Edge:
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
         self._pending: collections.OrderedDict[Any, None] = collections.OrderedDict()
+        # Scoped client id -> the connect of it in flight, done once registered or failed.
+        self._turns: dict[str, asyncio.Future[None]] = {}
+        # Connections whose amqtt loop runs -> a future for whoever waits for its end.
+        self._loops: dict[BrokerProtocolHandler, asyncio.Future[None] | None] = {}
         # Plain dicts keep insertion order at a third of an OrderedDict's size (one per device).
         self._client_ids: dict[DeviceId, dict[str, None]] = {}
         # Each device's logged-in connections, oldest first (limits.max_connections_per_device).
         # The writer is kept because a handler has none until its CONNACK is sent.
         self._live: dict[DeviceId, dict[BrokerProtocolHandler, tuple[Session, Any]]] = {}
+        self.replaced = 0  # connections closed for a newer login of their device, for /metrics
 
     def admit(self, session: Session, handler: BrokerProtocolHandler,
               writer: Any) -> list[tuple[Session, Any]]:
@@ -336,6 +375,7 @@ class _Edge:
         closing = []
         for known in list(live)[:max(excess, 0)]:
             closing.append(live.pop(known))
+        self.replaced += len(closing)
         return closing
 
     def left(self, session: Session, handler: BrokerProtocolHandler) -> None:
@@ -346,6 +386,46 @@ class _Edge:
             live.pop(handler, None)
             if not live:
                 del self._live[device]
+
+    async def take_turn(self, session: Session) -> asyncio.Future[None]:
+        """Wait until no other connect of this client id is between its take-over check and
+        its registration; then hold the turn until `turn_over` (SessionStates.connect calls
+        it as amqtt registers the session; failures call it too)."""
+        client_id = session.client_id
+        deadline = asyncio.get_running_loop().time() + limits_of(self._broker).connect_timeout
+        while (turn := self._turns.get(client_id)) is not None and not turn.done():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break  # a stuck connect does not hold its client id for ever
+            await asyncio.wait({turn}, timeout=left)
+        turn = self._turns[client_id] = asyncio.get_running_loop().create_future()
+        session.ota_turn = (self, turn)
+        return turn
+
+    def turn_over(self, client_id: str | None, turn: asyncio.Future[None]) -> None:
+        """That connect of `client_id` is registered, or failed: the next one goes on."""
+        if not turn.done():
+            turn.set_result(None)
+        if self._turns.get(client_id) is turn:  # type: ignore[arg-type]
+            del self._turns[client_id]  # type: ignore[arg-type]
+
+    def loop_started(self, handler: BrokerProtocolHandler) -> None:
+        self._loops[handler] = None
+
+    def loop_over(self, handler: BrokerProtocolHandler) -> None:
+        waiter = self._loops.pop(handler, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def loop_ended(self, handler: BrokerProtocolHandler, timeout: float) -> None:
+        """Until the amqtt loop of `handler`'s connection has ended (at most `timeout` s)."""
+        if handler not in self._loops:
+            return
+        waiter = self._loops[handler]
+        if waiter is None:
+            waiter = self._loops[handler] = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
 
     def live_connections(self, device: DeviceId) -> int:
         return len(self._live.get(device, ()))
@@ -391,16 +471,31 @@ class _Edge:
                 return
 
 
+def _end_turn(session: Session) -> None:
+    """Let the next connect of this session's client id go on (once; see _Edge.take_turn)."""
+    held = getattr(session, "ota_turn", None)
+    if held is not None:
+        session.ota_turn = None
+        edge, turn = held
+        edge.turn_over(session.client_id, turn)
+
+
 def _noting_connection_end(broker: Broker) -> Any:
     """amqtt's per-connection loop, with the edge told when it ends (however it ends)."""
     handle_client_session = broker._handle_client_session
     edge = _edge(broker)
 
     async def handle(reader: Any, writer: Any, session: Session, handler: BrokerProtocolHandler, *args: Any) -> None:
+        edge.loop_started(handler)
         try:
             await handle_client_session(reader, writer, session, handler, *args)
+        except BaseException:
+            _abort(writer)  # whatever amqtt raised, the socket is not left open (CLOSE-WAIT)
+            raise
         finally:
+            _end_turn(session)  # failed before its registration
             edge.left(session, handler)
+            edge.loop_over(handler)
 
     return handle
 
@@ -770,33 +865,23 @@ class SessionStates:
     disconnected), without building a `transitions.Machine` per session: that machine was a
     third of the memory of an idle connection (16 KiB of 55 KiB)."""
 
-    __slots__ = ("_session", "state", "_left")
+    __slots__ = ("_session", "state")
 
     def __init__(self, session: Session) -> None:
         self._session, self.state = session, "new"
-        self._left: asyncio.Future[None] | None = None
 
     def connect(self) -> None:
         if self.state == "connected":
             raise MachineError("Can't trigger event connect from state connected!")
         self.state = "connected"
         self._session._on_enter_connected()
+        # amqtt registers the session right after this, without yielding: the next connect
+        # of this client id may look for it now.
+        _end_turn(self._session)
 
     def disconnect(self) -> None:
         self.state = "disconnected"
         self._session._on_enter_disconnected()
-        if self._left is not None and not self._left.done():
-            self._left.set_result(None)
-        self._left = None
-
-    async def wait_disconnected(self, timeout: float) -> None:
-        """Until the connection's loop marked the session disconnected (at most `timeout` s)."""
-        if self.state != "connected":
-            return
-        if self._left is None:
-            self._left = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._left), timeout)
 
     def is_new(self) -> bool:
         return self.state == "new"

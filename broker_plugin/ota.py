@@ -22,7 +22,9 @@ from otacore.settings import settings_from_mapping
 from otacore.topics import (FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS, download_reply_topic,
                             firmware_get_reply_topic, parse_upstream)
 
-from .amqtt_private import BrokerLimits, SessionDelivery, broker_of, session_device, set_limits, set_upstream_consumer
+from . import tls
+from .amqtt_private import (BrokerLimits, SessionDelivery, broker_of, session_device, set_limits, set_tls_contexts,
+                            set_upstream_consumer)
 from .runtime import OtaRuntime
 
 log = logging.getLogger("ota.mqtt")
@@ -44,6 +46,7 @@ class OtaPlugin(BasePlugin):
         auth: dict[str, Any] = field(default_factory=dict)
         admin: dict[str, Any] = field(default_factory=dict)
         metrics: dict[str, Any] = field(default_factory=dict)
+        tls: dict[str, Any] = field(default_factory=dict)  # both TLS endpoints (broker_plugin/tls.py)
         # Set by ota-server: the folder of broker.yaml, against which relative paths resolve.
         base_dir: str | None = None
 
@@ -64,6 +67,11 @@ class OtaPlugin(BasePlugin):
         log_hygiene.install(settings.log_field_max)
         log_hygiene.limit_floods()
         self.runtime = OtaRuntime(settings, SessionDelivery(broker))
+        tls.install()
+        set_tls_contexts(broker, lambda listener: tls.server_context(
+            settings, listener["certfile"], listener["keyfile"], cafile=listener.get("cafile"),
+            capath=listener.get("capath"), cadata=listener.get("cadata"), endpoint="mqtt",
+            failures=self.runtime.tls_failures))
         self._blocks_in_flight: dict[DeviceId, int] = {}
         self._last_seen = self.runtime.last_seen  # username -> its latest message or connect
         self._received = self.runtime.mqtt_received  # per topic kind, for GET /metrics

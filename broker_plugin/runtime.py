@@ -9,11 +9,10 @@ deleted data_dir/admin-token back.
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import logging
 import os
-import ssl
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -33,7 +32,9 @@ from otacore.settings import Settings
 from otacore.store import Store, check_database
 from otacore.topics import FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS
 
-from .amqtt_private import SessionDelivery, broker_of, mqtt_connections, mqtt_listening_sockets, wire_client_id
+from . import tls as tls_contexts
+from .amqtt_private import (SessionDelivery, broker_of, connections_replaced, mqtt_connections, mqtt_listening_sockets,
+                            wire_client_id)
 from .connection_budget import ConnectionBudget
 
 log = logging.getLogger("ota.server")
@@ -62,6 +63,7 @@ class OtaRuntime:
         self._watch: asyncio.Task[None] | None = None
         # Device OTA messages received over MQTT per topic kind (OtaPlugin counts; GET /metrics).
         self.mqtt_received: dict[str, int] = dict.fromkeys((INFORM, PROGRESS, FIRMWARE_GET, FILE_DOWNLOAD), 0)
+        self.tls_failures: Counter[tuple[str, str]] = Counter()  # (endpoint, reason): failed TLS handshakes
 
     async def start(self) -> None:
         settings = self.settings
@@ -79,16 +81,15 @@ class OtaRuntime:
         self.admin_token = admin_token(settings.data_dir, settings.admin_token)
         # keepalive 15 s: an idle download connection holds a descriptor a large fleet needs.
         app = create_app(self.engine, self.admin_token, crowded=self._crowded, broker=BrokerFigures(
-            lambda: mqtt_connections(self.delivery.broker), self.delivery.online_devices, self.mqtt_received))
+            lambda: mqtt_connections(self.delivery.broker), self.delivery.online_devices, self.mqtt_received,
+            self.tls_failures, lambda: connections_replaced(self.delivery.broker)))
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=15)
         await self._runner.setup()
         tls = None
         if settings.tls_certfile is not None:
-            # asyncio gives every TLS connection a 256 KiB read buffer from its accept; a flood
-            # of idle handshakes took 1,500 of them to 444 MB. TLS records are at most 16 KiB.
-            asyncio.sslproto.SSLProtocol.max_size = 32 * 1024
-            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            tls.load_cert_chain(settings.tls_certfile, settings.tls_keyfile)
+            tls_contexts.install()
+            tls = tls_contexts.server_context(settings, settings.tls_certfile, settings.tls_keyfile, endpoint="https",
+                                              failures=self.tls_failures)
         separate_tls = tls is not None and settings.tls_port is not None
         # With http.tls.bind, plain HTTP stays on http.bind and HTTPS gets its own address.
         # HttpSite: a TCPSite whose connections the header deadline and the cap on waiting

@@ -30,6 +30,7 @@ from otacore.engine import OtaEngine
 from otacore.errors import ConfigError, Refused
 from otacore.jobs import ALL_STATES
 from otacore.package_files import DownloadFile, log_unreadable, open_hashed
+from otacore.rollout import failure_of
 from otacore.signed_urls import UrlRejected
 from otacore.status import batch_report, batch_summaries
 
@@ -109,11 +110,11 @@ ADMIN_HEADERS = {
 
 
 async def _protect_admin_answers(request: web.Request, response: web.StreamResponse) -> None:
-    """ADMIN_HEADERS on every answer under /admin (console, its files, the API, errors and
-    the router's own 404/405 included) and on /metrics. Not on /files/ (downloads keep their
-    caching and ETags) nor on the device API."""
+    """ADMIN_HEADERS on every answer (the console, its files, the admin API, /metrics,
+    /healthz, errors and the router's own 404/405 for any path and case) but downloads under
+    /files/, which keep their caching and ETags, and the device API."""
     path = request.path
-    if not (path.startswith("/admin/") or path in ("/admin", "/metrics")):
+    if path.startswith(("/files/", "/base-api/")):
         return
     response.headers.update(ADMIN_HEADERS)
     # The answers name devices and show the fleet's state: kept by no cache. The console's
@@ -637,7 +638,8 @@ async def admin_job(request: web.Request) -> web.Response:
     history = [{"at": at, "from": old, "to": new, "progress": progress, "reason": reason}
                for at, old, new, progress, reason in await engine.store.history(job.id)]
     return web.json_response({"job": {"id": job.id, "batch": job.batch, "device": str(job.device),
-                                      "state": job.state, "progress": job.progress}, "history": history})
+                                      "state": job.state, "progress": job.progress, "code": job.code,
+                                      "failure": failure_of(job), "message": job.message}, "history": history})
 
 
 async def _device_names(request: web.Request, required: bool) -> list[str] | None | web.Response:

@@ -41,6 +41,8 @@ class BrokerFigures:
     mqtt_connections: Callable[[], int] = lambda: 0
     devices_online: Callable[[], int] = lambda: 0
     messages: Mapping[str, int] = field(default_factory=dict)  # upstream topic kind -> received
+    tls_failures: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (endpoint, reason) -> handshakes
+    connections_replaced: Callable[[], int] = lambda: 0  # past limits.max_connections_per_device
 
 
 class OtaCollector(Collector):
@@ -61,6 +63,16 @@ class OtaCollector(Collector):
         for kind, label in MESSAGE_KINDS.items():
             messages.add_metric([label], broker.messages.get(kind, 0))
         yield messages
+        tls = CounterMetricFamily("ota_tls_handshake_failures", "TLS handshakes that failed, by endpoint (mqtt, "
+                                  "https) and reason (no_shared_cipher, protocol_version, unknown_ca, "
+                                  "bad_certificate, plain_text, other).", labels=["endpoint", "reason"])
+        for (endpoint, reason), count in sorted(broker.tls_failures.items()):
+            tls.add_metric([endpoint, reason], count)
+        yield tls
+        yield CounterMetricFamily("ota_mqtt_connections_replaced", "Logged-in MQTT connections closed because "
+                                  "their device's credentials logged in again past "
+                                  "limits.max_connections_per_device (a leaked or cloned secret, or a device "
+                                  "reconnecting without closing).", value=broker.connections_replaced())
         yield CounterMetricFamily("ota_pushes_sent", "Upgrade pushes handed to a device's live MQTT session.",
                                   value=engine.pushes_sent)
         served = CounterMetricFamily("ota_bytes_served", "Package bytes sent to devices: completed HTTP "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
+import json
 import math
 import os
 import re
@@ -36,6 +37,11 @@ RESERVED_PRODUCT_KEYS = frozenset({"sys", "ota"})
 SIGN_METHODS = {"md5": "MD5", "sha256": "SHA256"}
 # ext_data goes into every upgrade message a device gets: plain JSON, and small.
 MAX_EXT_VALUES = 1000
+# Batches in one catalog: each is decided on every report and shown on every status poll.
+MAX_BATCHES = 1000
+# ext_data and the notice, as JSON in a push: with this bound every OTA message a device
+# receives fits in 16 KiB (docs/protocol.md, "Buffer sizes").
+MAX_EXT_BYTES = 8192
 
 
 @dataclass(frozen=True)
@@ -281,7 +287,7 @@ def load_catalog(path: Path, settings: Settings) -> Catalog:
     try:
         document = load_marked(path)
     except YamlSyntaxError as exc:
-        raise ConfigError([ConfigIssue(path, exc.line, "", f"{exc.problem}; fix the YAML syntax")]) from None
+        raise ConfigError([ConfigIssue(path, exc.line, "", exc.problem)]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([ConfigIssue(path, 0, "", f"cannot read the catalog: {exc}")]) from None
     check = _Checker(path)
@@ -403,6 +409,15 @@ def _read_packages(check: _Checker, root: MarkedMap, products: dict[str, Product
             check.add(item.line_of("ext_data"), f"{key}.ext_data", problem)
             ext_data = {}
         notice = check.text(item, key, "notice")
+        sent = {**ext_data, "_package_udi": json.dumps({"ota_notice": notice}, ensure_ascii=False)} if notice \
+            else ext_data  # as otacore/offers.py puts them in a push
+        extra = len(json.dumps(sent, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace"))
+        if extra > MAX_EXT_BYTES:
+            name = "ext_data" if ext_data else "notice"
+            check.add(item.line_of(name), f"{key}.{name}", f"ext_data and notice take {extra} bytes in every "
+                      f"upgrade message, more than {MAX_EXT_BYTES}: keep them small (devices size their receive "
+                      "buffers by this bound)")
+            notice, ext_data = None, {}
         if package_id is None or version is None or product_key is None or file_path is None:
             continue
         if package_id in packages:
@@ -513,7 +528,12 @@ def _read_batches(check: _Checker, root: MarkedMap, products: dict[str, Product]
     batches: dict[str, Batch] = {}
     allowed = {"name", "package", "type", "devices", "src_versions", "protocol", "mode", "push", "description",
                "timeout_minutes", *POLICY_KEYS}
-    for position, (line, key, item) in enumerate(check.items(root, "batches")):
+    items = check.items(root, "batches")
+    if len(items) > MAX_BATCHES:
+        check.add(root.line_of("batches"), "batches", f"{len(items)} batches; at most {MAX_BATCHES}: remove "
+                  "finished ones (their jobs and history stay in the database)")
+        return batches
+    for position, (line, key, item) in enumerate(items):
         check.known_keys(item, key, allowed)
         name = check.text(item, key, "name", required=True, pattern=BATCH_NAME_RE, rule="1-128 of A-Z a-z 0-9 . _ -")
         package_id = check.text(item, key, "package", required=True)

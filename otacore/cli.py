@@ -431,6 +431,11 @@ def cmd_devices(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def shown_path(path: Any) -> str:
+    """A file name for the terminal: control and bidi characters escaped, never cut."""
+    return clean_field(str(path), limit=1 << 20)
+
+
 def cmd_package_add(settings: Settings, args: argparse.Namespace) -> int:
     try:
         added = add_package(settings, args.file, args.product, args.version, module=args.module,
@@ -438,10 +443,11 @@ def cmd_package_add(settings: Settings, args: argparse.Namespace) -> int:
     except PackageAddError as exc:
         print(f"otactl: {exc}; nothing was changed", file=sys.stderr)
         return 1
+    source, copy = shown_path(args.file), shown_path(added.file)  # a name may hold newlines or escapes
     if added.copied:
-        print(f"copied {args.file} to {added.file} ({added.size} bytes)")
+        print(f"copied {source} to {copy} ({added.size} bytes)")
     else:
-        print(f"{added.file} is already this file ({added.size} bytes); not copied")
+        print(f"{copy} is already this file ({added.size} bytes); not copied")
     print(f"added package {added.id} to {added.catalog}:{added.line}: product {added.product}, module "
           f"{added.module}, version {added.version}, sign_method {added.sign_method}")
     print(f"  md5 {added.md5}  sha256 {added.sha256}")

@@ -244,9 +244,17 @@ def encode_json(value: dict[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+MAX_BLOCK_HEADER = 1024  # bytes of a block reply's JSON header (L), so firmware can size its buffer
+
+
 def encode_block_reply(header: dict[str, Any], block: bytes | None) -> bytes:
-    """`u16 BE L` + L bytes of JSON header + block + `u16 LE CRC16/ARC(block)`; no block -> header only."""
+    """`u16 BE L` + L bytes of JSON header + block + `u16 LE CRC16/ARC(block)`; no block -> header only.
+    L is at most MAX_BLOCK_HEADER: an error's `msg` is cut to fit (the echoed id is at most
+    64 characters, 384 bytes even escaped)."""
     head = encode_json(header)
+    while len(head) > MAX_BLOCK_HEADER and header.get("msg"):
+        header = {**header, "msg": header["msg"][:len(header["msg"]) // 2]}
+        head = encode_json(header)
     frame = struct.pack(">H", len(head)) + head
     if block is None:
         return frame

@@ -57,7 +57,7 @@ def read_broker_config(path: Path) -> BrokerConfigFile:
     try:
         document = load_marked(path)
     except YamlSyntaxError as exc:
-        raise ConfigError([ConfigIssue(path, exc.line, "", f"{exc.problem}; fix the YAML syntax")]) from None
+        raise ConfigError([ConfigIssue(path, exc.line, "", exc.problem)]) from None
     if not isinstance(document, MarkedMap):
         raise ConfigError([ConfigIssue(path, 1, "", "must be a mapping with listeners: and plugins:")])
     plugins = document.get("plugins")

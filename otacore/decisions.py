@@ -34,6 +34,11 @@ Q, N, P, I, S, F, C = (JobState.QUEUED, JobState.NOTIFIED, JobState.IN_PROGRESS,
                        JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED)
 
 
+PUSH_IDS = "push_ids"  # the counter of push ids handed out (reserved ahead)
+PUSH_ID_MAX = 2**31 - 1
+PUSH_ID_BLOCK = 10_000  # ids reserved per database write; a restart skips what is left of one
+
+
 @dataclass(frozen=True)
 class Send:
     """A message for one device's live session."""
@@ -57,7 +62,7 @@ class OtaCore:
         self.catalog: Catalog | None = None
         self.files: PackageFiles | None = None
         self.running: set[str] = set()
-        self._last_push_id = 0
+        self._last_push_id = state.counters.get(PUSH_IDS, 0)  # ids up to it may have left before a restart
         self._out: list[Send] = []
         self.rollout = Rollout(state)
         self._gate_was_open: dict[str, bool] = {}  # batch -> could it start jobs at the last tick
@@ -227,11 +232,20 @@ class OtaCore:
         data = self._offer_data(job)
         if data is None:
             return
-        self._last_push_id = max(self._last_push_id + 1, int(now * 1000))  # unique, also across restarts
-        message = {"code": "1000", "id": self._last_push_id, "message": "success", "data": data}
+        message = {"code": "1000", "id": self._next_push_id(), "message": "success", "data": data}
         self._out.append(Send(job.device, upgrade_topic(job.device), encode_json(message)))
         if job.state == Q:
             self.state.move(job, N, "upgrade pushed", now)
+
+    def _next_push_id(self) -> int:
+        """1..2^31-1, so that firmware can keep it in a signed 32-bit int (Aliyun's fit too);
+        never reused across restarts: ids are reserved on disk in blocks, and the reservation
+        is committed with the push's own changes, before the push leaves."""
+        push_id = self._last_push_id % PUSH_ID_MAX + 1  # after 2^31-1 pushes, 1 again
+        if push_id > self.state.counters.get(PUSH_IDS, 0) or push_id == 1:
+            self.state.set_counter(PUSH_IDS, min(push_id + PUSH_ID_BLOCK - 1, PUSH_ID_MAX))
+        self._last_push_id = push_id
+        return push_id
 
     def _may_start(self, job: Job, now: float) -> bool:
         """May this queued job start now (pause, schedule, window, rate)? Counts it if so."""

@@ -20,6 +20,7 @@ from .credentials import DeviceId
 from .fleet_state import FleetState
 from .jobs import ALL_STATES, Job
 from .package_files import PackageFiles
+from .rollout import failure_of
 from .store import Store
 from .versions import parse_version
 
@@ -114,7 +115,7 @@ def _job_brief(job: Job | None) -> dict[str, Any] | None:
         return None
     return {"id": job.id, "batch": job.batch, "module": job.module, "state": job.state.value,
             "progress": job.progress, "served_percent": job.served_percent, "code": job.code,
-            "message": job.message}
+            "failure": failure_of(job), "message": job.message}
 
 
 def device_list(state: FleetState, catalog: Catalog | None, query: DeviceQuery, online: Online,
@@ -185,7 +186,8 @@ async def device_detail(store: Store, state: FleetState, catalog: Catalog | None
         "versions": versions,
         "jobs": [{"id": job.id, "batch": job.batch, "module": job.module, "state": job.state.value,
                   "from": job.from_version, "to": job.target_version, "progress": job.progress,
-                  "served_percent": job.served_percent, "code": job.code, "message": job.message,
+                  "served_percent": job.served_percent, "code": job.code, "failure": failure_of(job),
+                  "message": job.message,
                   "created_at": job.created_at, "updated_at": job.updated_at,
                   "history": [{"at": at, "from": old, "to": new, "progress": progress, "reason": reason}
                               for at, old, new, progress, reason in histories.get(job.id, [])]}

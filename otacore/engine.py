@@ -167,9 +167,11 @@ class OtaEngine:
                 raise ConfigError(issues)
             self._writable()  # the disk may have filled while the files were read
             self.post(self.core.apply_catalog(loaded.catalog, loaded.files))
-            await self._admin_settled()
+            # Before the commit: a revoked device loses its sessions even if the disk fills
+            # now and the answer is "done in memory, not yet on disk".
             for listener in self.reload_listeners:
                 listener(loaded.catalog)
+            await self._admin_settled()
             return loaded
 
     # -- device reports: synchronous, from the broker's packet path --------------------

@@ -45,9 +45,11 @@ class Changes:
     batches: set[str] = field(default_factory=set)
     targets: list[tuple[str, str, str]] = field(default_factory=list)
     packages: set[str] = field(default_factory=set)
+    counters: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
-        return bool(self.jobs or self.events or self.versions or self.batches or self.targets or self.packages)
+        return bool(self.jobs or self.events or self.versions or self.batches or self.targets or self.packages
+                    or self.counters)
 
     def merge_older(self, older: "Changes") -> None:
         """Put back changes whose commit failed, before the ones made since."""
@@ -57,6 +59,7 @@ class Changes:
         self.batches |= older.batches
         self.targets[:0] = older.targets
         self.packages |= older.packages
+        self.counters |= older.counters
 
 
 class FleetState:
@@ -75,6 +78,7 @@ class FleetState:
         self.package_status: dict[str, tuple[str, str]] = {}  # package -> (status, sha256 earned with)
         self.job_counts: Counter[tuple[str, DeviceId]] = Counter()  # (batch, device) -> jobs it had there
         self.next_job_id = next_job_id
+        self.counters: dict[str, int] = {}  # name -> highest value that may have been used
         self.changes = Changes()
         self.promises = 0  # counts promises made; the engine commits before they leave
 
@@ -87,6 +91,10 @@ class FleetState:
         changes_since, self.changes = self.changes, changes
         changes_since.merge_older(changes)
         self.changes = changes_since
+
+    def set_counter(self, name: str, value: int) -> None:
+        self.counters[name] = value
+        self.changes.counters.add(name)
 
     # -- reported versions -------------------------------------------------------------
     def version(self, device: DeviceId, module: str) -> str | None:

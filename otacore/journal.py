@@ -62,7 +62,8 @@ _PACKAGE_UPSERT = (
     "ON CONFLICT (package_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at, "
     "sha256 = excluded.sha256")
 # In this order: a job's row before its events, so the history never names a missing job.
-_ORDER = (_JOB_UPSERT, _EVENT_INSERT, _VERSION_UPSERT, _BATCH_UPSERT, _TARGET_INSERT, _PACKAGE_UPSERT)
+_COUNTER_UPSERT = "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+_ORDER = (_JOB_UPSERT, _EVENT_INSERT, _VERSION_UPSERT, _BATCH_UPSERT, _TARGET_INSERT, _PACKAGE_UPSERT, _COUNTER_UPSERT)
 
 Rows = dict[str, list[tuple[Any, ...]]]
 
@@ -278,6 +279,7 @@ class Journal:
             _TARGET_INSERT: changes.targets,
             _PACKAGE_UPSERT: [(package_id, *state.package_status[package_id][:1], now,
                                state.package_status[package_id][1]) for package_id in changes.packages],
+            _COUNTER_UPSERT: [(name, state.counters[name]) for name in sorted(changes.counters)],
         }
 
     def _write(self, rows: Rows) -> None:

@@ -23,6 +23,11 @@ TIMEOUT_MESSAGE = "timed out"  # the start of a timed-out job's message (decisio
 BOOT_MESSAGE = "after install"  # in the message of a job whose new image did not boot
 
 
+def failure_of(job: Job) -> str | None:
+    """A failed job's failure kind for views (`failure`), None for any other state."""
+    return failure_kind(job) if job.state == JobState.FAILED else None
+
+
 def failure_kind(job: Job) -> str:
     """failed / download / verify / flash (the device's step), timeout, or boot."""
     if job.code is not None and job.code in STEP_KINDS:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import resource
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from .errors import ConfigError, ConfigIssue
 
 DEFAULT_EXTENSIONS = (".bin", ".dav", ".tar", ".gz", ".zip", ".gzip", ".apk", ".tar.gz", ".tar.xz", ".pack")
 PLUGIN_PATH = "broker_plugin.ota.OtaPlugin"
+# Download URLs start with it, inside every push: bounded so a push fits a device's buffer.
+MAX_PUBLIC_URL = 1000
 
 # Limits on what a client can make the server hold: (key under `limits`, default, smallest
 # allowed, what it bounds). docs/operations.md "Limits" explains each.
@@ -34,7 +37,11 @@ _KNOWN = {
     "auth": {"allow_plain_secret"},
     "admin": {"token"},
     "metrics": {"public"},
+    "tls": {"compatibility", "min_version", "ciphers"},
 }
+# How both TLS endpoints negotiate (broker_plugin/tls.py builds the contexts).
+TLS_LEVELS = ("iot", "intermediate", "modern")
+TLS_MIN_VERSIONS = ("1.2", "1.3")
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,9 @@ class Settings:
     max_packet_kb: int = 256
     log_field_max: int = 200
     metrics_public: bool = False  # GET /metrics without the admin token
+    tls_compatibility: str = "iot"
+    tls_min_version: str = "1.2"
+    tls_ciphers: str | None = None  # OpenSSL list for TLS 1.2, replacing the level's
 
     @property
     def tls_enabled(self) -> bool:
@@ -170,8 +180,9 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
             bad("http.bind", str(exc))
     public_url = sub("http", "public_url", "http://localhost:8080")
     if not isinstance(public_url, str) or urlsplit(public_url).scheme not in ("http", "https") \
-            or not urlsplit(public_url).netloc:
-        bad("http.public_url", f"{public_url!r} is not an absolute http(s) URL like http://host:8080")
+            or not urlsplit(public_url).netloc or len(public_url) > MAX_PUBLIC_URL:
+        bad("http.public_url", f"{public_url!r} is not an absolute http(s) URL like http://host:8080 of at most "
+                               f"{MAX_PUBLIC_URL} characters")
         public_url = "http://localhost:8080"
 
     certfile = keyfile = tls_host = tls_port = tls_public_url = None
@@ -189,8 +200,10 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
                     bad("http.tls.bind", str(exc))
             tls_public_url = tls.get("public_url")
             if tls_public_url is not None and (not isinstance(tls_public_url, str)
-                                               or not tls_public_url.startswith("https://")):
-                bad("http.tls.public_url", f"{tls_public_url!r} is not an https:// URL")
+                                               or not tls_public_url.startswith("https://")
+                                               or len(tls_public_url) > MAX_PUBLIC_URL):
+                bad("http.tls.public_url", f"{tls_public_url!r} is not an https:// URL of at most "
+                                           f"{MAX_PUBLIC_URL} characters")
                 tls_public_url = None
             certfile = path(tls["certfile"], "http.tls.certfile", base)
             keyfile = path(tls["keyfile"], "http.tls.keyfile", base)
@@ -240,6 +253,8 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
         bad("metrics.public", "must be true or false")
         metrics_public = False
 
+    tls_compatibility, tls_min_version, tls_ciphers = _tls_policy(options.get("tls"), bad)
+
     if issues:
         raise ConfigError(issues)
     return Settings(
@@ -248,5 +263,34 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
         tls_host=tls_host, tls_port=tls_port, tls_public_url=tls_public_url.rstrip("/") if tls_public_url else None,
         url_ttl_seconds=ttl, max_file_mb=max_mb, extensions=ext_tuple,
         allow_plain_secret=allow_plain, admin_token=token, source=source, metrics_public=metrics_public,
+        tls_compatibility=tls_compatibility, tls_min_version=tls_min_version, tls_ciphers=tls_ciphers,
         **network_limits,
     )
+
+
+def _tls_policy(tls: Any, bad: Any) -> tuple[str, str, str | None]:
+    """(compatibility, min_version, ciphers) of the `tls` mapping; a cipher list OpenSSL
+    cannot use is refused here, at start, not at the first handshake."""
+    tls = tls if isinstance(tls, dict) else {}
+    level = tls.get("compatibility", "iot")
+    if level not in TLS_LEVELS:
+        bad("tls.compatibility", f"{level!r} is not a level; use one of {', '.join(TLS_LEVELS)} (default iot)")
+        level = "iot"
+    minimum = tls.get("min_version", "1.2")
+    minimum = f"{minimum:.1f}" if isinstance(minimum, float) else minimum  # YAML reads 1.2 as a number
+    if minimum not in TLS_MIN_VERSIONS:
+        bad("tls.min_version", f"{minimum!r} is not a TLS version this server speaks; use \"1.2\" or \"1.3\"")
+        minimum = "1.2"
+    ciphers = tls.get("ciphers")
+    if ciphers is not None:
+        if not isinstance(ciphers, str) or not ciphers.strip() or len(ciphers) > 2000:
+            bad("tls.ciphers", "must be an OpenSSL cipher list such as ECDHE+AESGCM:AES128-SHA256")
+            ciphers = None
+        else:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(ciphers)
+            except ssl.SSLError:
+                bad("tls.ciphers", f"OpenSSL selects no cipher from {ciphers!r}; write a list such as "
+                                   "ECDHE+AESGCM:AES128-SHA256 (`openssl ciphers -v LIST` shows what it selects)")
+                ciphers = None
+    return level, minimum, ciphers

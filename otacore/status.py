@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .catalog import Batch, Catalog, Package
-from .rollout import rollout_view
+from .rollout import failure_of, rollout_view
 from .store import ALL_STATES, FINAL_STATES, Store
 
 
@@ -82,7 +82,7 @@ async def batch_report(store: Store, catalog: Catalog | None, name: str, sha_of:
         "device": job.device.device_name, "product": job.device.product_key, "module": job.module,
         "job": job.id, "state": job.state, "from": job.from_version, "to": job.target_version,
         "progress": job.progress, "served_percent": job.served_percent, "code": job.code,
-        "message": job.message, "updated_at": job.updated_at,
+        "failure": failure_of(job), "message": job.message, "updated_at": job.updated_at,
     } for job in jobs]
     batch = catalog.batches.get(name) if catalog else None
     for device in sorted(await _waiting(store, batch, {job.device.device_name for job in jobs})):

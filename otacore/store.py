@@ -21,7 +21,7 @@ OPEN_STATES = tuple(state.value for state in ALL_STATES if state in OPEN)
 FINAL_STATES = tuple(state.value for state in ALL_STATES if state in FINAL)
 
 # Bump with a migration in Store.open whenever SCHEMA changes shape.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class StoreError(Exception):
@@ -92,6 +92,9 @@ CREATE TABLE IF NOT EXISTS job_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL REFERENCES jobs(id),
     at REAL NOT NULL, from_state TEXT, to_state TEXT NOT NULL, progress INTEGER, reason TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id);
+-- Numbers the engine must never hand out twice, across restarts (e.g. push ids): each
+-- holds the highest value that may have been used.
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS package_status (
     package_id TEXT PRIMARY KEY, status TEXT NOT NULL, updated_at REAL NOT NULL,
     sha256 TEXT NOT NULL DEFAULT '');
@@ -125,6 +128,8 @@ def load_state(db: sqlite3.Connection) -> FleetState:
         state.targets.setdefault(batch, set()).add(name)
     for package_id, status, sha256 in db.execute("SELECT package_id, status, sha256 FROM package_status"):
         state.package_status[package_id] = (status, sha256)
+    for name, value in db.execute("SELECT name, value FROM counters"):
+        state.counters[name] = value
     return state
 
 
@@ -158,7 +163,7 @@ class Store:
             async with db.execute("PRAGMA user_version") as cursor:
                 row = await cursor.fetchone()
             version = row[0] if row else 0
-            if version not in (0, 1, 2, SCHEMA_VERSION):
+            if version not in (0, 1, 2, 3, SCHEMA_VERSION):
                 raise StoreError(f"{path} has database schema {version}; this server reads schema "
                                  f"{SCHEMA_VERSION}: use the matching server version or a new data_dir")
             if version == 0:
@@ -175,6 +180,7 @@ class Store:
             async with db.execute("PRAGMA table_info(batches)") as cursor:
                 if "control" not in {row[1] async for row in cursor}:
                     await db.execute("ALTER TABLE batches ADD COLUMN control TEXT NOT NULL DEFAULT '{}'")
+            # Schema 3 -> 4: the counters table (push ids), made by SCHEMA above.
             await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             await db.commit()
         except BaseException:

@@ -13,6 +13,7 @@ import hmac
 import json
 import random
 import socket
+import ssl
 import sys
 import textwrap
 from pathlib import Path
@@ -134,11 +135,13 @@ class Device:
     """One device: connects, subscribes to its downstream OTA topics, collects what arrives."""
 
     def __init__(self, server: OtaServer, name: str, *, secret: str | None = None, client_id: str | None = None,
-                 product_key: str = PK, keepalive: int = 60, subscribe: bool = True) -> None:
+                 product_key: str = PK, keepalive: int = 60, subscribe: bool = True,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.server, self.name, self.pk = server, name, product_key
         self.secret = secret if secret is not None else device_secret(name)
         self.client_id = client_id or name
         self.keepalive = keepalive
+        self.tls = tls  # MQTT over TLS with this client context
         self.subscribe_ota = subscribe  # False: like linkkit, which relies on the broker
         self.inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
         self._client: aiomqtt.Client | None = None
@@ -149,7 +152,7 @@ class Device:
     async def __aenter__(self) -> "Device":
         self._client = aiomqtt.Client("127.0.0.1", self.server.mqtt_port, identifier=self.client_id,
                                       username=f"{self.name}&{self.pk}", password=self.secret,
-                                      keepalive=self.keepalive,
+                                      keepalive=self.keepalive, tls_context=self.tls,
                                       socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         await self._client.__aenter__()
         for topic in (f"/ota/device/upgrade/{self.pk}/{self.name}",

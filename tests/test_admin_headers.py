@@ -65,6 +65,9 @@ async def test_console_api_and_metrics_answers_carry_the_headers_errors_too(serv
         ("/admin/api/reload", None, "POST", 401, "no-store"),
         ("/metrics", bearer(server), "GET", 200, "no-store"),
         ("/metrics", None, "GET", 401, "no-store"),
+        ("/metrics/", bearer(server), "GET", 404, "no-store"),  # near misses of the paths too
+        ("/ADMIN/", None, "GET", 404, "no-store"),
+        ("/healthz", None, "GET", 200, "no-store"),
     ]
     for path, headers, method, status, cache in cases:
         got, answered, body = await answer(server, path, headers, method)

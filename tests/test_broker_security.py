@@ -12,6 +12,7 @@ import aiomqtt
 import pytest
 import raw_mqtt
 
+from broker_plugin.amqtt_private import connections_replaced, mqtt_connections
 from otacore.credentials import DeviceId
 
 from harness import Device, OtaServer, device_secret, write_catalog
@@ -233,6 +234,7 @@ async def test_one_devices_credentials_hold_at_most_max_connections_per_device(
         assert closed == [True] * 7 + [False] * 3, "the oldest connections give way, the newest three stay"
         edge = server.plugin.runtime.delivery.broker._ota_edge
         assert edge.live_connections(DeviceId("a1Test", "leaked")) == 3
+        assert connections_replaced(server.plugin.runtime.delivery.broker) == 7  # ota_mqtt_connections_replaced
         # Other devices connect at once and upgrade; the listener is not full.
         async with Device(server, "honest-1") as honest, Device(server, "honest-2") as other:
             await honest.inform("1.0.0")
@@ -251,3 +253,36 @@ async def test_one_devices_credentials_hold_at_most_max_connections_per_device(
         assert edge.live_connections(DeviceId("a1Test", "leaked")) == 0
     finally:
         await server.stop()
+
+
+@pytest.mark.parametrize("clean", [True, False])
+async def test_connects_of_one_client_id_at_once_leave_one_live_connection_and_no_open_socket(
+        server: OtaServer, clean: bool, caplog: pytest.LogCaptureFixture) -> None:
+    # Ten CONNECTs of one client id at once all saw the same old connection and went on:
+    # with clean_session=0 they shared one Session (sockets in CLOSE-WAIT for good, a
+    # traceback each at shutdown); with clean_session=1, four lived side by side.
+    broker = server.plugin.runtime.delivery.broker
+    before = mqtt_connections(broker)
+    for _ in range(3):
+        connections = await asyncio.gather(*(raw_mqtt.open_raw(server.mqtt_port) for _ in range(10)))
+        for _, writer in connections:
+            writer.write(raw_mqtt.device_connect("twin", client_id="same", clean=clean))
+        codes = await asyncio.gather(*(raw_mqtt.connack(reader, timeout=10) for reader, _ in connections))
+        assert codes == [0] * 10
+        await asyncio.sleep(0.3)
+        open_ones = []
+        for reader, writer in connections:  # all but the last are closed by the server
+            writer.write(b"\xc0\x00")  # PINGREQ
+            try:
+                answer = await asyncio.wait_for(reader.read(2), 2)
+            except (ConnectionError, TimeoutError):
+                answer = b""
+            if answer == b"\xd0\x00":
+                open_ones.append(writer)
+        assert len(open_ones) == 1, f"{len(open_ones)} connections of one client id answer PINGREQ"
+        assert mqtt_connections(broker) == before + 1
+        for _, writer in connections:
+            writer.close()
+        await asyncio.sleep(0.2)
+    assert mqtt_connections(broker) == before
+    assert not [r for r in caplog.records if r.exc_info or "performing take-over" in r.getMessage()]

@@ -340,6 +340,15 @@ def test_ext_data_must_be_small_plain_json(tmp_path, ext_data, hint):
                  packages=extra_package(ext_data=ext_data))
 
 
+def test_ext_data_and_notice_fit_8_kib_of_every_upgrade_message(tmp_path):
+    blob, notice = "{blob: " + "x" * 9000 + "}", '"' + "é" * 4100 + '"'  # é: 2 bytes in UTF-8
+    expect_issue(tmp_path, key="packages[2].ext_data", needle=f"ext_data: {blob}",
+                 hint="ext_data and notice take 9011 bytes in every upgrade message, more than 8192",
+                 packages=extra_package(ext_data=blob))
+    expect_issue(tmp_path, key="packages[2].notice", needle=f"notice: {notice}", hint="more than 8192",
+                 packages=extra_package(notice=notice))
+
+
 def test_text_with_a_lone_surrogate_is_refused(tmp_path):
     # It would reach a device inside the push's JSON, whose UTF-8 encoding raises.
     expect_issue(tmp_path, key="packages[2].notice", needle='notice: "\\udc80 night mode"', hint="lone surrogate",
@@ -573,3 +582,16 @@ def test_config_error_one_line_is_one_line(tmp_path):
     assert "\n" not in summary
     assert summary.startswith(str(error.issues[0])) and f"and {len(error.issues) - 1} more" in summary
     assert str(error).count("\n") == len(error.issues) - 1
+
+
+def test_more_than_1000_batches_are_refused_at_the_batches_key(tmp_path):
+    batches = "".join(f"- {{name: b{i}, package: cam-1.1.0}}\n" for i in range(1000))  # and the base one
+    issue = expect_issue(tmp_path, key="batches", needle="batches:", hint="1001 batches; at most 1000",
+                         batches=batches)
+    assert "remove finished ones" in issue.message
+
+
+def test_a_catalog_over_32_mib_is_refused_before_it_is_parsed(tmp_path):
+    text = catalog_text() + "# " + "x" * (32 * 2**20) + "\n"  # a comment: valid YAML, only too big
+    [issue] = load_errors(tmp_path, text)
+    assert str(issue) == f"{tmp_path / 'ota.yaml'}: {issue.message}" and "the file is over 32 MiB" in issue.message

@@ -6,9 +6,9 @@ import struct
 
 import pytest
 
-from otacore.codec import (MAX_JSON_BYTES, PayloadError, crc16_arc, decode_block_reply, decode_json,
-                           encode_block_reply, parse_block_request, parse_firmware_request, parse_progress,
-                           parse_version_report)
+from otacore.codec import (MAX_BLOCK_HEADER, MAX_JSON_BYTES, PayloadError, crc16_arc, decode_block_reply,
+                           decode_json, encode_block_reply, parse_block_request, parse_firmware_request,
+                           parse_progress, parse_version_report)
 
 
 def payload(value) -> bytes:
@@ -48,6 +48,14 @@ def test_error_block_reply_is_header_only():
 def test_block_reply_with_non_ascii_header_round_trips():
     header = {"id": "1", "code": 200, "msg": "成功"}
     assert decode_block_reply(encode_block_reply(header, b"\x00\xff" * 200)) == (header, b"\x00\xff" * 200)
+
+
+def test_a_block_reply_header_is_at_most_1024_bytes_whatever_the_message():
+    header = {"id": "\x01" * 64, "code": 400, "msg": "\x02" * 100_000}  # each escaped to 6 bytes
+    frame = encode_block_reply(header, None)
+    assert len(frame) - 2 == struct.unpack(">H", frame[:2])[0] <= MAX_BLOCK_HEADER
+    decoded, _ = decode_block_reply(frame)
+    assert decoded["id"] == header["id"] and header["msg"].startswith(decoded["msg"])
 
 
 def test_decode_block_reply_rejects_a_bad_crc():

@@ -22,7 +22,7 @@ import pytest
 
 from harness import BASE_CATALOG, PK, write_catalog
 from otacore.credentials import DeviceId
-from otacore.decisions import OtaCore, Send
+from otacore.decisions import PUSH_ID_BLOCK, PUSH_ID_MAX, PUSH_IDS, OtaCore, Send
 from otacore.downloads import Downloads
 from otacore.catalog_loading import prepare_catalog
 from otacore.errors import Refused
@@ -883,3 +883,12 @@ def test_a_job_keeps_its_file_until_a_reload_removes_it(tmp_path: Path) -> None:
     w.report("d0", "0.9.0")
     w.report("d1", "1.0.0")
     assert w.job("d0").file_key == "fw-1.1.0" and job.file_key == "fw-1.1.0"
+
+
+def test_push_ids_wrap_to_1_after_2_31_minus_1_and_reserve_a_new_block(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.state.counters[PUSH_IDS] = PUSH_ID_MAX
+    world.core._last_push_id = PUSH_ID_MAX - 1  # as loaded after a restart near the end
+    ids = [world.core._next_push_id() for _ in range(3)]
+    assert ids == [PUSH_ID_MAX, 1, 2]
+    assert world.state.counters[PUSH_IDS] == PUSH_ID_BLOCK and PUSH_IDS in world.state.take_changes().counters

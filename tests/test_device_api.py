@@ -110,7 +110,7 @@ async def test_device_list_filters_and_pages(fleet: tuple[Admin, float]) -> None
     assert dev_a["versions"] == {"default": "1.0.0"} and dev_a["online"] is True
     assert started - 1 <= dev_a["last_seen"] <= time.time()
     assert dev_a["job"] == {"id": dev_a["job"]["id"], "batch": "up-1.1.0", "module": "default",
-                            "state": "in_progress", "progress": 40, "served_percent": 0, "code": None,
+                            "state": "in_progress", "progress": 40, "served_percent": 0, "code": None, "failure": None,
                             "message": "downloading"}
     assert by_name["dev-b"]["online"] is False and by_name["dev-b"]["last_seen"] >= started - 1
     assert by_name["dev-b"]["job"] is None
@@ -156,13 +156,15 @@ async def test_device_page_has_every_job_with_its_history(fleet: tuple[Admin, fl
     retried, failed = page["jobs"]  # newest first
     assert retried["id"] > failed["id"] and retried["batch"] == failed["batch"] == "up-1.1.0"
     assert (retried["state"], retried["from"], retried["to"]) == ("notified", "1.0.0", "1.1.0")
-    assert (failed["state"], failed["code"], failed["message"]) == ("failed", -3, "bad signature")
+    assert (failed["state"], failed["code"], failed["failure"], failed["message"]) == \
+        ("failed", -3, "verify", "bad signature")
+    assert retried["failure"] is None
     assert [event["to"] for event in failed["history"]][:3] == ["queued", "notified", "failed"]
     assert failed["history"][0]["from"] is None and "bad signature" in failed["history"][2]["reason"]
     assert [event["to"] for event in retried["history"]][-1] == "notified"
     for job in (retried, failed):
         assert set(job) == {"id", "batch", "module", "state", "from", "to", "progress", "served_percent", "code",
-                            "message", "created_at", "updated_at", "history"}
+                            "failure", "message", "created_at", "updated_at", "history"}
         assert all(set(event) == {"at", "from", "to", "progress", "reason"} for event in job["history"])
         assert job["created_at"] <= job["updated_at"]
 

@@ -208,6 +208,19 @@ def test_package_add_takes_a_255_byte_file_name(tmp_path: Path) -> None:
     assert otactl(config, "validate").returncode == 0
 
 
+def test_package_add_shows_a_hostile_file_name_escaped(tmp_path: Path) -> None:
+    config = demo_catalog(tmp_path)
+    name = "fw\n\x1b[31mok\u202e.bin"  # a newline, a terminal colour, a right-to-left override
+    make_firmware(tmp_path / "incoming" / name, 5000, 5)
+    result = otactl(config, "package", "add", str(tmp_path / "incoming" / name), "--product", "a1DemoCam",
+                    "--version", "1.2.0")
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\u202e" not in result.stdout
+    copied = result.stdout.splitlines()[0]
+    assert copied.startswith("copied ") and "fw\\n\\x1b[31mok\\u202e.bin" in copied, copied
+    assert (tmp_path / "packages" / name).is_file()
+
+
 def test_package_add_never_widens_the_images_permissions(tmp_path: Path) -> None:
     """The copy keeps the source's permission bits, at most 0644 (docs/operations.md): a
     private image stays private, even named through a symlink; nothing becomes executable."""

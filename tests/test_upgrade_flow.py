@@ -63,6 +63,37 @@ async def test_old_version_after_install_means_failed(server: OtaServer) -> None
         await server.wait_state("dev-3", "failed")
     job = (await server.engine.store.jobs("up-1.1.0"))[0]
     assert "did not boot" in (await server.engine.store.history(job.id))[-1][4]
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {server.admin_token}"}) as http:
+        async with http.get(f"{server.http_url}/admin/api/jobs/{job.id}") as answer:
+            shown = (await answer.json())["job"]
+        async with http.get(f"{server.http_url}/admin/api/devices/a1Test/dev-3") as answer:
+            listed = (await answer.json())["jobs"][0]
+    assert (shown["code"], shown["failure"], shown["message"]) == (None, "boot", "reported 1.0.0 after install")
+    assert (listed["code"], listed["failure"]) == (None, "boot")
+
+
+async def test_push_ids_fit_31_bits_and_are_never_reused_after_a_restart(tmp_path: Path) -> None:
+    write_catalog(tmp_path, """
+    - {name: up, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic, push: true}
+    """)
+    server = await OtaServer(tmp_path).start()
+    async with Device(server, "dev-p1") as one, Device(server, "dev-p2") as two:
+        await one.inform("1.0.0")
+        await two.inform("1.0.0")
+        first = [(await one.next_push())["id"], (await two.next_push())["id"]]
+        await one.inform("1.0.0")  # pushed again: a new id
+        again = (await one.next_push())["id"]
+    await server.stop()
+    server = await OtaServer(tmp_path, mqtt_port=server.mqtt_port, http_port=server.http_port).start()
+    try:
+        async with Device(server, "dev-p1") as one:
+            await one.inform("1.0.0")
+            after_restart = (await one.next_push())["id"]
+    finally:
+        await server.stop()
+    assert sorted(first) == [1, 2] and again == 3
+    assert after_restart == 10_001  # the rest of the reserved block is skipped: ids 4..10000 may have left
+    assert all(isinstance(i, int) and 0 < i < 2**31 for i in (*first, again, after_restart))
 
 
 async def test_up_to_date_or_newer_devices_get_nothing(server: OtaServer) -> None:

@@ -8,6 +8,7 @@ works with firmware we did not write. Runs in its own venv (linkkit needs paho-m
 Reports 1.0.0, waits for the push (linkkit's on_ota_message_arrived), asks again with
 query_ota_firmware (get_reply), downloads with linkkit's download_ota_firmware (which checks
 the sign), reports progress 100 and the new version. Prints one line; exit 0 on success.
+With --cafile it connects over TLS and downloads over https, trusting that CA.
 """
 from __future__ import annotations
 
@@ -31,11 +32,17 @@ def main() -> int:
     parser.add_argument("--product", default="a1DemoCam")
     parser.add_argument("--product-secret", default="demo-product-secret")
     parser.add_argument("--version", default="1.0.0")
+    parser.add_argument("--cafile", help="MQTT over TLS (and https downloads) trusting this CA, as linkkit's "
+                                         "config_mqtt(secure='TLS', cadata=...) does")
     args = parser.parse_args()
     secret = hmac.new(args.product_secret.encode(), args.device.encode(), hashlib.sha256).hexdigest()
     kit = linkkit.LinkKit(host_name="cn-shanghai", product_key=args.product, device_name=args.device,
                           device_secret=secret)
-    kit.config_mqtt(port=args.port, secure="", endpoint=args.host, keep_alive=60)
+    if args.cafile:
+        with open(args.cafile, encoding="ascii") as ca:
+            kit.config_mqtt(port=args.port, secure="TLS", cadata=ca.read(), endpoint=args.host, keep_alive=60)
+    else:
+        kit.config_mqtt(port=args.port, secure="", endpoint=args.host, keep_alive=60)
     connected, offers = threading.Event(), []
     offered = threading.Semaphore(0)
     kit.on_connect = lambda session_flag, rc, userdata: rc == 0 and connected.set()
