@@ -11,7 +11,7 @@ import binascii
 import hmac
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote
@@ -32,7 +32,7 @@ from otacore.jobs import ALL_STATES
 from otacore.package_files import DownloadFile, log_unreadable, open_hashed
 from otacore.rollout import failure_of
 from otacore.signed_urls import UrlRejected
-from otacore.status import batch_report, batch_summaries
+from otacore.status import FleetView, batch_report, batch_summaries
 
 from .connection_guard import GUARD, ConnectionGuard
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, BrokerFigures, exposition, metrics_registry
@@ -54,8 +54,11 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
     `broker`: the broker's figures for GET /metrics."""
     app = web.Application(client_max_size=MAX_DEVICE_BODY)
     app[ENGINE], app[ADMIN_TOKEN], app[CROWDED] = engine, admin_token, crowded
-    app[OPEN_FILES] = OpenPackageFiles()
+    app[OPEN_FILES] = open_files = OpenPackageFiles()
     app.on_cleanup.append(_close_open_files)
+    # A package that left the catalog, or whose file changed, gives its handle back.
+    engine.reload_listeners.append(lambda _catalog: open_files.retain(engine.files.downloads() if engine.files
+                                                                      else ()))
     # Listeners made with HttpSite report their connections to it (connection_guard.py).
     app[GUARD] = ConnectionGuard(engine.settings.header_timeout_seconds, engine.settings.unauthenticated_cap)
     app.on_startup.append(_start_guard)
@@ -79,7 +82,8 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
     app.router.add_get("/healthz", healthz)
     app.on_response_prepare.append(_set_package_etag)
     app[DOWNLOAD_STATUSES] = {200: 0, 206: 0}  # shown from the start, so that rate() sees the first ones
-    app[METRICS] = metrics_registry(engine, broker or BrokerFigures(), app[DOWNLOAD_STATUSES])
+    app[METRICS] = metrics_registry(engine, broker or BrokerFigures(), app[DOWNLOAD_STATUSES],
+                                    lambda: open_files.count)
     app.router.add_get("/metrics", metrics_page)
     app.on_response_prepare.append(_count_download_status)
     app.on_response_prepare.append(_protect_admin_answers)
@@ -197,10 +201,10 @@ class PackageResponse(web.FileResponse):
     that answers the request as rewritten by `download` and tells the engine about the
     transfer of a device's job (started, and the bytes sent when it completed)."""
 
-    def __init__(self, file: DownloadFile, opened: tuple[BinaryIO, os.stat_result], etag: str,
+    def __init__(self, file: DownloadFile, opened: "PackageHandle", etag: str,
                  rewritten: web.Request, engine: OtaEngine | None, job_id: int | None,
                  headers: dict[str, str]) -> None:
-        """`opened`: the shared handle of `file` and its stat (OpenPackageFiles.get)."""
+        """`opened`: the shared handle of `file`, leased for this answer (OpenPackageFiles.get)."""
         path = file.path
         self._opened = opened
         headers = {"Content-Type": _content_type(path.name), **headers}  # guessed once per name
@@ -215,17 +219,20 @@ class PackageResponse(web.FileResponse):
         self._rewritten, self._engine, self._job_id = rewritten, engine, job_id
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if self._engine is None or self._job_id is None or request.method != "GET":
-            return await self._send(self._rewritten)
-        sent = 0
-        self._engine.downloads.started(self._job_id)
         try:
-            writer = await self._send(self._rewritten)  # the body is sent here
-            if self.status in (200, 206):
-                sent = self.content_length or 0
-            return writer
+            if self._engine is None or self._job_id is None or request.method != "GET":
+                return await self._send(self._rewritten)
+            sent = 0
+            self._engine.downloads.started(self._job_id)
+            try:
+                writer = await self._send(self._rewritten)  # the body is sent here
+                if self.status in (200, 206):
+                    sent = self.content_length or 0
+                return writer
+            finally:
+                self._engine.downloads.finished(self._job_id, sent)
         finally:
-            self._engine.downloads.finished(self._job_id, sent)
+            self._opened.release()
 
 
     async def _send(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
@@ -243,8 +250,7 @@ class PackageResponse(web.FileResponse):
                 # Content-Encoding, under this package's hash: other bytes than were pushed.
                 request = request.clone(headers=_plain_headers(request, drop="Accept-Encoding"))
             return await super().prepare(request)
-        handle, stat = self._opened
-        return await self._prepare_open_file(request, handle, stat, None)
+        return await self._prepare_open_file(request, self._opened.file, self._opened.stat, None)
 
 
     async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int, count: int) -> AbstractStreamWriter:
@@ -273,35 +279,84 @@ class PackageResponse(web.FileResponse):
         return writer
 
 
+class PackageHandle:
+    """An open package file and its stat as hashed, with the answers using it now."""
+
+    __slots__ = ("path", "stamp", "file", "stat", "users", "_retired")
+
+    def __init__(self, path: Path, stamp: tuple[int, int], file: BinaryIO, stat: os.stat_result) -> None:
+        self.path, self.stamp, self.file, self.stat = path, stamp, file, stat
+        self.users = 0
+        self._retired: Callable[["PackageHandle"], None] | None = None
+
+    def release(self) -> None:
+        """One answer is done with it; a retired handle closes with its last answer."""
+        self.users -= 1
+        if self.users <= 0 and self._retired is not None:
+            self._retired(self)
+
+
 class OpenPackageFiles:
     """One open handle per package file, shared by all its transfers over plain TCP.
 
     sendfile reads at explicit offsets, so transfers never disturb each other (TLS transfers
-    read through the file position instead and open their own). A file replaced on disk gets
-    a new handle; the old one is closed a while later, once transfers of it have ended.
+    read through the file position instead and open their own). A handle is retired when its
+    package leaves the catalog or its file changes (a reload calls `retain`), or when a
+    transfer finds the file replaced; it closes once the answers using it end, so a deleted
+    package's disk space is freed. One an answer never released closes after `grace_seconds`.
     """
 
     def __init__(self, grace_seconds: float = 600.0) -> None:
         self._grace = grace_seconds
-        self._open: dict[Path, tuple[tuple[int, int], BinaryIO, os.stat_result]] = {}
+        self._open: dict[Path, PackageHandle] = {}
+        self._retired: set[PackageHandle] = set()
 
-    def get(self, file: DownloadFile) -> tuple[BinaryIO, os.stat_result]:
-        """The handle and stat of `file` as it was hashed. FileNotFoundError if it is gone or
-        changed; another OSError if it cannot be read (permissions, I/O)."""
+    def get(self, file: DownloadFile) -> PackageHandle:
+        """The handle of `file` as it was hashed, leased: call its `release()` when done.
+        FileNotFoundError if it is gone or changed; another OSError if it cannot be read
+        (permissions, I/O)."""
         wanted = (file.digest.size, file.digest.mtime_ns)
         entry = self._open.get(file.path)
-        if entry is not None and entry[0] == wanted:
-            return entry[1], entry[2]
-        handle, stat = open_hashed(file)
-        if entry is not None:
-            asyncio.get_running_loop().call_later(self._grace, entry[1].close)
-        self._open[file.path] = (wanted, handle, stat)
-        return handle, stat
+        if entry is None or entry.stamp != wanted:
+            handle, stat = open_hashed(file)
+            if entry is not None:
+                self._retire(entry)
+            entry = self._open[file.path] = PackageHandle(file.path, wanted, handle, stat)
+        entry.users += 1
+        return entry
+
+    def retain(self, current: Iterable[DownloadFile]) -> None:
+        """Keep the handles of these files as hashed now; retire every other one."""
+        wanted = {file.path: (file.digest.size, file.digest.mtime_ns) for file in current}
+        for path, entry in list(self._open.items()):
+            if wanted.get(path) != entry.stamp:
+                self._retire(entry)
+
+    @property
+    def count(self) -> int:
+        """Handles open now, retired ones still in use included (for /metrics)."""
+        return len(self._open) + len(self._retired)
+
+    def _retire(self, entry: PackageHandle) -> None:
+        if self._open.get(entry.path) is entry:
+            del self._open[entry.path]
+        if entry.users <= 0:
+            entry.file.close()
+            return
+        self._retired.add(entry)
+        entry._retired = self._close_retired
+        asyncio.get_running_loop().call_later(self._grace, self._close_retired, entry)
+
+    def _close_retired(self, entry: PackageHandle) -> None:
+        if entry in self._retired:
+            self._retired.discard(entry)
+            entry.file.close()
 
     def close(self) -> None:
-        for _, handle, _ in self._open.values():
-            handle.close()
+        for entry in [*self._open.values(), *self._retired]:
+            entry.file.close()
         self._open.clear()
+        self._retired.clear()
 
 
 OPEN_FILES = web.AppKey("open_files", OpenPackageFiles)
@@ -376,6 +431,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     etag = f'"{file.digest.sha256}"'
     rewritten = _rewrite_conditions(request, etag, file.digest.size)
     if isinstance(rewritten, web.StreamResponse):
+        opened.release()  # answered without the file (304, 412, ...)
         return rewritten
     response = PackageResponse(file, opened, etag, rewritten, engine, job_id,
                                headers={"Cache-Control": "private, no-transform"})
@@ -574,14 +630,23 @@ def _admin_only(request: web.Request) -> web.Response | None:
 
 
 async def admin_status(request: web.Request) -> web.Response:
+    """GET /admin/api/status[?removed=true]: the catalog's batches from memory; with
+    `removed=true` also the batches that left the catalog, read from the database."""
     if (denied := _admin_only(request)) is not None:
         return denied
     engine = request.app[ENGINE]
-    behind = await _database_behind(engine)  # the database shows what memory knows
-    if behind is not None:
-        return behind
-    return web.json_response({"batches": await batch_summaries(engine.store, engine.catalog, sha_of=engine.current_sha,
-                                                             schedule=engine.core.rollout.schedule)})
+    removed = request.query.get("removed", "false")
+    if removed not in ("true", "false"):
+        return _error(400, f"removed must be true or false, got {removed[:40]!r}")
+    source: Any = FleetView(engine.state)
+    if removed == "true":
+        behind = await _database_behind(engine)  # the database shows what memory knows
+        if behind is not None:
+            return behind
+        source = engine.store
+    return web.json_response({"batches": await batch_summaries(
+        source, engine.catalog, sha_of=engine.current_sha, schedule=engine.core.rollout.schedule,
+        removed=removed == "true")})
 
 
 async def admin_batch(request: web.Request) -> web.Response:
@@ -595,10 +660,13 @@ async def admin_batch(request: web.Request) -> web.Response:
         return _error(400, str(exc))
     engine = request.app[ENGINE]
     name = request.match_info["name"]
-    behind = await _database_behind(engine)
-    if behind is not None:
-        return behind
-    report = await batch_report(engine.store, engine.catalog, name, sha_of=engine.current_sha,
+    source: Any = FleetView(engine.state)  # a batch of the catalog: from memory
+    if engine.catalog is None or name not in engine.catalog.batches:  # a removed one: its history on disk
+        behind = await _database_behind(engine)
+        if behind is not None:
+            return behind
+        source = engine.store
+    report = await batch_report(source, engine.catalog, name, sha_of=engine.current_sha,
                                 schedule=engine.core.rollout.schedule)
     if report is None:
         return _error(404, f"no batch named {name!r}")

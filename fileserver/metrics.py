@@ -46,7 +46,9 @@ class BrokerFigures:
 
 
 class OtaCollector(Collector):
-    def __init__(self, engine: OtaEngine, broker: BrokerFigures, download_statuses: Mapping[int, int]) -> None:
+    def __init__(self, engine: OtaEngine, broker: BrokerFigures, download_statuses: Mapping[int, int],
+                 package_handles: Callable[[], int] = lambda: 0) -> None:
+        self._package_handles = package_handles  # open package files (fileserver/app.py OpenPackageFiles)
         self._engine = engine
         self._broker = broker
         self._statuses = download_statuses  # HTTP status -> /files/ answers (fileserver/app.py)
@@ -73,6 +75,9 @@ class OtaCollector(Collector):
                                   "their device's credentials logged in again past "
                                   "limits.max_connections_per_device (a leaked or cloned secret, or a device "
                                   "reconnecting without closing).", value=broker.connections_replaced())
+        yield GaugeMetricFamily("ota_package_handles_open", "Package files the file server holds open now: one "
+                                "per package file being served, and retired ones until their transfers end.",
+                                value=self._package_handles())
         yield CounterMetricFamily("ota_pushes_sent", "Upgrade pushes handed to a device's live MQTT session.",
                                   value=engine.pushes_sent)
         served = CounterMetricFamily("ota_bytes_served", "Package bytes sent to devices: completed HTTP "
@@ -98,7 +103,10 @@ class OtaCollector(Collector):
                                  "job in the batch.", labels=["batch", "state"])
         failed = GaugeMetricFamily("ota_failed_jobs", "Devices per batch whose latest job there failed, by how "
                                    "it failed.", labels=["batch", "kind"])
-        for batch, counts in sorted(state.counts.items()):
+        # The catalog's batches only: removed ones leave /metrics, so the label set stays
+        # bounded by the catalog (at most 1,000 batches) however long the server runs.
+        listed = self._engine.catalog.batches if self._engine.catalog is not None else {}
+        for batch, counts in sorted((name, state.counts.get(name, {})) for name in listed):
             for job_state in JobState:
                 jobs.add_metric([batch, job_state.value], counts.get(job_state, 0))
             kinds = dict.fromkeys(FAILURE_KINDS, 0)
@@ -123,11 +131,11 @@ class OtaCollector(Collector):
         yield rollout
 
 
-def metrics_registry(engine: OtaEngine, broker: BrokerFigures, download_statuses: Mapping[int, int]) \
-        -> CollectorRegistry:
+def metrics_registry(engine: OtaEngine, broker: BrokerFigures, download_statuses: Mapping[int, int],
+                     package_handles: Callable[[], int] = lambda: 0) -> CollectorRegistry:
     """A registry of its own for one server: its figures and the process's."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(OtaCollector(engine, broker, download_statuses))
+    registry.register(OtaCollector(engine, broker, download_statuses, package_handles))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry

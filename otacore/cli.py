@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="progress per batch, or per device of one batch")
     status.add_argument("batch", nargs="?", help="show this batch's devices")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--removed", action="store_true", help="also batches that left the catalog (their "
+                        "jobs and history stay in the database)")
     status.add_argument("--watch", type=float, metavar="SECONDS", help="redraw every SECONDS until Ctrl-C "
                         "(progress bars on a terminal, plain text otherwise)")
     devices = commands.add_parser("devices", help="devices the running server knows: versions, online, last "
@@ -278,7 +280,7 @@ def _rollout_line(rollout: dict[str, Any]) -> str:
     return text
 
 
-async def _status(settings: Settings, batch: str | None) -> dict[str, Any]:
+async def _status(settings: Settings, batch: str | None, removed: bool = False) -> dict[str, Any]:
     db = database_path(settings.data_dir)
     if not db.exists():
         raise SystemExit(f"otactl: no database at {db}; has the server run with this data_dir?")
@@ -294,7 +296,7 @@ async def _status(settings: Settings, batch: str | None) -> dict[str, Any]:
             return hashes.digest(package.file).sha256
 
         if batch is None:
-            return {"batches": await batch_summaries(store, catalog, sha_of=sha_of)}
+            return {"batches": await batch_summaries(store, catalog, sha_of=sha_of, removed=removed)}
         report = await batch_report(store, catalog, batch, sha_of=sha_of)
         if report is None:
             raise SystemExit(f"otactl: no batch named {batch!r}; `otactl status` lists them")
@@ -319,8 +321,8 @@ def _counts(summary: dict[str, Any]) -> str:
     return ", ".join(parts) or "no devices yet"
 
 
-def cmd_status(settings: Settings, batch: str | None, as_json: bool) -> int:
-    _print_status(asyncio.run(_status(settings, batch)), batch, as_json)
+def cmd_status(settings: Settings, batch: str | None, as_json: bool, removed: bool = False) -> int:
+    _print_status(asyncio.run(_status(settings, batch, removed)), batch, as_json)
     return 0
 
 
@@ -358,13 +360,26 @@ def _print_status(report: dict[str, Any], batch: str | None, as_json: bool) -> N
     print(_table(rows))
 
 
-def cmd_watch(settings: Settings, batch: str | None, as_json: bool, every: float) -> int:
+def cmd_watch(settings: Settings, batch: str | None, as_json: bool, every: float, removed: bool = False) -> int:
     """On a terminal: progress bars per batch (rich), redrawn in place. Otherwise (a pipe, a
     file) the plain status each time, or with --json one JSON document per line. Ctrl-C: 0."""
+    fetching, pending = [False], [False]
+
     def fetch() -> dict[str, Any]:
-        return asyncio.run(_status(settings, batch))
+        fetching[0] = True
+        try:
+            return asyncio.run(_status(settings, batch, removed))
+        finally:
+            fetching[0] = False
+            if pending[0]:
+                raise KeyboardInterrupt
 
     def interrupted(*_: Any) -> None:
+        # Not inside asyncio.run: interrupted while it closes its loop, the loop is left
+        # open and its __del__ prints a traceback at exit. It ends once the fetch returns.
+        if fetching[0] and not pending[0]:  # a second Ctrl-C does not wait
+            pending[0] = True
+            return
         raise KeyboardInterrupt
 
     # Our own SIGINT handler: asyncio.run replaces only Python's default one, and a Ctrl-C

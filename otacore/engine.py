@@ -172,7 +172,19 @@ class OtaEngine:
             for listener in self.reload_listeners:
                 listener(loaded.catalog)
             await self._admin_settled()
+            self._forget_removed_batches(loaded.catalog)
             return loaded
+
+    def _forget_removed_batches(self, catalog: Catalog) -> None:
+        """Memory holds what is live: the jobs of batches that left the catalog go to disk
+        only, once they are written (between two commits; the next reload tries again)."""
+        if self.journal.busy or self.journal.trouble() is not None:
+            return
+        removed = {name for name in self.state.batches if name not in catalog.batches}
+        forgotten = self.state.forget_batches(removed)
+        if forgotten:
+            log.info("%d finished jobs of %d removed batches left memory (their history stays in the database)",
+                     forgotten, len(removed))
 
     # -- device reports: synchronous, from the broker's packet path --------------------
     def decide_version(self, device: DeviceId, module: str, version: str, *, deliver: bool = True) -> None:

@@ -219,6 +219,30 @@ class FleetState:
             counts[job.state] += 1
             in_batch[job.device] = job
 
+    def forget_batches(self, names: set[str]) -> int:
+        """Drop from memory the jobs of these batches (ones that left the catalog), keeping
+        each device's latest job per module, which decisions read, and any job not final or
+        not yet written: the rest is history, on disk only (status of a removed batch, device
+        pages and `otactl` read it there). Call it between commits (see Journal.busy): a
+        change being written names its jobs by id. Returns how many jobs left memory."""
+        if not names:
+            return 0
+        kept = {id(job) for job in self.latest_jobs.values()}
+        forgotten = 0
+        for job_id, job in list(self.jobs.items()):
+            if job.batch in names and id(job) not in kept and not job.is_open and job_id not in self.changes.jobs:
+                del self.jobs[job_id]
+                forgotten += 1
+        for name in names:
+            if self.open_in_batch.get(name):
+                continue  # an open job: its batch's indexes stay until it ends
+            for index in (self.current, self.latest_in_batch, self.open_in_batch, self.counts, self.targets):
+                index.pop(name, None)
+        if forgotten:
+            for key in [key for key in self.job_counts if key[0] in names and not self.open_in_batch.get(key[0])]:
+                del self.job_counts[key]
+        return forgotten
+
     # -- batches, targets, packages ----------------------------------------------------
     def save_batch(self, name: str, package_id: str, fingerprint: dict[str, str], state: str, reason: str,
                    now: float) -> BatchRow:

@@ -166,6 +166,11 @@ class Journal:
             self._cancel_waiters()
             self._wake.set()
 
+    @property
+    def busy(self) -> bool:
+        """A transaction is being written: the changes it took name jobs by id."""
+        return self._writing
+
     def trouble(self) -> str | None:
         """Why changes are not reaching the disk now, or None when they are."""
         if self.abandoned is not None:

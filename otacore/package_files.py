@@ -273,6 +273,10 @@ class PackageFiles:
             return self._patches[(package.id, from_version)]
         return self._full[package.id]
 
+    def downloads(self) -> list[DownloadFile]:
+        """Every file this catalog serves: full images and patches."""
+        return list(self._by_key.values())
+
     def by_key(self, key: str) -> DownloadFile | None:
         """Any prepared file by its key (admin downloads)."""
         return self._by_key.get(key)

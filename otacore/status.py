@@ -1,16 +1,56 @@
-"""Progress reports for admins: per batch counts and percent done, per device state and progress."""
+"""Progress reports for admins: per batch counts and percent done, per device state and progress.
+
+They read a `Source`: the server's memory (`FleetView`, what the admin API uses: no database
+round trip, a cost that does not grow with history) or the database (`Store`, for `otactl`
+without a server and for removed batches when asked). Batches that left the catalog are
+shown only when asked (`removed=True`): years of them must not slow every poll.
+"""
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .catalog import Batch, Catalog, Package
+from .fleet_state import BatchRow, FleetState
+from .jobs import Job
 from .rollout import failure_of, rollout_view
-from .store import ALL_STATES, FINAL_STATES, Store
+from .store import ALL_STATES, FINAL_STATES
 
 
-async def _waiting(store: Store, batch: Batch | None, jobbed: set[str]) -> set[str]:
+class Source(Protocol):
+    async def batches(self) -> dict[str, BatchRow]: ...
+    async def package_statuses(self) -> dict[str, tuple[str, str]]: ...
+    async def state_counts(self, batch: str | None = None) -> dict[str, dict[str, int]]: ...
+    async def latest_jobs(self, batch: str) -> list[Job]: ...
+    async def targets(self, batch: str) -> set[str]: ...
+
+
+class FleetView:
+    """The status Source of a running server: its FleetState, read where it stands."""
+
+    def __init__(self, state: FleetState) -> None:
+        self.state = state
+
+    async def batches(self) -> dict[str, BatchRow]:
+        return self.state.batches
+
+    async def package_statuses(self) -> dict[str, tuple[str, str]]:
+        return self.state.package_status
+
+    async def state_counts(self, batch: str | None = None) -> dict[str, dict[str, int]]:
+        counts = self.state.counts if batch is None else {batch: self.state.counts.get(batch, {})}
+        return {name: {str(state): number for state, number in by_state.items() if number}
+                for name, by_state in counts.items()}
+
+    async def latest_jobs(self, batch: str) -> list[Job]:
+        return self.state.batch_latest_jobs(batch)
+
+    async def targets(self, batch: str) -> set[str]:
+        return self.state.targets.get(batch, set())
+
+
+async def _waiting(store: Source, batch: Batch | None, jobbed: set[str]) -> set[str]:
     """Static targets that have not reported a targeted version yet (and are still listed)."""
     if batch is None or batch.mode != "static":
         return set()
@@ -25,21 +65,28 @@ ShaOf = Callable[[Package], str]
 ScheduleOf = Callable[[Batch, float], tuple[str, float | None] | None]
 
 
-async def batch_summaries(store: Store, catalog: Catalog | None, only: str | None = None,
+async def batch_summaries(store: Source, catalog: Catalog | None, only: str | None = None,
                           sha_of: ShaOf | None = None, now: float | None = None,
-                          schedule: ScheduleOf | None = None) -> list[dict[str, Any]]:
-    """One summary per batch (or just `only`), counting each device's latest job once.
-    With `sha_of` (a package's current file hash), a verification earned by an earlier
-    build of the package shows as unverified. With `schedule`, a batch's schedule is the
-    server's answer of this second; without, the batch's windows answer (from their last
-    openings, no cron arithmetic within an opening)."""
+                          schedule: ScheduleOf | None = None, removed: bool = False) -> list[dict[str, Any]]:
+    """One summary per batch of the catalog (or just `only`; with `removed`, also the ones
+    that left it), counting each device's latest job once. With `sha_of` (a package's
+    current file hash), a verification earned by an earlier build of the package shows as
+    unverified. With `schedule`, a batch's schedule is the server's answer of this second;
+    without, the batch's windows answer (from their last openings, no cron arithmetic
+    within an opening)."""
     rows = await store.batches()
     statuses = await store.package_statuses()
-    counts_by_batch = await store.state_counts(only)
     names = list(catalog.batches) if catalog else []
-    names += [name for name in rows if name not in names]
+    if removed or catalog is None:
+        names += [name for name in rows if name not in names]
     if only is not None:
-        names = [name for name in names if name == only]
+        names = [name for name in names if name == only] or ([only] if only in rows else [])
+    if only is not None or removed or catalog is None:
+        counts_by_batch = await store.state_counts(only)
+    else:  # batch by batch: the database reads only these batches' jobs (an index), not all history
+        counts_by_batch = {}
+        for name in names:
+            counts_by_batch[name] = (await store.state_counts(name)).get(name, {})
     summaries = []
     for name in names:
         row = rows.get(name)
@@ -71,7 +118,7 @@ async def batch_summaries(store: Store, catalog: Catalog | None, only: str | Non
     return summaries
 
 
-async def batch_report(store: Store, catalog: Catalog | None, name: str, sha_of: ShaOf | None = None,
+async def batch_report(store: Source, catalog: Catalog | None, name: str, sha_of: ShaOf | None = None,
                        schedule: ScheduleOf | None = None) -> dict[str, Any] | None:
     """The summary of one batch and a row per device, or None when there is no such batch."""
     summaries = await batch_summaries(store, catalog, only=name, sha_of=sha_of, schedule=schedule)

@@ -307,3 +307,73 @@ async def test_downloading_is_activity_and_a_late_success_counts(tmp_path: Path)
             await server.wait_state("slow", "succeeded")
     finally:
         await server.stop()
+
+
+async def test_a_removed_batch_leaves_status_and_metrics_and_is_shown_when_asked(tmp_path: Path) -> None:
+    write_catalog(tmp_path, """
+    - {name: old, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic, push: true}
+    """)
+    server = await OtaServer(tmp_path).start()
+    try:
+        async with Device(server, "rm-1") as device:
+            await device.inform("1.0.0")
+            await device.next_push()
+            await device.progress(100)
+            await device.inform("1.1.0")
+            await server.wait_state("rm-1", "succeeded")
+        write_catalog(tmp_path, """
+        - {name: new, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic}
+        """)
+        await server.engine.reload()
+        await server.engine.settled()
+        admin = {"Authorization": f"Bearer {server.admin_token}"}
+        async with aiohttp.ClientSession(headers=admin) as http:
+            async with http.get(f"{server.http_url}/admin/api/status") as answer:
+                assert [b["name"] for b in (await answer.json())["batches"]] == ["new"]
+            async with http.get(f"{server.http_url}/admin/api/status?removed=true") as answer:
+                shown = {b["name"]: b for b in (await answer.json())["batches"]}
+                assert shown["old"]["counts"] == {"succeeded": 1} and "new" in shown
+            async with http.get(f"{server.http_url}/admin/api/status?removed=maybe") as answer:
+                assert answer.status == 400
+            async with http.get(f"{server.http_url}/admin/api/batches/old") as answer:  # from the database
+                assert [d["state"] for d in (await answer.json())["devices"]] == ["succeeded"]
+            async with http.get(f"{server.http_url}/metrics") as answer:
+                text = await answer.text()
+        assert 'batch="new"' in text and 'batch="old"' not in text
+    finally:
+        await server.stop()
+
+
+async def test_finished_jobs_of_a_removed_batch_leave_memory_and_stay_on_disk(tmp_path: Path) -> None:
+    write_catalog(tmp_path, """
+    - {name: gone, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic, push: true}
+    """)
+    server = await OtaServer(tmp_path).start()
+    try:
+        async with Device(server, "mem-1") as device:
+            await device.inform("1.0.0")
+            await device.next_push()
+            await device.progress(-2, "download failed")
+            await server.wait_state("mem-1", "failed")
+            await server.engine.retry("gone")  # a second job; the first is history now
+            await device.next_push()
+            await device.progress(-3, "bad image")
+            await server.wait_state("mem-1", "failed")
+        first, latest = sorted(server.engine.state.jobs)
+        write_catalog(tmp_path, "")
+        await server.engine.reload()
+        state = server.engine.state
+        assert list(state.jobs) == [latest], "the device's latest job stays: decisions read it"
+        assert "gone" not in state.counts and "gone" not in state.latest_in_batch
+        admin = {"Authorization": f"Bearer {server.admin_token}"}
+        async with aiohttp.ClientSession(headers=admin) as http:
+            async with http.get(f"{server.http_url}/admin/api/devices/a1Test/mem-1") as answer:
+                jobs = (await answer.json())["jobs"]
+            async with http.get(f"{server.http_url}/admin/api/jobs/{first}") as answer:
+                assert (await answer.json())["job"]["failure"] == "download"
+        assert [(job["id"], job["failure"]) for job in jobs] == [(latest, "verify"), (first, "download")]
+        async with Device(server, "mem-1") as device:  # the device is offered nothing new
+            await device.inform("1.0.0")
+            await device.expect_nothing(0.3)
+    finally:
+        await server.stop()

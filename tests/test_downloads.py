@@ -167,3 +167,34 @@ async def test_short_of_connections_each_transfer_closes_its_own(server: OtaServ
         assert status == 206 and headers.get("connection", "").lower() != "close"
     finally:
         await crowded.close()
+
+
+def _deleted_files_held(path: str) -> list[str]:
+    """This process's descriptors that point at `path`, deleted."""
+    import os
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target == f"{path} (deleted)":
+            held.append(target)
+    return held
+
+
+async def test_a_package_removed_and_deleted_gives_its_handle_back_at_the_reload(server: OtaServer, url: str) -> None:
+    # Each removed package used to keep a descriptor for good: its disk space never freed.
+    from harness import BASE_CATALOG, write_catalog
+    assert (await fetch("GET", url, Range="bytes=0-99"))[0] == 206  # the handle is open now
+    open_files = server.plugin.runtime._runner.app[OPEN_FILES]  # type: ignore[union-attr]
+    assert open_files.count == 1
+    image = server.root / "packages" / "fw-1.1.0.bin"
+    write_catalog(server.root, base=BASE_CATALOG.replace(
+        "  - {id: fw-1.1.0, product: a1Test, version: 1.1.0, file: fw-1.1.0.bin, sign_method: MD5}\n", ""))
+    image.unlink()
+    await server.engine.reload()
+    assert open_files.count == 0 and not _deleted_files_held(str(image))
+    async with aiohttp.ClientSession() as http, http.get(f"{server.http_url}/metrics",
+                                                         headers={"Authorization": f"Bearer {server.admin_token}"}) as r:
+        assert "ota_package_handles_open 0.0" in await r.text()

@@ -27,11 +27,10 @@ from fileserver.metrics import BrokerFigures, OtaCollector
 from harness import write_catalog
 from otacore.catalog_loading import prepare_catalog
 from otacore.errors import ConfigError
-from otacore.fleet_state import FleetState
 from otacore.plan import plan_reload
 from otacore.rollout_policy import EARLIEST, LATEST
 from otacore.settings import settings_from_mapping
-from otacore.status import batch_report, batch_summaries
+from otacore.status import FleetView, batch_report, batch_summaries
 from test_decisions import BASE, T0, World
 
 DEVICES = [f"d{i}" for i in range(4)]
@@ -190,33 +189,9 @@ policies = st.one_of(hostile_policies, sane, st.tuples(sane, one_hostile_key).ma
 
 # -- the server's readers, outside a server ----------------------------------------------------
 
-class StateStore:
-    """The reads status.py makes of the database, answered from the World's memory (the
-    journal would have written the same rows)."""
-
-    def __init__(self, state: FleetState) -> None:
-        self.state = state
-
-    async def batches(self) -> dict[str, Any]:
-        return dict(self.state.batches)
-
-    async def package_statuses(self) -> dict[str, tuple[str, str]]:
-        return dict(self.state.package_status)
-
-    async def state_counts(self, only: str | None = None) -> dict[str, dict[str, int]]:
-        return {name: {str(state): n for state, n in counts.items() if n}
-                for name, counts in self.state.counts.items() if only is None or name == only}
-
-    async def latest_jobs(self, name: str) -> list[Any]:
-        return sorted(self.state.latest_in_batch.get(name, {}).values(), key=lambda job: job.id)
-
-    async def targets(self, name: str) -> set[str]:
-        return set(self.state.targets.get(name, set()))
-
-
 def metrics_text(w: World) -> str:
     engine = SimpleNamespace(pushes_sent=0, downloads=w.downloads, reloads={}, state=w.state,
-                             running=w.core.running, core=w.core)
+                             running=w.core.running, core=w.core, catalog=w.core.catalog)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(OtaCollector(engine, BrokerFigures(), {}))  # type: ignore[arg-type]
     return generate_latest(registry).decode()
@@ -224,7 +199,7 @@ def metrics_text(w: World) -> str:
 
 async def console_json(w: World, now: float) -> str:
     """What /admin/api/status and /admin/api/batches/up answer, as strict JSON."""
-    store = StateStore(w.state)
+    store = FleetView(w.state)  # what the server's admin API reads
     summaries = await batch_summaries(store, w.core.catalog, now=now)  # type: ignore[arg-type]
     report = await batch_report(store, w.core.catalog, "up")  # type: ignore[arg-type]
     return json.dumps({"batches": summaries, "report": report, "rollout": w.core.rollout_view("up")},
