@@ -1,5 +1,5 @@
 """`otactl`: validate the catalog, reload the running server, show upgrade progress, list
-devices, add packages.
+devices, add packages, back up and restore.
 
 It reads the admin token (data_dir/admin-token or admin.token in broker.yaml) and never writes
 one: only the server makes it, and puts it back if it is deleted while the server runs.
@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--id", metavar="ID", help="package id (default: PRODUCT-MODULE-VERSION)")
     add.add_argument("--sign-method", choices=("SHA256", "MD5"), default="SHA256",
                      help="hash devices check (default: %(default)s)")
+    _add_backup_commands(commands)
     return parser
 
 
@@ -470,6 +471,66 @@ def cmd_package_add(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_backup_commands(commands: Any) -> None:
+    backup = commands.add_parser("backup", help="copy the live database, keys, catalog and packages into one "
+                                                "archive (the server keeps running)")
+    backup.add_argument("file", type=Path, metavar="FILE", help="archive to write (gzip'ed when it ends in .gz "
+                        "or .tgz); mode 0600")
+    restore = commands.add_parser("restore", help="put a backup's database, keys, catalog and packages in place "
+                                                  "for a server that is not running")
+    restore.add_argument("file", type=Path, metavar="FILE")
+    restore.add_argument("--data-dir", dest="restore_data_dir", type=Path, metavar="DIR",
+                         help="data_dir to restore into (default: --data-dir before the command, or broker.yaml's)")
+    restore.add_argument("--catalog-dir", type=Path, metavar="DIR", help="put the catalog here under its own "
+                         "name, packages in the packages_dir it names (default: the catalog path broker.yaml names)")
+    restore.add_argument("--force", action="store_true", help="replace a database (kept aside) and files that "
+                         "differ from the backup's")
+
+
+def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    """`otactl backup FILE`: the catalog the running server serves, else the configured one."""
+    from .backup import BackupError, create_backup
+    info = read_server_info(settings.data_dir) or {}
+    catalog = Path(info["catalog"]) if info.get("catalog") else None
+    try:
+        done = create_backup(settings, args.file, catalog)
+    except BackupError as exc:
+        print(f"otactl: {exc}", file=sys.stderr)
+        return 1
+    print(f"backed up {database_path(settings.data_dir)} (schema {done.schema_version}, {done.jobs} jobs), its keys, "
+          f"{done.catalog} and {done.packages} package file(s) to {shown_path(done.path)} ({done.size} bytes, "
+          f"{done.seconds:.1f} s)")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """`otactl restore FILE`: broker.yaml is read only for the places not given."""
+    from .backup import BackupError, restore_backup
+    data_dir, catalog_path = args.restore_data_dir or args.data_dir, None
+    if data_dir is None or args.catalog_dir is None:
+        try:
+            settings = load_settings(Path(args.config), catalog=args.catalog, data_dir=args.data_dir)
+        except ConfigError as exc:
+            print(f"otactl: {exc.one_line()} (or give restore both --data-dir and --catalog-dir)", file=sys.stderr)
+            return 1
+        data_dir = data_dir or settings.data_dir
+        catalog_path = None if args.catalog_dir else settings.catalog_path
+    try:
+        done = restore_backup(args.file, Path(data_dir), catalog_dir=args.catalog_dir, catalog_path=catalog_path,
+                              force=args.force)
+    except BackupError as exc:
+        print(f"otactl: {exc}", file=sys.stderr)
+        return 1
+    print(f"restored the backup of {done.created_at} (server {done.server_version}, schema {done.schema_version}): "
+          f"database and keys into {done.data_dir}, catalog {done.catalog}, {done.packages} package file(s) in "
+          f"{done.packages_dir}")
+    for old in done.replaced:
+        print(f"  the replaced database is kept as {old}")
+    print(f"next: start ota-server with data_dir {done.data_dir} and catalog {done.catalog} (broker.yaml, or "
+          "--data-dir and --catalog)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -483,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "restore":
+        return cmd_restore(args)  # for a new machine: needs broker.yaml only for places not given
     try:
         settings = load_settings(Path(args.config), catalog=args.catalog, data_dir=args.data_dir)
     except ConfigError as exc:
@@ -510,9 +573,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return cmd_devices(settings, args)
     if args.command == "package":
         return cmd_package_add(settings, args)
+    if args.command == "backup":
+        return cmd_backup(settings, args)
     if args.watch:
-        return cmd_watch(settings, args.batch, args.json, args.watch)
-    return cmd_status(settings, args.batch, args.json)
+        return cmd_watch(settings, args.batch, args.json, args.watch, args.removed)
+    return cmd_status(settings, args.batch, args.json, args.removed)
 
 
 if __name__ == "__main__":
