@@ -42,6 +42,7 @@ class OtaPlugin(BasePlugin):
         data_dir: str | None = None
         http: dict[str, Any] = field(default_factory=dict)
         url_ttl_seconds: int = 86400
+        retention_days: float | None = None
         limits: dict[str, Any] = field(default_factory=dict)
         auth: dict[str, Any] = field(default_factory=dict)
         admin: dict[str, Any] = field(default_factory=dict)

@@ -70,6 +70,7 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
     app.router.add_get("/admin/api/batches/{name}", admin_batch)
     app.router.add_get("/admin/api/jobs/{job_id}", admin_job)
     app.router.add_post("/admin/api/reload", admin_reload)
+    app.router.add_post("/admin/api/prune", admin_prune)
     app.router.add_post("/admin/api/batches/{name}/{action:retry|cancel}", admin_batch_action)
     app.router.add_post("/admin/api/batches/{name}/{action:pause|resume}", admin_batch_pause)
     app.router.add_get("/admin/api/devices", admin_devices)
@@ -744,6 +745,32 @@ async def admin_batch_action(request: web.Request) -> web.Response:
     except Refused as exc:
         return _error(exc.status, exc.message)
     return web.json_response({"code": 0, "message": "", **result})
+
+
+async def admin_prune(request: web.Request) -> web.Response:
+    """POST /admin/api/prune {"days": N, "dry_run": bool}: remove (or count) the finished
+    history of batches that left the catalog and ended over N days ago (default: the
+    server's retention_days)."""
+    if (denied := _admin_only(request)) is not None:
+        return denied
+    engine = request.app[ENGINE]
+    try:
+        raw = await request.read()
+        body = decode_json(raw) if raw else {}
+    except PayloadError as exc:
+        return _error(400, f"body: {exc}")
+    days = body.get("days", engine.settings.retention_days)
+    dry_run = body.get("dry_run", False)
+    if isinstance(days, bool) or not isinstance(days, (int, float)) or not 0 <= days <= 36500:
+        return _error(400, "days must be a number of days from 0 to 36500 (the server has no retention_days)"
+                      if days is None else f"days must be a number of days from 0 to 36500, got {str(days)[:40]}")
+    if not isinstance(dry_run, bool):
+        return _error(400, "dry_run must be true or false")
+    if not dry_run and (trouble := engine.journal.trouble()) is not None:
+        return _error(503, f"nothing changed: {trouble}")
+    batches = await engine.prune(days, dry_run=dry_run)
+    return web.json_response({"code": 0, "message": "", "dry_run": dry_run, "days": days, "batches": batches,
+                              "jobs": sum(batches.values())})
 
 
 async def admin_batch_pause(request: web.Request) -> web.Response:

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "changes nothing")
     plan.add_argument("--exit-code", action="store_true", help="exit 2 when the reload would change something")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
+    prune = commands.add_parser("prune", help="remove the finished history of batches that left the catalog "
+                                "and ended over DAYS ago (the running server does it)")
+    prune.add_argument("--days", type=float, help="default: the server's retention_days")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     status = commands.add_parser("status", help="progress per batch, or per device of one batch")
     status.add_argument("batch", nargs="?", help="show this batch's devices")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -213,6 +217,22 @@ def cmd_reload(settings: Settings) -> int:
             print(error)
         return 1
     print(f"reloaded: {body['products']} products, {body['packages']} packages, {body['batches']} batches")
+    return 0
+
+
+def cmd_prune(settings: Settings, days: float | None, dry_run: bool) -> int:
+    body: dict[str, Any] = {"dry_run": dry_run}
+    if days is not None:
+        body["days"] = days
+    status, reply = _admin_request(settings, "POST", "/admin/api/prune", body)
+    if status != 200:
+        print(f"otactl: {reply.get('message', 'prune failed')}", file=sys.stderr)
+        return 1
+    verb = "would remove" if dry_run else "removed"
+    for batch, jobs in reply["batches"].items():
+        print(f"{batch}: {verb} {jobs} job(s) and their history")
+    print(f"{verb} {reply['jobs']} job(s) of batches removed from the catalog and ended over {reply['days']:g} "
+          "day(s) ago; each device's latest job stays")
     return 0
 
 
@@ -567,6 +587,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return cmd_batch_action(settings, args.command, args.batch, args.devices)
     if args.command in ("pause", "resume"):
         return cmd_pause(settings, args.command, args.batch)
+    if args.command == "prune":
+        return cmd_prune(settings, args.days, args.dry_run)
     if args.command == "plan":
         return cmd_plan(settings, args.exit_code, args.json)
     if args.command == "devices":

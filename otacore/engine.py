@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import retention
 from .catalog import Catalog, Package
 from .catalog_loading import LoadedCatalog, prepare_catalog
 from .credentials import DeviceId
@@ -77,6 +78,8 @@ class OtaEngine:
                        loop.create_task(self.run_timeouts(timeout_sweep_seconds), name="ota-timeouts"),
                        loop.create_task(self.run_rollouts(rollout_tick_seconds or ROLLOUT_TICK_SECONDS),
                                         name="ota-rollouts")]
+        if self.settings.retention_days is not None:
+            self._tasks.append(loop.create_task(self.run_retention(self.settings.retention_days), name="ota-retention"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -247,6 +250,34 @@ class OtaEngine:
                 self.post(self.core.rollout_tick())
             except Exception:  # keep the loop alive; the next tick retries
                 log.exception("rollout tick failed")
+
+    # -- retention ---------------------------------------------------------------------
+    async def prune(self, days: float, *, dry_run: bool = False) -> dict[str, int]:
+        """Remove (or, dry, count) the finished history of batches that left the catalog and
+        ended more than `days` ago (otacore/retention.py says what stays). Runs in steps
+        between commits: devices never wait for it. batch -> jobs removed."""
+        keep = set(self.catalog.batches) if self.catalog is not None else set(self.state.batches)
+        before = self.core.clock() - days * 86400
+        counted = await self.journal.maintain(lambda db: retention.prunable(db, keep, before))
+        if dry_run or not counted:
+            return counted
+        removed = 0
+        while step := await self.journal.maintain(lambda db: retention.prune_step(db, keep, before)):
+            removed += step
+            await asyncio.sleep(0)  # reports and commits go first
+        log.info("retention: removed %d finished jobs and their history (batches removed from the catalog "
+                 "and ended over %g days ago)", removed, days)
+        return counted
+
+    async def run_retention(self, days: float, every_seconds: float = 3600.0) -> None:
+        """`retention_days`: prune once an hour, the first time a minute after the start."""
+        await asyncio.sleep(min(60.0, every_seconds))
+        while True:
+            try:
+                await self.prune(days)
+            except Exception:  # the disk may be full, the database moved: the next round retries
+                log.exception("retention failed; it tries again in an hour")
+            await asyncio.sleep(every_seconds)
 
     # -- timeouts ----------------------------------------------------------------------
     async def fail_stale_jobs(self, now: float | None = None) -> int:

@@ -28,13 +28,14 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .data_dir import file_id
 from .fleet_state import Changes, FleetState
 from .store import StoreError, database_error, load_state
 
 log = logging.getLogger("ota.journal")
+T = TypeVar("T")
 
 TICK_SECONDS = 0.02
 RETRY_SECONDS = 1.0
@@ -92,6 +93,7 @@ class Journal:
         self._failing_since: float | None = None
         self.abandoned: str | None = None  # why nothing more is written
         self._writing = False
+        self._connection = asyncio.Lock()  # the writer thread's turn: commits, or maintenance
         self.commits = 0
 
     @classmethod
@@ -166,6 +168,21 @@ class Journal:
             self._cancel_waiters()
             self._wake.set()
 
+    async def maintain(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` on the journal's connection in its worker thread, between two commits
+        (retention deletes history this way: one writer, never a second connection waiting
+        on the first). Keep `work` short: commits wait for it."""
+        if self.abandoned is not None or self._closed:
+            raise RuntimeError("the journal is closed")
+        async with self._connection:
+            return await asyncio.to_thread(self._maintain, work)
+
+    def _maintain(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        self._check_files()
+        if self._db.in_transaction:  # a ROLLBACK that failed last time (I/O error) left it open
+            self._db.execute("ROLLBACK")
+        return work(self._db)
+
     @property
     def busy(self) -> bool:
         """A transaction is being written: the changes it took name jobs by id."""
@@ -225,7 +242,8 @@ class Journal:
         if changes:
             self._writing = True
             try:
-                await asyncio.to_thread(self._write, self._rows(changes))
+                async with self._connection:  # not while maintenance (retention) uses it
+                    await asyncio.to_thread(self._write, self._rows(changes))
             except Exception as exc:  # noqa: BLE001  (whatever it was, the changes are kept)
                 self.state.give_back(changes)
                 self._waiters[:0] = waiters

@@ -31,7 +31,7 @@ NETWORK_LIMITS: tuple[tuple[str, float, float, str], ...] = (
 )
 
 _KNOWN = {
-    "catalog": None, "data_dir": None, "url_ttl_seconds": None,
+    "catalog": None, "data_dir": None, "url_ttl_seconds": None, "retention_days": None,
     "http": {"bind", "public_url", "tls"},
     "limits": {"max_file_mb", "extensions", *(name for name, *_ in NETWORK_LIMITS)},
     "auth": {"allow_plain_secret"},
@@ -77,6 +77,7 @@ class Settings:
     tls_compatibility: str = "iot"
     tls_min_version: str = "1.2"
     tls_ciphers: str | None = None  # OpenSSL list for TLS 1.2, replacing the level's
+    retention_days: float | None = None  # finished history of removed batches kept this long; None: for ever
 
     @property
     def tls_enabled(self) -> bool:
@@ -254,6 +255,12 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
         metrics_public = False
 
     tls_compatibility, tls_min_version, tls_ciphers = _tls_policy(options.get("tls"), bad)
+    retention_days = options.get("retention_days")
+    if retention_days is not None and (isinstance(retention_days, bool) or not isinstance(retention_days, (int, float))
+                                       or not 1 <= retention_days <= 36500):
+        bad("retention_days", f"{retention_days!r} is not a number of days from 1 to 36500 (or leave it out to keep "
+                              "history for ever)")
+        retention_days = None
 
     if issues:
         raise ConfigError(issues)
@@ -264,7 +271,7 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
         url_ttl_seconds=ttl, max_file_mb=max_mb, extensions=ext_tuple,
         allow_plain_secret=allow_plain, admin_token=token, source=source, metrics_public=metrics_public,
         tls_compatibility=tls_compatibility, tls_min_version=tls_min_version, tls_ciphers=tls_ciphers,
-        **network_limits,
+        retention_days=retention_days, **network_limits,
     )
 
 
