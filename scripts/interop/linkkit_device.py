@@ -24,6 +24,30 @@ import time
 from linkkit import linkkit
 
 
+def serialize_tls_socket() -> None:
+    """linkkit 1.2.13 reads its MQTT socket in a thread of its own while its API (publish_topic,
+    query_ota_firmware, ...) writes from the caller's thread, and paho 1.6 then writes in place:
+    one OpenSSL object used by two threads at once. Over TLS that corrupts a record now and
+    then (the server sees a bad record MAC and closes; about 1 run in 5 here). Firmware
+    built on linkkit must call its API from one thread; this script, which cannot change
+    linkkit, takes one lock around paho's socket reads and writes instead (they do not
+    block: paho's socket is non-blocking)."""
+    from paho.mqtt import client as paho
+
+    lock = threading.Lock()
+    send, recv = paho.Client._sock_send, paho.Client._sock_recv
+
+    def locked_send(self, buf):  # type: ignore[no-untyped-def]
+        with lock:
+            return send(self, buf)
+
+    def locked_recv(self, size):  # type: ignore[no-untyped-def]
+        with lock:
+            return recv(self, size)
+
+    paho.Client._sock_send, paho.Client._sock_recv = locked_send, locked_recv
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("device")
@@ -39,6 +63,7 @@ def main() -> int:
     kit = linkkit.LinkKit(host_name="cn-shanghai", product_key=args.product, device_name=args.device,
                           device_secret=secret)
     if args.cafile:
+        serialize_tls_socket()
         with open(args.cafile, encoding="ascii") as ca:
             kit.config_mqtt(port=args.port, secure="TLS", cadata=ca.read(), endpoint=args.host, keep_alive=60)
     else:
