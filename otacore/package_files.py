@@ -124,8 +124,10 @@ class HashCache:
         if isinstance(entries, dict):
             self._entries = entries
         self._dirty = False
+        self._used: set[str] = set()  # keys looked up or added since this cache was read
 
     def _lookup(self, key: str, stamp: os.stat_result) -> FileDigest | None:
+        self._used.add(key)
         entry = self._entries.get(key)
         if not isinstance(entry, dict) or entry.get("stamp") != [stamp.st_size, stamp.st_mtime_ns]:
             return None
@@ -158,6 +160,14 @@ class HashCache:
             bsdiff4.file_patch(str(base), str(image), str(patch))
             digest = FileDigest(image.stat().st_size, *hash_file(image))
         return self._remember(key, stat, digest)
+
+    def forget_unused(self) -> None:
+        """Drop the entries of files this catalog did not ask about: a package removed (and
+        every earlier build of a file) would otherwise stay in the cache for good."""
+        unused = self._entries.keys() - self._used
+        for key in unused:
+            del self._entries[key]
+        self._dirty = self._dirty or bool(unused)
 
     def save(self) -> None:
         if not self._dirty:
@@ -208,6 +218,8 @@ class PackageFiles:
                 if patch is not None:
                     patches[(package.id, old)] = DownloadFile(
                         f"{package.id}~from~{old}", patch[0], patch[1], True, full[package.id].digest)
+        if not issues:
+            self._cache.forget_unused()
         self._cache.save()
         if issues:
             raise ConfigError(issues)

@@ -195,6 +195,9 @@ async def test_a_package_removed_and_deleted_gives_its_handle_back_at_the_reload
     image.unlink()
     await server.engine.reload()
     assert open_files.count == 0 and not _deleted_files_held(str(image))
+    import json
+    hashed = json.loads((server.root / "var" / "file-hashes.json").read_text())
+    assert str(image) not in hashed and any(key.endswith("fw-1.0.0.bin") for key in hashed)  # the cache forgets it
     async with aiohttp.ClientSession() as http, http.get(f"{server.http_url}/metrics",
                                                          headers={"Authorization": f"Bearer {server.admin_token}"}) as r:
         assert "ota_package_handles_open 0.0" in await r.text()
