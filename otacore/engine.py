@@ -69,6 +69,7 @@ class OtaEngine:
         # For GET /metrics: upgrade pushes handed to a live session, reloads by result.
         self.pushes_sent = 0
         self.reloads = {"ok": 0, "error": 0}
+        self._prune_lock = asyncio.Lock()
 
     # -- running -----------------------------------------------------------------------
     def start(self, timeout_sweep_seconds: float = 30.0, rollout_tick_seconds: float | None = None) -> None:
@@ -256,18 +257,19 @@ class OtaEngine:
         """Remove (or, dry, count) the finished history of batches that left the catalog and
         ended more than `days` ago (otacore/retention.py says what stays). Runs in steps
         between commits: devices never wait for it. batch -> jobs removed."""
-        keep = set(self.catalog.batches) if self.catalog is not None else set(self.state.batches)
-        before = self.core.clock() - days * 86400
-        counted = await self.journal.maintain(lambda db: retention.prunable(db, keep, before))
-        if dry_run or not counted:
+        async with self._prune_lock:  # one at a time: each counts what is left when it starts
+            keep = set(self.catalog.batches) if self.catalog is not None else set(self.state.batches)
+            before = self.core.clock() - days * 86400
+            counted = await self.journal.maintain(lambda db: retention.prunable(db, keep, before))
+            if dry_run or not counted:
+                return counted
+            removed = 0
+            while step := await self.journal.maintain(lambda db: retention.prune_step(db, keep, before)):
+                removed += step
+                await asyncio.sleep(0)  # reports and commits go first
+            log.info("retention: removed %d finished jobs and their history (batches removed from the catalog "
+                     "and ended over %g days ago)", removed, days)
             return counted
-        removed = 0
-        while step := await self.journal.maintain(lambda db: retention.prune_step(db, keep, before)):
-            removed += step
-            await asyncio.sleep(0)  # reports and commits go first
-        log.info("retention: removed %d finished jobs and their history (batches removed from the catalog "
-                 "and ended over %g days ago)", removed, days)
-        return counted
 
     async def run_retention(self, days: float, every_seconds: float = 3600.0) -> None:
         """`retention_days`: prune once an hour, the first time a minute after the start."""
