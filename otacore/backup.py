@@ -334,6 +334,17 @@ def _manifest(archive: Path, tar: tarfile.TarFile) -> dict[str, Any]:
         raise BackupError(f"{archive} has an incomplete manifest (no database or no catalog); nothing was restored")
     for name in names:
         _safe_name(archive, name)
+    catalog = manifest.get("catalog")
+    try:  # the manifest is not signed: every field used later is checked here, in one line
+        int(manifest.get("schema_version") or 0)
+        if not isinstance(catalog, dict) or not isinstance(catalog.get("name"), str) or \
+                not isinstance(catalog.get("packages_dir", "packages"), str):
+            raise ValueError("catalog")
+        for entry in manifest["files"]:
+            int(str(entry.get("mode", "600")), 8)
+    except (TypeError, ValueError):
+        raise BackupError(f"{archive} has a damaged {MANIFEST} (a field of the wrong kind); nothing was "
+                          "restored") from None
     return manifest
 
 
@@ -415,8 +426,14 @@ def restore_backup(archive: Path, data_dir: Path, *, catalog_dir: Path | None = 
         raise BackupError(f"{archive} names its catalog {catalog_name[:80]!r}; nothing was restored")
     catalog = Path(os.path.abspath(catalog_path if catalog_path is not None else
                                    (catalog_dir or Path.cwd()) / catalog_name))
-    raw_dir = Path(str(manifest["catalog"].get("packages_dir") or "packages"))
-    packages_dir = raw_dir if raw_dir.is_absolute() else catalog.parent / raw_dir
+    raw_dir = str(manifest["catalog"].get("packages_dir") or "packages")
+    packages_dir = Path(os.path.abspath(catalog.parent / raw_dir))
+    if not packages_dir.is_relative_to(catalog.parent):
+        # The manifest is not signed: a crafted one must not make restore write anywhere.
+        raise BackupError(f"{archive} puts its packages in {raw_dir[:120]!r}, outside the catalog's folder "
+                          f"{catalog.parent}; restore writes only below the folders it is given: restore into a "
+                          "catalog folder that holds them, or copy packages/ out of the archive yourself; nothing "
+                          "was restored")
     lock = DataDirLock(data_dir)
     try:
         lock.acquire()

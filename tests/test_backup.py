@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import io
 import json
 import os
 import resource
@@ -257,6 +258,32 @@ async def test_restore_refusals(server: OtaServer, tmp_path: Path) -> None:
     with tarfile.open(extra_member, "a") as tar:
         tar.add(tmp_path / "junk.tar", arcname="data/evil.key")
     one_line_error(restore(extra_member), "which its manifest does not list")
+
+    def with_manifest(name: str, change: Any) -> Path:
+        """The archive with its manifest edited (the manifest is not signed: anyone can)."""
+        crafted = tmp_path / name
+        with tarfile.open(archive) as source, tarfile.open(crafted, "w") as target:
+            for member in source.getmembers():
+                data = source.extractfile(member).read()  # type: ignore[union-attr]
+                if member.name == "manifest.json":
+                    manifest = json.loads(data)
+                    change(manifest)
+                    data = json.dumps(manifest).encode()
+                    member.size = len(data)
+                target.addfile(member, io.BytesIO(data))
+        return crafted
+
+    outside = tmp_path / "outside"
+    for packages_dir in (str(outside), "../../outside", "../outside"):
+        crafted = with_manifest("traversal.tar", lambda m: m["catalog"].update(packages_dir=packages_dir))
+        one_line_error(restore(crafted), "outside the catalog's folder")
+    assert not outside.exists(), "restore wrote outside the folders it was given"
+    for name, change in (("no-catalog.tar", lambda m: m.pop("catalog")),
+                         ("catalog-text.tar", lambda m: m.update(catalog="ota.yaml")),
+                         ("schema-text.tar", lambda m: m.update(schema_version="abc")),
+                         ("mode-text.tar", lambda m: m["files"][0].update(mode="zz")),
+                         ("dir-number.tar", lambda m: m["catalog"].update(packages_dir=5))):
+        one_line_error(restore(with_manifest(name, change)), "damaged manifest.json")
     assert not fresh.exists() or not any(fresh.rglob("*.sqlite3")), "a refused restore wrote something"
 
     # Restored once; a second time only with --force, and the old database is kept aside.
