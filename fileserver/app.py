@@ -11,6 +11,8 @@ import binascii
 import hmac
 import json
 import logging
+import sqlite3
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -208,6 +210,9 @@ class PackageResponse(web.FileResponse):
         """`opened`: the shared handle of `file`, leased for this answer (OpenPackageFiles.get)."""
         path = file.path
         self._opened = opened
+        # Given back once: after the answer, or when the response is dropped unsent (a
+        # client gone before aiohttp prepared it), so a retired handle always closes.
+        self._release = weakref.finalize(self, opened.release)
         headers = {"Content-Type": _content_type(path.name), **headers}  # guessed once per name
         if _DIRECT_FILE_SEND:
             # FileResponse.__init__ only parses `path` into a Path again (a tenth of the CPU of
@@ -233,7 +238,7 @@ class PackageResponse(web.FileResponse):
             finally:
                 self._engine.downloads.finished(self._job_id, sent)
         finally:
-            self._opened.release()
+            self._release()
 
 
     async def _send(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
@@ -303,12 +308,12 @@ class OpenPackageFiles:
     sendfile reads at explicit offsets, so transfers never disturb each other (TLS transfers
     read through the file position instead and open their own). A handle is retired when its
     package leaves the catalog or its file changes (a reload calls `retain`), or when a
-    transfer finds the file replaced; it closes once the answers using it end, so a deleted
-    package's disk space is freed. One an answer never released closes after `grace_seconds`.
+    transfer finds the file replaced; it closes once the last answer using it ends, so a
+    deleted package's disk space is freed. Never before: a transfer still sending from it
+    (a device at 1 KB/s) would otherwise get the bytes of whatever file takes its number.
     """
 
-    def __init__(self, grace_seconds: float = 600.0) -> None:
-        self._grace = grace_seconds
+    def __init__(self) -> None:
         self._open: dict[Path, PackageHandle] = {}
         self._retired: set[PackageHandle] = set()
 
@@ -346,7 +351,6 @@ class OpenPackageFiles:
             return
         self._retired.add(entry)
         entry._retired = self._close_retired
-        asyncio.get_running_loop().call_later(self._grace, self._close_retired, entry)
 
     def _close_retired(self, entry: PackageHandle) -> None:
         if entry in self._retired:
@@ -768,7 +772,12 @@ async def admin_prune(request: web.Request) -> web.Response:
         return _error(400, "dry_run must be true or false")
     if not dry_run and (trouble := engine.journal.trouble()) is not None:
         return _error(503, f"nothing changed: {trouble}")
-    batches = await engine.prune(days, dry_run=dry_run)
+    try:
+        batches = await engine.prune(days, dry_run=dry_run)
+    except (sqlite3.Error, OSError, RuntimeError) as exc:  # the disk filled, the database moved
+        log.warning("prune failed: %s", exc)
+        return _error(503, f"prune stopped: {exc}; what it removed so far is gone for good, the rest stays; "
+                           "try again once /healthz says ok")
     return web.json_response({"code": 0, "message": "", "dry_run": dry_run, "days": days, "batches": batches,
                               "jobs": sum(batches.values())})
 

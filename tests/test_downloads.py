@@ -201,3 +201,17 @@ async def test_a_package_removed_and_deleted_gives_its_handle_back_at_the_reload
     async with aiohttp.ClientSession() as http, http.get(f"{server.http_url}/metrics",
                                                          headers={"Authorization": f"Bearer {server.admin_token}"}) as r:
         assert "ota_package_handles_open 0.0" in await r.text()
+
+
+async def test_a_retired_handle_stays_open_while_a_transfer_uses_it(server: OtaServer, url: str) -> None:
+    # It was closed 600 s after its package left the catalog, users or not: a slow transfer
+    # then sent the bytes of whatever file took its descriptor number next.
+    from fileserver.app import OpenPackageFiles
+    files = OpenPackageFiles()
+    [download] = [d for d in server.engine.files.downloads() if d.key == "fw-1.1.0"]
+    lease = files.get(download)
+    files.retain([])  # the package left the catalog
+    assert not lease.file.closed and files.count == 1
+    lease.release()  # the transfer ended
+    assert lease.file.closed and files.count == 0
+    files.close()
