@@ -115,7 +115,7 @@ class OtaCore:
         self.running &= set(catalog.batches)
         state = self.state
         for name, row in list(state.batches.items()):
-            if name not in catalog.batches and row.state != "canceled":
+            if name not in catalog.batches and row.state != "canceled" and not row.control.get("removed"):
                 self._cancel_batch(name, "batch removed from the catalog", now, end_batch=row.state != "completed")
         for batch in sorted(catalog.batches.values(), key=batch_priority, reverse=True):
             row = state.batches.get(batch.name)
@@ -197,6 +197,8 @@ class OtaCore:
             self.state.move(job, C, reason, now)
         if end_batch:
             self.state.end_batch(name, "canceled", reason, now)
+        else:  # a completed batch stays "completed", and its name is spent all the same
+            self.state.set_control(name, {"removed": True})
         log.info("batch %s canceled: %s", name, reason)
 
     # -- what a device should get ------------------------------------------------------

@@ -25,9 +25,9 @@ def reload_issues(catalog: Catalog, files: PackageFiles, rows: dict[str, BatchRo
         if batch is None:
             continue
         where = f"batches[{name}]"
-        if row.state == "canceled":
+        if row.state == "canceled" or row.control.get("removed"):
             issues.append(ConfigIssue(catalog.path, batch.line, f"{where}.name",
-                                      "this batch was removed and canceled earlier; give it a new name"))
+                                      f"this batch was removed ({row.state}) earlier; give it a new name"))
             continue
         if row.started_at is None:
             continue  # not started yet: everything may still change

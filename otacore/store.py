@@ -120,13 +120,15 @@ def load_state(db: sqlite3.Connection) -> FleetState:
     for pk, name, module, version, at in db.execute("SELECT product_key, device_name, module, version, "
                                                     "reported_at FROM device_versions"):
         state.load_version(DeviceId(pk, name), module, version, at)
-    # Not the history of canceled batches (only a removal cancels a batch, and its name can
-    # never come back): their finished jobs would leave memory at the first reload anyway,
-    # after making the process's memory peak. Each device's latest job per module is loaded.
+    # Not the history of removed batches (canceled by their removal, or completed and marked
+    # removed; their names never come back): their finished jobs would leave memory at the
+    # first reload anyway, after making the process's memory peak. Each device's latest job
+    # per module is loaded.
     open_states = ", ".join(f"'{name}'" for name in OPEN_STATES)
     for row in db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE batch NOT IN (SELECT name FROM batches WHERE "
-                          f"state = 'canceled') OR state IN ({open_states}) OR id IN (SELECT MAX(id) FROM jobs "
-                          "GROUP BY product_key, device_name, module) ORDER BY id"):
+                          "state = 'canceled' OR json_extract(control, '$.removed') = 1) OR state IN "
+                          f"({open_states}) OR id IN (SELECT MAX(id) FROM jobs GROUP BY product_key, device_name, "
+                          "module) ORDER BY id"):
         state.load_job(_job(row))
     for row in db.execute(_BATCH_SELECT):
         state.batches[row[0]] = _batch(row)

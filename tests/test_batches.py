@@ -38,6 +38,20 @@ async def test_upgrade_waits_for_verification_then_starts(tmp_path: Path) -> Non
                 await server.wait_state("tester", "succeeded")
             assert (await fleet.next_push())["data"]["version"] == "2.0.0"  # started on its own
         assert (await server.engine.store.package_statuses())["fw-2.0.0"][0] == "verified"
+        # The completed verify batch removed, then written again: its name is spent, as a
+        # canceled one's is (its jobs left memory with its removal).
+        assert (await server.engine.store.batches())["verify-2"].state == "completed"
+        write_catalog(tmp_path, """
+        - {name: fleet-2, package: fw-2.0.0, type: upgrade, protocol: http, mode: dynamic}
+        """, base=BASE_CATALOG.rstrip() + VERIFIED_PACKAGE)
+        await server.engine.reload()
+        write_catalog(tmp_path, """
+        - {name: verify-2, package: fw-2.0.0, type: verify, devices: [tester], protocol: http, mode: static}
+        - {name: fleet-2, package: fw-2.0.0, type: upgrade, protocol: http, mode: dynamic}
+        """, base=BASE_CATALOG.rstrip() + VERIFIED_PACKAGE)
+        with pytest.raises(ConfigError) as refused:
+            await server.engine.reload()
+        assert "this batch was removed (completed) earlier; give it a new name" in str(refused.value)
     finally:
         await server.stop()
 

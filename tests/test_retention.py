@@ -159,3 +159,23 @@ async def test_a_restart_on_a_large_history_serves_the_same_answers_and_keeps_on
         assert sorted(server.engine.state.jobs) == [latest + 1, latest + 2]  # the live jobs, of `new`
     finally:
         await server.stop()
+
+
+async def test_prune_on_a_disk_that_refuses_writes_is_a_503_with_the_reason(tmp_path: Path) -> None:
+    from test_data_dir_faults import idle, refuse_writes
+    write_catalog(tmp_path, """
+    - {name: old, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic, push: true}
+    """)
+    server = await OtaServer(tmp_path).start()
+    try:
+        await two_jobs_then_removed(server, tmp_path)
+        refuse_writes(await idle(server.engine.journal), True)  # not noticed yet: nothing to write since
+        admin = {"Authorization": f"Bearer {server.admin_token}"}
+        async with aiohttp.ClientSession(headers=admin) as http, \
+                http.post(f"{server.http_url}/admin/api/prune", json={"days": 0}) as answer:
+            assert answer.status == 503
+            assert (await answer.json())["message"].startswith("prune stopped: attempt to write a readonly database")
+        refuse_writes(await idle(server.engine.journal), False)
+        assert sum((await server.engine.prune(0)).values()) == 2  # nothing was lost; now it goes
+    finally:
+        await server.stop()
