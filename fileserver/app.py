@@ -811,16 +811,21 @@ async def admin_devices(request: web.Request) -> web.Response:
 
 
 async def admin_device(request: web.Request) -> web.Response:
-    """GET /admin/api/devices/{product}/{device}: versions, tags, and every job with its history."""
+    """GET /admin/api/devices/{product}/{device}?offset=&limit=: versions, tags, a page of its jobs."""
     if (denied := _admin_only(request)) is not None:
         return denied
     engine = request.app[ENGINE]
     device = DeviceId(request.match_info["product"], request.match_info["device"])
+    try:  # a device upgraded weekly for years has hundreds of jobs: a page of them
+        paging = parse_device_query({name: request.query[name] for name in ("offset", "limit")
+                                     if name in request.query})
+    except QueryError as exc:
+        return _error(400, str(exc))
     behind = await _database_behind(engine)  # the jobs' history is read from the database
     if behind is not None:
         return behind
     detail = await device_detail(engine.store, engine.state, engine.catalog, device, engine.notifier.is_online,
-                                 engine.last_seen)
+                                 engine.last_seen, paging.offset, paging.limit)
     if detail is None:
         return _error(404, f"no device {device}: it never reported a version and is not listed in the catalog")
     return web.json_response(detail)

@@ -166,9 +166,11 @@ def is_known(state: FleetState, catalog: Catalog | None, device: DeviceId) -> bo
 
 
 async def device_detail(store: Store, state: FleetState, catalog: Catalog | None, device: DeviceId,
-                        online: Online, last_seen: LastSeen) -> dict[str, Any] | None:
-    """`GET /admin/api/devices/{product}/{device}`: its versions, tags, and every job it had
-    with its history, newest job first; None for a device nobody knows."""
+                        online: Online, last_seen: LastSeen, offset: int = 0,
+                        limit: int = DEFAULT_LIMIT) -> dict[str, Any] | None:
+    """`GET /admin/api/devices/{product}/{device}`: its versions, tags, and a page of the jobs
+    it had (`limit` from `offset`, newest first) with their history, and how many it had
+    (`jobs_total`); None for a device nobody knows."""
     if not is_known(state, catalog, device):
         return None
     product = catalog.products.get(device.product_key) if catalog is not None else None
@@ -178,12 +180,12 @@ async def device_detail(store: Store, state: FleetState, catalog: Catalog | None
         entry = state.versions.get((device, module))
         if entry is not None:
             versions[module] = {"version": entry[0], "reported_at": entry[1]}
-    jobs = await store.device_jobs(device)
+    jobs = await store.device_jobs(device, offset, limit)
     histories = await store.histories([job.id for job in jobs])
     return {
         "product": device.product_key, "device": device.device_name, "online": online(device),
         "last_seen": last_seen(device), "tags": list(listed.tags) if listed is not None else [],
-        "versions": versions,
+        "versions": versions, "jobs_total": await store.device_job_count(device), "offset": offset, "limit": limit,
         "jobs": [{"id": job.id, "batch": job.batch, "module": job.module, "state": job.state.value,
                   "from": job.from_version, "to": job.target_version, "progress": job.progress,
                   "served_percent": job.served_percent, "code": job.code, "failure": failure_of(job),

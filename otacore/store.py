@@ -267,12 +267,19 @@ class Store:
                                     "WHERE job_id = ? ORDER BY id", (job_id,)) as cursor:
             return [tuple(row) async for row in cursor]
 
-    async def device_jobs(self, device: DeviceId) -> list[Job]:
-        """Every job the device had, any module and batch, newest first (index jobs_by_device)."""
+    async def device_jobs(self, device: DeviceId, offset: int = 0, limit: int = -1) -> list[Job]:
+        """The jobs the device had, any module and batch, newest first (index jobs_by_device);
+        `limit` of them from `offset` (-1: all)."""
         async with self._db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE product_key = ? AND device_name = ? ORDER BY id DESC",
-                (device.product_key, device.device_name)) as cursor:
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE product_key = ? AND device_name = ? ORDER BY id DESC "
+                "LIMIT ? OFFSET ?", (device.product_key, device.device_name, limit, offset)) as cursor:
             return [_job(row) async for row in cursor]
+
+    async def device_job_count(self, device: DeviceId) -> int:
+        async with self._db.execute("SELECT COUNT(*) FROM jobs WHERE product_key = ? AND device_name = ?",
+                                    (device.product_key, device.device_name)) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
 
     async def histories(self, job_ids: list[int]) -> dict[int, list[tuple[float, str | None, str, int | None, str]]]:
         """The history of each of these jobs (oldest event first), in one query per 500 jobs."""

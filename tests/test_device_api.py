@@ -170,7 +170,11 @@ async def test_device_page_has_every_job_with_its_history(fleet: tuple[Admin, fl
 
     listed = await admin.get("/admin/api/devices/a1Test/listed-1")
     assert listed == {"product": "a1Test", "device": "listed-1", "online": False, "last_seen": None,
-                      "tags": ["lab", "beta"], "versions": {}, "jobs": []}
+                      "tags": ["lab", "beta"], "versions": {}, "jobs_total": 0, "offset": 0, "limit": 50, "jobs": []}
+    # A page of the jobs: the newest first, how many there are, bad values refused.
+    older = await admin.get("/admin/api/devices/a1Test/dev-c?offset=1&limit=1")
+    assert older["jobs_total"] == 2 and [job["id"] for job in older["jobs"]] == [failed["id"]]
+    assert (await admin.get("/admin/api/devices/a1Test/dev-c?limit=-1", expect=400))["message"]
     assert (await admin.get("/admin/api/devices/a1Test/dev-d"))["versions"].keys() == {"MCU", "default"}
     for unknown in ("a1Test/nobody", "zzz/dev-a", "b2Other/dev-a"):
         error = await admin.get(f"/admin/api/devices/{unknown}", expect=404)
