@@ -192,11 +192,11 @@ def harden(broker: Broker) -> None:
     # another quarter of an idle connection's memory; these queues have one reader each.
     amqtt_session.Queue = LightQueue  # type: ignore[misc]
     amqtt_broker_handler.Queue = LightQueue  # type: ignore[misc]
-    # amqtt reads a whole packet (up to 256 MB) into memory before anyone may refuse it.
-    MQTTFixedHeader.from_stream = _bounded_fixed_header(MQTTFixedHeader.from_stream)  # type: ignore[method-assign]
+    # amqtt reads a whole packet (up to 256 MB) into memory before anyone may refuse it, and
+    # reads on where MQTT 3.1.1 closes (bugs 13 and 17): one check of every fixed header.
+    MQTTFixedHeader.from_stream = _checked_fixed_header(MQTTFixedHeader.from_stream)  # type: ignore[method-assign]
     PublishVariableHeader.from_stream = _fatal_when_malformed(PublishVariableHeader.from_stream)  # type: ignore[method-assign]
-    # Bugs (17)-(19): amqtt reads on where MQTT 3.1.1 closes, and errs where nothing is wrong.
-    MQTTFixedHeader.from_stream = _strict_fixed_header(MQTTFixedHeader.from_stream)  # type: ignore[method-assign]
+    # Bugs (18)-(19): amqtt errs where nothing is wrong.
     BrokerProtocolHandler.init_from_connect = _conforming_connect(BrokerProtocolHandler.init_from_connect)  # type: ignore[method-assign]
     BrokerProtocolHandler.mqtt_publish = _quiet_when_unacknowledged(BrokerProtocolHandler.mqtt_publish)  # type: ignore[method-assign]
     table = _SubscriptionTable(broker._subscriptions)
@@ -530,24 +530,6 @@ class PacketTooLarge(Exception):
 _PACKET_LIMIT: contextvars.ContextVar[int] = contextvars.ContextVar("ota_max_packet", default=256 * 1024)
 
 
-def _bounded_fixed_header(from_stream: Any) -> Any:
-    """Bug (13): a PUBLISH of 250 MB was read whole into memory (six connections of one
-    device: 1.5 GB). The announced length is checked first; the connection is closed."""
-    if getattr(from_stream, "_ota_bounded", False):
-        return from_stream
-
-    async def bounded(cls: Any, reader: Any) -> Any:
-        header = await from_stream.__func__(cls, reader)
-        limit = _PACKET_LIMIT.get()
-        if header is not None and header.remaining_length > limit:
-            raise PacketTooLarge(f"a packet of {header.remaining_length} bytes is over limits.max_packet_kb "
-                                 f"({limit // 1024} KiB); closing the connection")
-        return header
-
-    bounded._ota_bounded = True  # type: ignore[attr-defined]
-    return classmethod(bounded)
-
-
 class MalformedPacket(Exception):
     """A packet that breaks the protocol: its connection is closed (MQTT 3.1.1, 4.8)."""
 
@@ -600,25 +582,33 @@ def _fixed_header_problem(header: MQTTFixedHeader) -> str | None:
     return None
 
 
-def _strict_fixed_header(from_stream: Any) -> Any:
-    """Bug (17): amqtt ignores the reserved flags of a packet and, for PINGREQ, DISCONNECT and
-    the acknowledgements, its length: a SUBSCRIBE with flags 0 was answered, a PINGREQ with a
-    payload answered and its payload read as the next packet, a DISCONNECT with one taken as
-    a clean goodbye. MQTT 3.1.1 closes the connection (the will is published)."""
-    if getattr(from_stream, "_ota_strict", False):
+def _checked_fixed_header(from_stream: Any) -> Any:
+    """Every fixed header a client sends, checked before its packet is read:
+    - bug (13): a PUBLISH of 250 MB was read whole into memory (six connections of one
+      device: 1.5 GB). A length over limits.max_packet_kb closes the connection.
+    - bug (17): amqtt ignores the reserved flags of a packet and, for PINGREQ, DISCONNECT and
+      the acknowledgements, its length: a SUBSCRIBE with flags 0 was answered, a PINGREQ with
+      a payload answered and its payload read as the next packet, a DISCONNECT with one
+      taken as a clean goodbye. MQTT 3.1.1 closes the connection (the will is published).
+    One wrapper, so one coroutine frame per packet; marked, since harden() runs per broker."""
+    if getattr(from_stream, "_ota_checked", False):
         return from_stream
 
-    # wraps() keeps _bounded_fixed_header's mark too: harden() runs per broker, wrap once.
-    @functools.wraps(from_stream.__func__)
-    async def strict(cls: Any, reader: Any) -> Any:
+    async def checked(cls: Any, reader: Any) -> Any:
         header = await from_stream.__func__(cls, reader)
-        problem = _fixed_header_problem(header) if header is not None else None
+        if header is None:
+            return header
+        limit = _PACKET_LIMIT.get()
+        if header.remaining_length > limit:
+            raise PacketTooLarge(f"a packet of {header.remaining_length} bytes is over limits.max_packet_kb "
+                                 f"({limit // 1024} KiB); closing the connection")
+        problem = _fixed_header_problem(header)
         if problem is not None:
             raise MalformedPacket(problem)
         return header
 
-    strict._ota_strict = True  # type: ignore[attr-defined]
-    return classmethod(strict)
+    checked._ota_checked = True  # type: ignore[attr-defined]
+    return classmethod(checked)
 
 
 class _Truncated(Exception):

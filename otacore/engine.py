@@ -260,7 +260,7 @@ class OtaEngine:
         async with self._prune_lock:  # one at a time: each counts what is left when it starts
             keep = set(self.catalog.batches) if self.catalog is not None else set(self.state.batches)
             before = self.core.clock() - days * 86400
-            counted = await self.journal.maintain(lambda db: retention.prunable(db, keep, before))
+            counted = await self.journal.maintain(lambda db: retention.prunable(db, keep, before), write=False)
             if dry_run or not counted:
                 return counted
             removed = 0

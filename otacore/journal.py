@@ -168,20 +168,25 @@ class Journal:
             self._cancel_waiters()
             self._wake.set()
 
-    async def maintain(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work` on the journal's connection in its worker thread, between two commits
+    async def maintain(self, work: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+        """Run `work` on the journal's connection, in its worker thread, between two commits
         (retention deletes history this way: one writer, never a second connection waiting
-        on the first). Keep `work` short: commits wait for it."""
+        on the first), in one write transaction unless `write` is False (a read, which also
+        works while the disk refuses writes). Keep `work` short: commits wait for it."""
         if self.abandoned is not None or self._closed:
             raise RuntimeError("the journal is closed")
         async with self._connection:
-            return await asyncio.to_thread(self._maintain, work)
+            return await asyncio.to_thread(self._transaction if write else self._read, work)
 
-    def _maintain(self, work: Callable[[sqlite3.Connection], T]) -> T:
+    def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return work(self._ready())
+
+    def _ready(self) -> sqlite3.Connection:
+        """The connection, still on the file it opened, with no transaction left open."""
         self._check_files()
         if self._db.in_transaction:  # a ROLLBACK that failed last time (I/O error) left it open
             self._db.execute("ROLLBACK")
-        return work(self._db)
+        return self._db
 
     @property
     def busy(self) -> bool:
@@ -306,21 +311,26 @@ class Journal:
         }
 
     def _write(self, rows: Rows) -> None:
-        self._check_files()
-        db = self._db
-        if db.in_transaction:  # a ROLLBACK that failed last time (I/O error) left it open
-            db.execute("ROLLBACK")
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        def write(db: sqlite3.Connection) -> None:
             for statement in _ORDER:
                 if rows[statement]:
                     db.executemany(statement, rows[statement])
+        self._transaction(write)
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` in one write transaction on the journal's connection, on the file it opened
+        (checked before, and after the commit, before anyone is told); rolled back on error."""
+        db = self._ready()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(db)
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
         self._check_files()  # moved during the transaction: committed to a file nobody will read
+        return result
 
     def _check_files(self) -> None:
         # The database file only: a -wal deleted alone is caught by moved() within a second, and

@@ -5,8 +5,9 @@ the job is final, and it is not its device's latest job for its module (decision
 device pages start from that one, and it stays in memory). Its history events go with it.
 Batch rows stay: a removed batch's name stays spent (otacore/reload_rules.py).
 
-Synchronous sqlite3 on the journal's own connection (Journal.maintain runs it between two
-commits), a few thousand jobs per transaction so devices' commits never wait long.
+Synchronous sqlite3 on the journal's own connection (Journal.maintain runs each call in a
+transaction between two commits), a few thousand jobs per step so devices' commits never
+wait long.
 """
 from __future__ import annotations
 
@@ -37,20 +38,13 @@ def prunable(db: sqlite3.Connection, keep_batches: set[str], before: float) -> d
 
 
 def prune_step(db: sqlite3.Connection, keep_batches: set[str], before: float, limit: int = CHUNK_JOBS) -> int:
-    """Delete up to `limit` prunable jobs and their events in one transaction; how many went."""
+    """Delete up to `limit` prunable jobs and their events (inside the caller's transaction:
+    Journal.maintain); how many went."""
     where, names = _candidates(keep_batches)
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        ids = [row[0] for row in db.execute(
-            f"SELECT j.id FROM jobs j JOIN batches b ON b.name = j.batch WHERE {where} LIMIT ?",
-            [before, *names, limit])]
-        if ids:
-            marks = ", ".join("?" for _ in ids)
-            db.execute(f"DELETE FROM job_events WHERE job_id IN ({marks})", ids)
-            db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+    ids = [row[0] for row in db.execute(
+        f"SELECT j.id FROM jobs j JOIN batches b ON b.name = j.batch WHERE {where} LIMIT ?", [before, *names, limit])]
+    if ids:
+        marks = ", ".join("?" for _ in ids)
+        db.execute(f"DELETE FROM job_events WHERE job_id IN ({marks})", ids)
+        db.execute(f"DELETE FROM jobs WHERE id IN ({marks})", ids)
     return len(ids)

@@ -1049,6 +1049,8 @@ class Siege:
     async def run(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
+            # Not a placeholder: loops without signal handlers (Windows, a non-main thread)
+            # raise these; the run then ends by --duration alone.
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop.set)
         clients = [asyncio.create_task(self.client(i)) for i in range(self.args.clients)]

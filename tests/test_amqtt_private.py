@@ -79,7 +79,7 @@ async def test_light_queue_keeps_order_and_hands_items_on_when_a_getter_is_cance
 async def test_the_packet_checks_rely_on_what_they_wrap(server: OtaServer) -> None:
     from amqtt.mqtt.packet import MQTTFixedHeader
 
-    from broker_plugin.amqtt_private import _bounded_fixed_header, _conforming_connect, _strict_fixed_header
+    from broker_plugin.amqtt_private import _checked_fixed_header, _conforming_connect
     # The whole CONNECT is read first and handed to amqtt's own parser (as a BufferReader),
     # which reads nothing else from the stream.
     parse = _original(BrokerProtocolHandler.init_from_connect)
@@ -94,7 +94,7 @@ async def test_the_packet_checks_rely_on_what_they_wrap(server: OtaServer) -> No
         ["self", "topic", "data", "qos", "retain", "ack_timeout"]
     # Every broker hardens the shared classes once: the wrappers must not stack per broker.
     header = MQTTFixedHeader.from_stream
-    assert _bounded_fixed_header(header) is header and _strict_fixed_header(header) is header
+    assert _checked_fixed_header(header) is header
     connect = BrokerProtocolHandler.init_from_connect
     assert _conforming_connect(connect) is connect
 
