@@ -7,7 +7,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 
-from otacore.topics import in_namespace, is_ota_topic
+from otacore.protocol.topics import in_namespace, is_ota_topic
 
 from .amqtt_private import session_device
 

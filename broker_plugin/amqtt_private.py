@@ -50,9 +50,9 @@ from amqtt.session import Session
 from amqtt.utils import gen_client_id
 from transitions import MachineError
 
-from otacore.credentials import DeviceId, parse_username
+from otacore.protocol.credentials import DeviceId, parse_username
 from otacore.log_hygiene import Burst, clean_field
-from otacore.topics import filters_matching, is_ota_topic
+from otacore.protocol.topics import filters_matching, is_ota_topic
 
 log = logging.getLogger("ota.broker")
 refused_log = logging.getLogger("ota.broker.refused")
@@ -72,7 +72,7 @@ MAX_SESSIONS_PER_DEVICE = 8  # client ids a device's stored sessions may use; th
 
 @dataclass(frozen=True)
 class BrokerLimits:
-    """What one client can make the broker hold (broker.yaml `limits.*`, see otacore.settings)."""
+    """What one client can make the broker hold (broker.yaml `limits.*`, see otacore.config.settings)."""
 
     connect_timeout: float = 10.0  # seconds from accepting a connection to its CONNECT
     max_unauthenticated: int = 1000  # connections without an accepted CONNECT; the oldest is dropped past it

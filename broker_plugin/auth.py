@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
-from otacore.credentials import DeviceId, check_mqtt_login
-from otacore.topics import in_namespace, is_ota_topic
+from otacore.protocol.credentials import DeviceId, check_mqtt_login
+from otacore.protocol.topics import in_namespace, is_ota_topic
 
 from .amqtt_private import broker_of, harden, refused_log, wire_client_id
 from .runtime import find_runtime

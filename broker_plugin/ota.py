@@ -13,13 +13,13 @@ from amqtt.plugins.base import BasePlugin
 from amqtt.session import Session
 
 from otacore import log_hygiene
-from otacore.codec import (PayloadError, decode_json, encode_block_reply, encode_json, message_id,
+from otacore.protocol.codec import (PayloadError, decode_json, encode_block_reply, encode_json, message_id,
                            parse_block_request, parse_firmware_request, parse_progress, parse_version_report)
-from otacore.credentials import DeviceId
-from otacore.decisions import Send
+from otacore.protocol.credentials import DeviceId
+from otacore.decisions.core import Send
 from otacore.engine import OtaEngine
-from otacore.settings import settings_from_mapping
-from otacore.topics import (FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS, download_reply_topic,
+from otacore.config.settings import settings_from_mapping
+from otacore.protocol.topics import (FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS, download_reply_topic,
                             firmware_get_reply_topic, parse_upstream)
 
 from . import tls

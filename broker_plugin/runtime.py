@@ -22,15 +22,15 @@ from amqtt.session import Session
 from fileserver.app import create_app
 from fileserver.connection_guard import HttpSite
 from fileserver.metrics import BrokerFigures
-from otacore.catalog import Catalog
-from otacore.credentials import DeviceId, check_mqtt_login
-from otacore.data_dir import (DataDirLock, DataDirWatch, admin_token, database_path, remove_server_info,
+from otacore.catalog.model import Catalog
+from otacore.protocol.credentials import DeviceId, check_mqtt_login
+from otacore.storage.data_dir import (DataDirLock, DataDirWatch, admin_token, database_path, remove_server_info,
                               url_signing_key, write_server_info)
 from otacore.engine import OtaEngine
-from otacore.journal import Journal
-from otacore.settings import Settings
-from otacore.store import Store, check_database
-from otacore.topics import FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS
+from otacore.storage.journal import Journal
+from otacore.config.settings import Settings
+from otacore.storage.store import Store, check_database
+from otacore.protocol.topics import FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS
 
 from . import tls as tls_contexts
 from .amqtt_private import (SessionDelivery, broker_of, connections_replaced, mqtt_connections, mqtt_listening_sockets,

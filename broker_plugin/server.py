@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from otacore.catalog import load_catalog
-from otacore.config_files import BrokerConfigFile, read_broker_config
-from otacore.data_dir import DataDirInUse
+from otacore.catalog.model import load_catalog
+from otacore.config.broker_yaml import BrokerConfigFile, read_broker_config
+from otacore.storage.data_dir import DataDirInUse
 from otacore.errors import ConfigError, Refused
-from otacore.settings import PLUGIN_PATH, split_host_port
+from otacore.config.settings import PLUGIN_PATH, split_host_port
 
 log = logging.getLogger("ota.server")
 
@@ -140,7 +140,7 @@ async def serve(broker_config: dict[str, Any]) -> int:
 
 
 def _one_line(error: BaseException) -> str:
-    from otacore.store import StoreError  # late, like the broker: it pulls in aiosqlite
+    from otacore.storage.store import StoreError  # late, like the broker: it pulls in aiosqlite
 
     if isinstance(error, ConfigError):
         return error.one_line()

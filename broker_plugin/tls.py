@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from otacore.log_hygiene import Burst
-from otacore.settings import Settings
+from otacore.config.settings import Settings
 
 log = logging.getLogger("ota.tls")
 log.addFilter(Burst(("TLS handshake failed",), burst=5, interval=10.0))

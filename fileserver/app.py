@@ -23,18 +23,18 @@ from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
-from otacore.codec import (PayloadError, decode_json, parse_firmware_request, parse_progress,
+from otacore.protocol.codec import (PayloadError, decode_json, parse_firmware_request, parse_progress,
                            parse_version_report)
-from otacore.credentials import DeviceId, check_http_login
-from otacore.device_views import (QueryError, device_detail, device_list, package_list, parse_device_query,
+from otacore.protocol.credentials import DeviceId, check_http_login
+from otacore.views.devices import (QueryError, device_detail, device_list, package_list, parse_device_query,
                                   version_counts)
 from otacore.engine import OtaEngine
 from otacore.errors import ConfigError, Refused
-from otacore.jobs import ALL_STATES
-from otacore.package_files import DownloadFile, log_unreadable, open_hashed
-from otacore.rollout import failure_of
-from otacore.signed_urls import UrlRejected
-from otacore.status import FleetView, batch_report, batch_summaries
+from otacore.fleet.jobs import ALL_STATES
+from otacore.downloads.package_files import DownloadFile, log_unreadable, open_hashed
+from otacore.fleet.rollout import failure_of
+from otacore.downloads.signed_urls import UrlRejected
+from otacore.views.status import FleetView, batch_report, batch_summaries
 
 from .connection_guard import GUARD, ConnectionGuard
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, BrokerFigures, exposition, metrics_registry
@@ -681,7 +681,7 @@ async def admin_batch(request: web.Request) -> web.Response:
 
 
 # A batch report's rows are its jobs plus "waiting_report": listed devices that have not
-# reported a version yet (otacore.status.batch_report).
+# reported a version yet (otacore.views.status.batch_report).
 REPORT_STATES = (*(state.value for state in ALL_STATES), "waiting_report")
 
 

@@ -1,6 +1,6 @@
 """GET /metrics: the server's figures in the Prometheus text format (docs/metrics.md).
 
-Hot paths only bump plain ints and dicts: bytes served in otacore/downloads.py, pushes and
+Hot paths only bump plain ints and dicts: bytes served in otacore/downloads/serving.py, pushes and
 reloads in otacore/engine.py, MQTT messages in broker_plugin/ota.py, /files/ answers by
 status in fileserver/app.py. `OtaCollector` reads them, and walks the fleet's state for the
 per-batch figures, at scrape time only, in the event loop (nothing changes under it).
@@ -19,17 +19,17 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from otacore.engine import OtaEngine
-from otacore.jobs import JobState
-from otacore.rollout import failure_kind
-from otacore.rollout_policy import FAILURE_KINDS
-from otacore.topics import FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS
+from otacore.fleet.jobs import JobState
+from otacore.fleet.rollout import failure_kind
+from otacore.catalog.rollout_policy import FAILURE_KINDS
+from otacore.protocol.topics import FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS
 
 # The classic text format (0.0.4), which every Prometheus reads, whatever the Accept header.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # MQTT upstream topic kind -> the `kind` label of ota_mqtt_messages_received_total.
 MESSAGE_KINDS = {INFORM: "version", PROGRESS: "progress", FIRMWARE_GET: "firmware", FILE_DOWNLOAD: "block"}
-# What otacore.rollout.rollout_view says a running batch is doing.
+# What otacore.fleet.rollout.rollout_view says a running batch is doing.
 ROLLOUT_STATES = ("active", "paused", "halted", "scheduled", "ended", "outside_window", "rate_limited")
 
 

@@ -14,20 +14,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from . import retention
-from .catalog import Catalog, Package
-from .catalog_loading import LoadedCatalog, prepare_catalog
-from .credentials import DeviceId
-from .decisions import OtaCore, Send
-from .downloads import Downloads
-from .errors import ConfigError, Refused
-from .fleet_state import FleetState
-from .journal import Journal
-from .package_files import DownloadFile, PackageFiles
-from .reload_rules import reload_issues
-from .settings import Settings
-from .store import Store
-from .topics import UPGRADE_TOPIC_PREFIX
+from otacore.storage import retention
+from otacore.catalog.model import Catalog, Package
+from otacore.catalog.loading import LoadedCatalog, prepare_catalog
+from otacore.protocol.credentials import DeviceId
+from otacore.decisions.core import OtaCore, Send
+from otacore.downloads.serving import Downloads
+from otacore.errors import ConfigError, Refused
+from otacore.fleet.state import FleetState
+from otacore.storage.journal import Journal
+from otacore.downloads.package_files import DownloadFile, PackageFiles
+from otacore.catalog.reload_rules import reload_issues
+from otacore.config.settings import Settings
+from otacore.storage.store import Store
+from otacore.protocol.topics import UPGRADE_TOPIC_PREFIX
 
 log = logging.getLogger("ota.engine")
 
@@ -255,7 +255,7 @@ class OtaEngine:
     # -- retention ---------------------------------------------------------------------
     async def prune(self, days: float, *, dry_run: bool = False) -> dict[str, int]:
         """Remove (or, dry, count) the finished history of batches that left the catalog and
-        ended more than `days` ago (otacore/retention.py says what stays). Runs in steps
+        ended more than `days` ago (otacore/storage/retention.py says what stays). Runs in steps
         between commits: devices never wait for it. batch -> jobs removed."""
         async with self._prune_lock:  # one at a time: each counts what is left when it starts
             keep = set(self.catalog.batches) if self.catalog is not None else set(self.state.batches)

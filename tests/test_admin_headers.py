@@ -15,7 +15,7 @@ import pytest
 from harness import BASE_CATALOG, Device, OtaServer, write_catalog
 from test_data_dir_faults import idle, refuse_writes
 
-from otacore import journal as journal_module
+from otacore.storage import journal as journal_module
 
 CSP = "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 PROTECTIVE = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",

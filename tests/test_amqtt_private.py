@@ -37,7 +37,7 @@ async def test_running_broker_passes_the_startup_check(server: OtaServer) -> Non
 
 async def test_direct_delivery_reaches_a_live_session_subscribed_or_not(server: OtaServer) -> None:
     # Like Aliyun, which subscribes devices to their OTA topics itself (linkkit never does).
-    from otacore.credentials import DeviceId
+    from otacore.protocol.credentials import DeviceId
     delivery = server.plugin.runtime.delivery
     device = DeviceId("a1Test", "direct-1")
     assert not delivery.send(device, "/ota/device/upgrade/a1Test/direct-1", b"offline", 1)

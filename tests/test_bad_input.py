@@ -41,7 +41,7 @@ async def test_garbage_on_every_topic_changes_nothing(server: OtaServer) -> None
 
 
 def device_id(name: str):  # type: ignore[no-untyped-def]
-    from otacore.credentials import DeviceId
+    from otacore.protocol.credentials import DeviceId
     return DeviceId("a1Test", name)
 
 

@@ -21,10 +21,10 @@ import pytest
 
 from conftest import UPGRADE_BATCH
 from harness import BASE_CATALOG, Device, OtaServer, free_port, write_catalog
-from otacore.catalog_loading import prepare_catalog
-from otacore.codec import decode_block_reply
+from otacore.catalog.loading import prepare_catalog
+from otacore.protocol.codec import decode_block_reply
 from otacore.errors import ConfigError
-from otacore.settings import settings_from_mapping
+from otacore.config.settings import settings_from_mapping
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from loopback_server import ServerProcess, write_broker_yaml  # noqa: E402

@@ -286,7 +286,7 @@ async def test_admin_retry_and_cancel(server: OtaServer) -> None:
 
 
 async def test_status_counts_each_device_once_after_a_retry(server: OtaServer) -> None:
-    from otacore.status import batch_report, batch_summaries
+    from otacore.views.status import batch_report, batch_summaries
     async with Device(server, "again") as device:
         await device.inform("1.0.0")
         await device.next_push()

@@ -4,9 +4,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from otacore.block_cache import BlockCache
-from otacore.codec import crc16_arc
-from otacore.package_files import DownloadFile, FileDigest
+from otacore.downloads.block_cache import BlockCache
+from otacore.protocol.codec import crc16_arc
+from otacore.downloads.package_files import DownloadFile, FileDigest
 
 
 def _download(path: Path) -> DownloadFile:

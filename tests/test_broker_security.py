@@ -13,7 +13,7 @@ import pytest
 import raw_mqtt
 
 from broker_plugin.amqtt_private import connections_replaced, mqtt_connections
-from otacore.credentials import DeviceId
+from otacore.protocol.credentials import DeviceId
 
 from harness import Device, OtaServer, device_secret, write_catalog
 from conftest import UPGRADE_BATCH

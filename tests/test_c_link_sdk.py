@@ -8,7 +8,7 @@ import hashlib
 from harness import Device, OtaServer
 from test_mqtt_download_and_http_api import mqtt_server  # noqa: F401  (the fixture: a pushed mqtt batch)
 
-from otacore.codec import decode_block_reply
+from otacore.protocol.codec import decode_block_reply
 
 # As the SDK's mqtt_download component writes it (streamId 1: the first job of a fresh server).
 FIRST_REQUEST = (b'{"id":"1","version":"1.0","params":{"fileToken":"default","fileInfo":{"streamId":1,"fileId":1,},'

@@ -1,4 +1,4 @@
-"""otacore/catalog.py: a valid catalog loads, and every error names file, line, key and a fix."""
+"""otacore/catalog/model.py: a valid catalog loads, and every error names file, line, key and a fix."""
 from __future__ import annotations
 
 import hashlib
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from otacore.catalog import DEFAULT_MODULE, derive_device_secret, load_catalog
+from otacore.catalog.model import DEFAULT_MODULE, derive_device_secret, load_catalog
 from otacore.errors import ConfigError, ConfigIssue
-from otacore.settings import settings_from_mapping
+from otacore.config.settings import settings_from_mapping
 
 # A small valid catalog; tests append items to its three lists. Extra products are
 # products[2], extra packages packages[2], extra batches batches[1].

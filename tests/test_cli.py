@@ -211,7 +211,7 @@ async def test_busy_port_or_busy_data_dir_is_a_one_line_exit(tmp_path: Path) -> 
 
 
 def test_status_tables_escape_what_devices_sent() -> None:
-    from otacore.cli import _table
+    from otacore.cli.main import _table
     table = _table([["DEVICE", "LAST MESSAGE"], ["d1", "ok\x1b[2J\nFAKE ROW  installed"]])
     assert "\x1b" not in table and table.count("\n") == 1
     assert "\\x1b[2J\\nFAKE ROW" in table

@@ -1,4 +1,4 @@
-"""otacore/codec.py: CRC, the binary block reply, and parsing of device payloads."""
+"""otacore/protocol/codec.py: CRC, the binary block reply, and parsing of device payloads."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from otacore.codec import (MAX_BLOCK_HEADER, MAX_JSON_BYTES, PayloadError, crc16_arc, decode_block_reply,
+from otacore.protocol.codec import (MAX_BLOCK_HEADER, MAX_JSON_BYTES, PayloadError, crc16_arc, decode_block_reply,
                            decode_json, encode_block_reply, parse_block_request, parse_firmware_request,
                            parse_progress, parse_version_report)
 

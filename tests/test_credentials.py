@@ -1,4 +1,4 @@
-"""otacore/credentials.py: usernames, the Aliyun signed password, and the plain secret (docs/protocol.md 1)."""
+"""otacore/protocol/credentials.py: usernames, the Aliyun signed password, and the plain secret (docs/protocol.md 1)."""
 from __future__ import annotations
 
 import hashlib
@@ -6,9 +6,9 @@ import hmac
 
 import pytest
 
-from otacore.catalog import derive_device_secret, load_catalog
-from otacore.credentials import DeviceId, check_http_login, check_mqtt_login, parse_username
-from otacore.settings import settings_from_mapping
+from otacore.catalog.model import derive_device_secret, load_catalog
+from otacore.protocol.credentials import DeviceId, check_http_login, check_mqtt_login, parse_username
+from otacore.config.settings import settings_from_mapping
 
 SECRET = "dev1-secret"
 LINKKIT_CLIENT_ID = "a1PK&dev1|securemode=3,signmethod=hmacsha1,ext=1,_ss=1,lan=Python,_v=1.2.13,timestamp=1795728922|"

@@ -22,12 +22,12 @@ from types import SimpleNamespace
 import aiohttp
 import pytest
 
-import otacore.journal as journal_module
+import otacore.storage.journal as journal_module
 from conftest import UPGRADE_BATCH
 from harness import PK, Device, OtaServer, free_port, write_catalog
-from otacore.credentials import DeviceId
-from otacore.data_dir import DataDirInUse, DataDirLock, write_server_info
-from otacore.journal import Journal
+from otacore.protocol.credentials import DeviceId
+from otacore.storage.data_dir import DataDirInUse, DataDirLock, write_server_info
+from otacore.storage.journal import Journal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from loopback_server import ServerProcess, write_broker_yaml  # noqa: E402

@@ -1,4 +1,4 @@
-"""OtaCore's decisions (otacore/decisions.py) as plain function calls: no broker, no sockets.
+"""OtaCore's decisions (otacore/decisions/core.py) as plain function calls: no broker, no sockets.
 
 Each test builds a real catalog in tmp_path (harness.write_catalog + prepare_catalog), a fresh
 FleetState, a Downloads with a fixed URL key, an `online` set the test controls and a fake
@@ -21,14 +21,14 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from harness import BASE_CATALOG, PK, write_catalog
-from otacore.credentials import DeviceId
-from otacore.decisions import PUSH_ID_BLOCK, PUSH_ID_MAX, PUSH_IDS, OtaCore, Send
-from otacore.downloads import Downloads
-from otacore.catalog_loading import prepare_catalog
+from otacore.protocol.credentials import DeviceId
+from otacore.decisions.core import PUSH_ID_BLOCK, PUSH_ID_MAX, PUSH_IDS, OtaCore, Send
+from otacore.downloads.serving import Downloads
+from otacore.catalog.loading import prepare_catalog
 from otacore.errors import Refused
-from otacore.fleet_state import Changes, FleetState
-from otacore.jobs import FINAL_STATES, LEGAL_MOVES, Job, JobState
-from otacore.settings import settings_from_mapping
+from otacore.fleet.state import Changes, FleetState
+from otacore.fleet.jobs import FINAL_STATES, LEGAL_MOVES, Job, JobState
+from otacore.config.settings import settings_from_mapping
 
 Q, N, P, I, S, F, C = (JobState.QUEUED, JobState.NOTIFIED, JobState.IN_PROGRESS, JobState.INSTALLED,
                        JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED)

@@ -13,10 +13,10 @@ import aiohttp
 import pytest
 
 from harness import Device, OtaServer, device_secret, make_firmware, write_catalog
-from otacore.credentials import DeviceId
-from otacore.device_views import DeviceQuery, device_list, version_counts
-from otacore.fleet_state import FleetState
-from otacore.jobs import NewJob
+from otacore.protocol.credentials import DeviceId
+from otacore.views.devices import DeviceQuery, device_list, version_counts
+from otacore.fleet.state import FleetState
+from otacore.fleet.jobs import NewJob
 
 CATALOG = """
 packages_dir: packages

@@ -10,8 +10,8 @@ import pytest
 
 from fileserver.app import OPEN_FILES
 from harness import Device, OtaServer
-from otacore.credentials import DeviceId
-from otacore.signed_urls import sign_url
+from otacore.protocol.credentials import DeviceId
+from otacore.downloads.signed_urls import sign_url
 
 
 @pytest.fixture

@@ -1,14 +1,14 @@
-"""otacore/eligibility.py: which batch wants a device (docs/operations.md, Batches)."""
+"""otacore/fleet/eligibility.py: which batch wants a device (docs/operations.md, Batches)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from otacore.catalog import Batch, Package, load_catalog
-from otacore.credentials import DeviceId
-from otacore.eligibility import batch_priority, candidate_batches, device_in_scope, version_qualifies
-from otacore.settings import settings_from_mapping
+from otacore.catalog.model import Batch, Package, load_catalog
+from otacore.protocol.credentials import DeviceId
+from otacore.fleet.eligibility import batch_priority, candidate_batches, device_in_scope, version_qualifies
+from otacore.config.settings import settings_from_mapping
 
 FULL = Package(id="fw-2.0.0", name="fw", product="a1Cam", module="default", version="2.0.0", type="full",
                file=Path("fw.bin"), sign_method="MD5")

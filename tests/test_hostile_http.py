@@ -18,7 +18,7 @@ import pytest
 
 from conftest import UPGRADE_BATCH
 from harness import BASE_CATALOG, Device, OtaServer, device_secret, free_port, make_firmware, write_catalog
-from otacore.codec import PayloadError, parse_block_request, parse_step
+from otacore.protocol.codec import PayloadError, parse_block_request, parse_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 160_000  # fw-1.1.0.bin

@@ -1,4 +1,4 @@
-"""The job lifecycle's table of legal moves (otacore/jobs.py), checked pair by pair against the
+"""The job lifecycle's table of legal moves (otacore/fleet/jobs.py), checked pair by pair against the
 lifecycle as docs/operations.md and the module docstring describe it."""
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import itertools
 
 import pytest
 
-from otacore.credentials import DeviceId
-from otacore.fleet_state import FleetState
-from otacore.jobs import (ALL_STATES, FINAL_STATES, LEGAL_MOVES, OPEN_STATES, IllegalMove, Job, JobState, NewJob,
+from otacore.protocol.credentials import DeviceId
+from otacore.fleet.state import FleetState
+from otacore.fleet.jobs import (ALL_STATES, FINAL_STATES, LEGAL_MOVES, OPEN_STATES, IllegalMove, Job, JobState, NewJob,
                           check_move)
 
 Q, N, P, I, S, F, C = (JobState.QUEUED, JobState.NOTIFIED, JobState.IN_PROGRESS, JobState.INSTALLED,

@@ -1,4 +1,4 @@
-"""The journal (otacore/journal.py) against a real SQLite file: group commit, what commit()
+"""The journal (otacore/storage/journal.py) against a real SQLite file: group commit, what commit()
 promises, telemetry coalescing, rebuilding the state after a restart, and failed writes."""
 from __future__ import annotations
 
@@ -13,17 +13,17 @@ from typing import Any
 
 import pytest
 
-import otacore.journal as journal_module
+import otacore.storage.journal as journal_module
 from harness import BASE_CATALOG, PK, write_catalog
-from otacore.credentials import DeviceId
-from otacore.decisions import OtaCore
-from otacore.downloads import Downloads
-from otacore.catalog_loading import prepare_catalog
-from otacore.fleet_state import FleetState
-from otacore.jobs import Job, JobState, NewJob
-from otacore.journal import Journal
-from otacore.settings import settings_from_mapping
-from otacore.store import Store
+from otacore.protocol.credentials import DeviceId
+from otacore.decisions.core import OtaCore
+from otacore.downloads.serving import Downloads
+from otacore.catalog.loading import prepare_catalog
+from otacore.fleet.state import FleetState
+from otacore.fleet.jobs import Job, JobState, NewJob
+from otacore.storage.journal import Journal
+from otacore.config.settings import settings_from_mapping
+from otacore.storage.store import Store
 
 Q, N, P, I, S, F, C = (JobState.QUEUED, JobState.NOTIFIED, JobState.IN_PROGRESS, JobState.INSTALLED,
                        JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED)

@@ -11,9 +11,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import Device, OtaServer, write_catalog
-from otacore.codec import decode_block_reply
+from otacore.protocol.codec import decode_block_reply
 from otacore.errors import ConfigError
-from otacore.settings import settings_from_mapping
+from otacore.config.settings import settings_from_mapping
 
 BATCH = "up-1.1.0"  # conftest's pushed, dynamic http batch
 

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from harness import Device, OtaServer, device_secret, write_catalog
-from otacore.codec import decode_block_reply
+from otacore.protocol.codec import decode_block_reply
 
 
 @pytest.fixture

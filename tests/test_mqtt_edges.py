@@ -18,7 +18,7 @@ from harness import Device, OtaServer, device_secret, write_catalog
 from raw_mqtt import connack, device_connect, open_raw, reset
 
 from broker_plugin import amqtt_private
-from otacore.credentials import DeviceId
+from otacore.protocol.credentials import DeviceId
 
 UPGRADE = UPGRADE_BATCH
 
@@ -288,7 +288,7 @@ async def test_a_take_over_publishes_no_will(limited: OtaServer) -> None:
 
 
 def test_signed_url_numbers_are_ascii_digits_only() -> None:
-    from otacore.signed_urls import UrlRejected, _signature, verify_url
+    from otacore.downloads.signed_urls import UrlRejected, _signature, verify_url
     key, path, device, expires = b"k" * 32, "/files/x/y.bin", DeviceId("a1Test", "d"), 9_999_999_999
     query = {"pk": "a1Test", "dn": "d", "exp": str(expires), "sig": _signature(key, path, device, 3, expires)}
     assert verify_url(key, path, {**query, "job": "3"}) == (device, 3)

@@ -25,12 +25,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from fileserver.metrics import BrokerFigures, OtaCollector
 from harness import write_catalog
-from otacore.catalog_loading import prepare_catalog
+from otacore.catalog.loading import prepare_catalog
 from otacore.errors import ConfigError
-from otacore.plan import plan_reload
-from otacore.rollout_policy import EARLIEST, LATEST
-from otacore.settings import settings_from_mapping
-from otacore.status import FleetView, batch_report, batch_summaries
+from otacore.cli.plan import plan_reload
+from otacore.catalog.rollout_policy import EARLIEST, LATEST
+from otacore.config.settings import settings_from_mapping
+from otacore.views.status import FleetView, batch_report, batch_summaries
 from test_decisions import BASE, T0, World
 
 DEVICES = [f"d{i}" for i in range(4)]

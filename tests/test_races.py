@@ -9,8 +9,8 @@ from pathlib import Path
 
 from harness import BASE_CATALOG, Device, OtaServer, write_catalog
 from conftest import UPGRADE_BATCH
-from otacore.codec import decode_block_reply
-from otacore.credentials import DeviceId
+from otacore.protocol.codec import decode_block_reply
+from otacore.protocol.credentials import DeviceId
 
 
 async def test_answers_to_a_batch_start_push_are_not_lost(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from harness import PK, Device, OtaServer, write_catalog
-from otacore.credentials import DeviceId
+from otacore.protocol.credentials import DeviceId
 from test_crash import Link, job_of
 
 STATIC_BATCH = """

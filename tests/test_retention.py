@@ -13,7 +13,7 @@ import pytest
 
 from harness import Device, OtaServer, write_catalog
 from otacore.errors import ConfigError
-from otacore.settings import settings_from_mapping
+from otacore.config.settings import settings_from_mapping
 from test_cli import BIN, broker_yaml, server_process
 from harness import free_port
 

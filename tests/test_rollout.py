@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from test_decisions import BASE, C, F, N, Q, S, T0, World, dev
 
-from otacore.catalog import load_catalog
+from otacore.catalog.model import load_catalog
 from otacore.errors import ConfigError, Refused
-from otacore import rollout_policy
-from otacore.rollout_policy import Cron, RolloutPolicy, device_share, parse_cron, parse_offset, schedule_block, Window
-from otacore.settings import settings_from_mapping
+from otacore.catalog import rollout_policy
+from otacore.catalog.rollout_policy import Cron, RolloutPolicy, device_share, parse_cron, parse_offset, schedule_block, Window
+from otacore.config.settings import settings_from_mapping
 from harness import write_catalog
 
 

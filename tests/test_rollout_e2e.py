@@ -14,7 +14,7 @@ import pytest
 from harness import Device, OtaServer, free_port, write_catalog
 from test_cli import broker_yaml, otactl, server_process
 
-from otacore.rollout_policy import device_share
+from otacore.catalog.rollout_policy import device_share
 
 BATCH = "up"
 

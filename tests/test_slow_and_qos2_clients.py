@@ -9,7 +9,7 @@ import struct
 
 from harness import Device, OtaServer, device_secret
 from raw_mqtt import packet, string
-from otacore.credentials import DeviceId
+from otacore.protocol.credentials import DeviceId
 
 
 async def test_reports_at_qos_2_are_handled(server: OtaServer) -> None:

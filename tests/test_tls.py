@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import raw_mqtt
 from harness import Device, OtaServer, free_port, write_catalog
 from otacore.errors import ConfigError
-from otacore.settings import settings_from_mapping
+from otacore.config.settings import settings_from_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 # What Aliyun's C Link SDK 4.2.0 offers (its mbedtls 2.13 configuration), PSK suites aside.

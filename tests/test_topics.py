@@ -1,12 +1,12 @@
-"""otacore/topics.py: upstream OTA topics, each device's namespace, and filters matching a topic."""
+"""otacore/protocol/topics.py: upstream OTA topics, each device's namespace, and filters matching a topic."""
 from __future__ import annotations
 
 from itertools import product as cartesian
 
 import pytest
 
-from otacore.credentials import DeviceId
-from otacore.topics import (FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS, download_reply_topic,
+from otacore.protocol.credentials import DeviceId
+from otacore.protocol.topics import (FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS, download_reply_topic,
                             filters_matching, firmware_get_reply_topic, in_namespace, parse_upstream,
                             upgrade_topic)
 

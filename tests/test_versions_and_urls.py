@@ -1,13 +1,13 @@
-"""otacore/versions.py (N.N.N parsing and ordering) and otacore/signed_urls.py (signed download URLs)."""
+"""otacore/catalog/versions.py (N.N.N parsing and ordering) and otacore/downloads/signed_urls.py (signed download URLs)."""
 from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from otacore.credentials import DeviceId
-from otacore.signed_urls import UrlRejected, download_path, sign_url, verify_url
-from otacore.versions import is_lower, is_version, parse_version
+from otacore.protocol.credentials import DeviceId
+from otacore.downloads.signed_urls import UrlRejected, download_path, sign_url, verify_url
+from otacore.catalog.versions import is_lower, is_version, parse_version
 
 # --- versions -----------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from broker_plugin import ota, server  # noqa: E402
-from otacore.credentials import DeviceId  # noqa: E402
+from otacore.protocol.credentials import DeviceId  # noqa: E402
 
 
 class BroadcastOtaPlugin(ota.OtaPlugin):

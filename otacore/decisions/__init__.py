@@ -1,0 +1,1 @@
+"""The engine's decisions by use case, as synchronous functions over the fleet in memory."""

@@ -1,0 +1,1 @@
+"""What admins read: progress per batch and device, device lists and pages, versions and packages."""
