@@ -9,7 +9,7 @@ from amqtt.session import Session
 
 from otacore.protocol.topics import in_namespace, is_ota_topic
 
-from .amqtt_private import session_device
+from .amqtt_patches import session_device
 
 
 class DeviceTopicPlugin(BaseTopicPlugin):

@@ -7,33 +7,28 @@ from dataclasses import dataclass
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
-from otacore.protocol.credentials import DeviceId, check_mqtt_login
+from otacore.protocol.credentials import DeviceId
 from otacore.protocol.topics import in_namespace, is_ota_topic
 
-from .amqtt_private import broker_of, harden, refused_log, wire_client_id
-from .runtime import find_runtime
+from .amqtt_patches import broker_of, refused_log, wire_client_id
+from .assembly import runtime_of
 
 log = logging.getLogger("ota.auth")
 
 
 class DeviceAuthPlugin(BaseAuthPlugin):
-    """Accepts only devices the catalog knows, with the right secret; installs the CONNECT hardening."""
+    """Accepts only devices the catalog knows, with the right secret (the runtime's engine decides)."""
 
     @dataclass
     class Config:
         pass
 
-    def __init__(self, context) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(context)
-        harden(broker_of(context))
-
     async def authenticate(self, *, session: Session) -> bool | None:
-        runtime = find_runtime(self.context)
+        runtime = runtime_of(broker_of(self.context))
         if runtime is None or runtime.engine is None or runtime.engine.catalog is None:
             log.warning("refusing %r: the OTA plugin is not running", session.username)
             return False
-        device = check_mqtt_login(runtime.engine.catalog, wire_client_id(session), session.username, session.password,
-                                  runtime.settings.allow_plain_secret)
+        device = runtime.engine.mqtt_login(wire_client_id(session), session.username, session.password)
         if device is None:  # the CONNECT's refusal is logged once, with the client id and username
             return False
         problem = _will_problem(device, session) if session.will_flag else None

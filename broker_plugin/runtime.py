@@ -1,5 +1,6 @@
-"""The one place that assembles the OTA server inside a broker: settings, store, journal,
-engine, HTTP sidecar; and takes them down in order.
+"""The OTA server inside a broker: at its start the store, the journal, the engine, the device
+messages and the HTTP sidecar, in that order (assembly.py says where it fits); taken down in
+the reverse order. It also takes the device OTA topics from amqtt's packet path.
 
 While it runs, it checks every second (a few stat() calls, in a worker thread) that data_dir
 and the database are the ones it opened. If not (deleted, replaced) it writes nothing more,
@@ -13,7 +14,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -23,18 +24,19 @@ from fileserver.app import create_app
 from fileserver.connection_guard import HttpSite
 from fileserver.metrics import BrokerFigures
 from otacore.catalog.model import Catalog
-from otacore.protocol.credentials import DeviceId, check_mqtt_login
+from otacore.protocol.credentials import DeviceId
+from otacore.protocol.topics import parse_upstream
 from otacore.storage.data_dir import (DataDirLock, DataDirWatch, admin_token, database_path, remove_server_info,
                               url_signing_key, write_server_info)
 from otacore.engine import OtaEngine
 from otacore.storage.journal import Journal
 from otacore.config.settings import Settings
 from otacore.storage.store import Store, check_database
-from otacore.protocol.topics import FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS
+from otacore.messaging import DeviceMessages
 
 from . import tls as tls_contexts
-from .amqtt_private import (SessionDelivery, broker_of, connections_replaced, mqtt_connections, mqtt_listening_sockets,
-                            wire_client_id)
+from .amqtt_patches import (SessionDelivery, connections_replaced, mqtt_connections, mqtt_listening_sockets,
+                            session_device, wire_client_id)
 from .connection_budget import ConnectionBudget
 
 log = logging.getLogger("ota.server")
@@ -47,10 +49,13 @@ class OtaRuntime:
         self.settings = settings
         self.delivery = delivery
         self.store: Store | None = None
+        self.journal: Journal | None = None
         self.engine: OtaEngine | None = None
         self.admin_token = ""
         self.http_url = ""
         self.startup_error: BaseException | None = None
+        # In someone's own broker the log is the only report; ota-server prints it itself.
+        self.log_startup_error = True
         self.fatal_error: str | None = None  # why it stopped writing while running
         self.on_fatal: Callable[[], None] | None = None  # ota-server: stop the process
         # Username `{dn}&{pk}` -> when that device last sent an MQTT message or connected
@@ -61,8 +66,7 @@ class OtaRuntime:
         self._tasks: set[asyncio.Task[None]] = set()
         self._budget: ConnectionBudget | None = None
         self._watch: asyncio.Task[None] | None = None
-        # Device OTA messages received over MQTT per topic kind (OtaPlugin counts; GET /metrics).
-        self.mqtt_received: dict[str, int] = dict.fromkeys((INFORM, PROGRESS, FIRMWARE_GET, FILE_DOWNLOAD), 0)
+        self.messages: DeviceMessages | None = None  # the device OTA topics in (OtaPlugin feeds it)
         self.tls_failures: Counter[tuple[str, str]] = Counter()  # (endpoint, reason): failed TLS handshakes
 
     async def start(self) -> None:
@@ -72,16 +76,17 @@ class OtaRuntime:
         database = database_path(settings.data_dir)
         await asyncio.to_thread(check_database, database)  # a damaged one: refused with what to do
         self.store = await Store.open(database)  # makes or migrates the schema first
-        journal = await asyncio.to_thread(Journal.open, database, time.time)
+        self.journal = journal = await asyncio.to_thread(Journal.open, database, time.time)  # SQLite backend
         self.engine = OtaEngine(settings, self.store, journal, self.delivery, url_signing_key(settings.data_dir))
         self.engine.start()
-        self.engine.reload_listeners.append(self._drop_revoked_sessions)
+        self.engine.on_reload(self._drop_revoked_sessions)
         self.engine.last_seen = self.seen_at
         loaded = await self.engine.reload()
+        self.messages = DeviceMessages(self.engine, self.delivery, self.spawn)
         self.admin_token = admin_token(settings.data_dir, settings.admin_token)
         # keepalive 15 s: an idle download connection holds a descriptor a large fleet needs.
         app = create_app(self.engine, self.admin_token, crowded=self._crowded, broker=BrokerFigures(
-            lambda: mqtt_connections(self.delivery.broker), self.delivery.online_devices, self.mqtt_received,
+            lambda: mqtt_connections(self.delivery.broker), self.delivery.online_devices, self.messages.received,
             self.tls_failures, lambda: connections_replaced(self.delivery.broker)))
         self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=15)
         await self._runner.setup()
@@ -118,7 +123,7 @@ class OtaRuntime:
 
     async def _watch_data_dir(self, watch: DataDirWatch) -> None:
         assert self.engine is not None
-        journal, last_error = self.engine.journal, ""
+        journal, last_error = self.journal, ""
         while True:
             await asyncio.sleep(WATCH_SECONDS)
             try:
@@ -142,12 +147,32 @@ class OtaRuntime:
 
     def _stop_writing(self, reason: str) -> None:
         self.fatal_error = reason
-        if self.engine is not None:
-            self.engine.journal.abandon(reason)
+        if self.journal is not None:
+            self.journal.abandon(reason)
         log.error("OTA: %s; stopping without writing to it again: start ota-server again to use what is there "
                   "now", reason)
         if self.on_fatal is not None:
             self.on_fatal()
+
+    def consume(self, session: Session, topic: str, data: bytes) -> bool | Awaitable[None]:
+        """A PUBLISH from amqtt's packet path, before its PUBACK (amqtt_patches/upstream.py).
+        False: not an OTA topic, amqtt routes it (the ACL decides). Else decided now, in the
+        order the device sent them (otacore/messaging.py): replies leave once committed, and a
+        report that made a promise is acknowledged once it is on disk."""
+        self.last_seen[session.username] = time.time()  # any PUBLISH: the device is alive
+        ota_topic = parse_upstream(topic)
+        if ota_topic is None:
+            return False
+        device = session_device(session)
+        messages = self.messages
+        if messages is None:
+            log.warning("%s from %s dropped: the OTA plugin is not running", topic, device)
+            return True
+        if device != ota_topic.device:
+            log.warning("client %r (%s) published to %s, which is not its own topic; ignored",
+                        session.client_id, device, topic)
+            return True
+        return messages.receive(device, ota_topic.kind, topic, data)
 
     def _crowded(self) -> bool:
         return self._budget is not None and self._budget.paused
@@ -179,9 +204,11 @@ class OtaRuntime:
     def _drop_revoked_sessions(self, catalog: Catalog) -> None:
         """After a reload, devices that were removed or whose secret changed lose their session:
         credentials are otherwise only checked at CONNECT."""
+        engine = self.engine
+        assert engine is not None
+
         def still_valid(session: Session) -> bool:
-            return check_mqtt_login(catalog, wire_client_id(session), session.username, session.password,
-                                    self.settings.allow_plain_secret) is not None
+            return engine.mqtt_login(wire_client_id(session), session.username, session.password, catalog) is not None
 
         dropped = self.delivery.drop_sessions(still_valid)
         if dropped:
@@ -210,9 +237,3 @@ class OtaRuntime:
             self.store = None
         remove_server_info(self.settings.data_dir, os.getpid())
         self._lock.release()
-
-
-def find_runtime(context: Any) -> OtaRuntime | None:
-    """The OtaRuntime of the broker this plugin context belongs to (None without an OtaPlugin)."""
-    plugin = broker_of(context).plugins_manager.get_plugin("OtaPlugin")
-    return getattr(plugin, "runtime", None)

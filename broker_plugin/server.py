@@ -20,7 +20,7 @@ from otacore.catalog.model import load_catalog
 from otacore.config.broker_yaml import BrokerConfigFile, read_broker_config
 from otacore.storage.data_dir import DataDirInUse
 from otacore.errors import ConfigError, Refused
-from otacore.config.settings import PLUGIN_PATH, split_host_port
+from otacore.config.settings import PLUGIN_PATH, Settings, split_host_port
 
 log = logging.getLogger("ota.server")
 
@@ -84,25 +84,22 @@ def busy_addresses(broker_config: dict[str, Any], settings: Any) -> list[str]:
     return busy
 
 
-async def serve(broker_config: dict[str, Any]) -> int:
-    from amqtt.broker import Broker  # imported late so `--help` and config errors stay fast
-
-    from .ota import OtaPlugin
-
+async def serve(broker_config: dict[str, Any], settings: Settings) -> int:
+    # Imported late so `--help` and config errors stay fast.
     from amqtt.errors import BrokerError, PluginError, PluginLoadError
 
+    from .assembly import build_broker
+
     try:
-        broker = Broker(broker_config)
+        broker, runtime = build_broker(broker_config, settings)  # the composition root
     except (PluginError, PluginLoadError, ValueError, TypeError) as exc:
         cause = exc.__cause__ or exc
         print(f"ota-server: cannot build the broker from its config: {cause}", file=sys.stderr)
         return 1
-    plugin = broker.plugins_manager.get_plugin("OtaPlugin")
-    if not isinstance(plugin, OtaPlugin):
+    if runtime is None:
         print(f"ota-server: {PLUGIN_PATH} is not in broker.yaml plugins; add it", file=sys.stderr)
         return 2
-    runtime = plugin.runtime
-    plugin.log_startup_error = False  # we print it as our one line
+    runtime.log_startup_error = False  # we print it as our one line
     broker_log = logging.getLogger("amqtt.broker")
     level = broker_log.level
     broker_log.setLevel(logging.CRITICAL)  # a listener that cannot bind: our one line, not its traceback
@@ -202,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # asyncio's own loop, not uvloop: under uvloop aiohttp cannot sendfile and reads
         # package files through a thread pool instead (slower, and buffers in memory).
-        return asyncio.run(serve(broker_config))
+        return asyncio.run(serve(broker_config, settings))
     except KeyboardInterrupt:
         return 0
     except OSError as exc:

@@ -3,39 +3,33 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
-import inspect
-import mimetypes
 import os
 import binascii
 import hmac
 import json
 import logging
 import sqlite3
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
-from aiohttp import web, web_fileresponse
-from aiohttp.abc import AbstractStreamWriter
+from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
-from otacore.protocol.codec import (PayloadError, decode_json, parse_firmware_request, parse_progress,
-                           parse_version_report)
-from otacore.protocol.credentials import DeviceId, check_http_login
-from otacore.views.devices import (QueryError, device_detail, device_list, package_list, parse_device_query,
-                                  version_counts)
+from otacore.downloads.package_files import DownloadFile, log_unreadable, open_hashed
+from otacore.downloads.signed_urls import UrlRejected
 from otacore.engine import OtaEngine
 from otacore.errors import ConfigError, Refused
 from otacore.fleet.jobs import ALL_STATES
-from otacore.downloads.package_files import DownloadFile, log_unreadable, open_hashed
 from otacore.fleet.rollout import failure_of
-from otacore.downloads.signed_urls import UrlRejected
-from otacore.views.status import FleetView, batch_report, batch_summaries
+from otacore.protocol.codec import (PayloadError, decode_json, parse_firmware_request, parse_progress,
+                                    parse_version_report)
+from otacore.protocol.credentials import DeviceId
+from otacore.views.devices import QueryError, parse_device_query
 
+from .aiohttp_internals import PackageResponse, plain_headers
 from .connection_guard import GUARD, ConnectionGuard
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, BrokerFigures, exposition, metrics_registry
 
@@ -59,8 +53,7 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
     app[OPEN_FILES] = open_files = OpenPackageFiles()
     app.on_cleanup.append(_close_open_files)
     # A package that left the catalog, or whose file changed, gives its handle back.
-    engine.reload_listeners.append(lambda _catalog: open_files.retain(engine.files.downloads() if engine.files
-                                                                      else ()))
+    engine.on_reload(lambda _catalog: open_files.retain(engine.package_files()))
     # Listeners made with HttpSite report their connections to it (connection_guard.py).
     app[GUARD] = ConnectionGuard(engine.settings.header_timeout_seconds, engine.settings.unauthenticated_cap)
     app.on_startup.append(_start_guard)
@@ -199,92 +192,6 @@ def _is_admin(request: web.Request, *, browser: bool = False) -> bool:
 
 
 # -- downloads --------------------------------------------------------------------------
-class PackageResponse(web.FileResponse):
-    """A FileResponse whose ETag is the file's SHA-256 (strong), not aiohttp's mtime-size tag,
-    that answers the request as rewritten by `download` and tells the engine about the
-    transfer of a device's job (started, and the bytes sent when it completed)."""
-
-    def __init__(self, file: DownloadFile, opened: "PackageHandle", etag: str,
-                 rewritten: web.Request, engine: OtaEngine | None, job_id: int | None,
-                 headers: dict[str, str]) -> None:
-        """`opened`: the shared handle of `file`, leased for this answer (OpenPackageFiles.get)."""
-        path = file.path
-        self._opened = opened
-        # Given back once: after the answer, or when the response is dropped unsent (a
-        # client gone before aiohttp prepared it), so a retired handle always closes.
-        self._release = weakref.finalize(self, opened.release)
-        headers = {"Content-Type": _content_type(path.name), **headers}  # guessed once per name
-        if _DIRECT_FILE_SEND:
-            # FileResponse.__init__ only parses `path` into a Path again (a tenth of the CPU of
-            # a Range request); it is one already.
-            web.StreamResponse.__init__(self, headers=headers)
-            self._path, self._chunk_size = path, 256 * 1024
-        else:
-            super().__init__(path, headers=headers)
-        self.package_etag = etag
-        self._rewritten, self._engine, self._job_id = rewritten, engine, job_id
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        try:
-            if self._engine is None or self._job_id is None or request.method != "GET":
-                return await self._send(self._rewritten)
-            sent = 0
-            self._engine.downloads.started(self._job_id)
-            try:
-                writer = await self._send(self._rewritten)  # the body is sent here
-                if self.status in (200, 206):
-                    sent = self.content_length or 0
-                return writer
-            finally:
-                self._engine.downloads.finished(self._job_id, sent)
-        finally:
-            self._release()
-
-
-    async def _send(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        """FileResponse.prepare without its thread-pool hops and without an open() per request:
-        a plain (Range) GET over plain TCP is sent with sendfile from the package's shared
-        handle (OpenPackageFiles). At thousands of Range requests a second the hops were a
-        fifth of the server's CPU, and a descriptor per transfer runs a large fleet out of
-        them. Anything else (TLS, If-Modified-Since, aiohttp's internals moved) goes through
-        FileResponse's own path."""
-        transport = request.transport
-        if not _DIRECT_FILE_SEND or transport is None or transport.get_extra_info("sslcontext") is not None \
-                or "If-Modified-Since" in request.headers or "If-Unmodified-Since" in request.headers:
-            if "Accept-Encoding" in request.headers:
-                # FileResponse would serve a sibling `NAME.gz`/`.br` file instead, with
-                # Content-Encoding, under this package's hash: other bytes than were pushed.
-                request = request.clone(headers=_plain_headers(request, drop="Accept-Encoding"))
-            return await super().prepare(request)
-        return await self._prepare_open_file(request, self._opened.file, self._opened.stat, None)
-
-
-    async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int, count: int) -> AbstractStreamWriter:
-        """FileResponse._sendfile, first offering the range to one non-blocking sendfile(2) over
-        plain TCP: on a fast link it all goes at once. Only the rest goes through the loop's
-        sendfile, which pauses reading and registers a writer each time (four epoll changes
-        and several futures per request: half the cost of a 64 KiB Range request)."""
-        writer = await web.StreamResponse.prepare(self, request)  # the headers, written now
-        assert writer is not None
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("connection lost")
-        sock = transport.get_extra_info("socket")
-        if sock is not None and transport.get_extra_info("sslcontext") is None \
-                and transport.get_write_buffer_size() == 0 and not self.compression:
-            try:
-                sent = os.sendfile(sock.fileno(), fobj.fileno(), offset, count)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:  # the peer went away
-                raise ConnectionResetError(str(exc)) from exc
-            offset, count = offset + sent, count - sent
-        if count > 0:
-            await asyncio.get_running_loop().sendfile(transport, fobj, offset, count)
-        await web.StreamResponse.write_eof(self)
-        return writer
-
-
 class PackageHandle:
     """An open package file and its stat as hashed, with the answers using it now."""
 
@@ -367,17 +274,6 @@ class OpenPackageFiles:
 OPEN_FILES = web.AppKey("open_files", OpenPackageFiles)
 
 
-@functools.lru_cache(maxsize=1024)
-def _content_type(name: str) -> str:
-    return mimetypes.guess_type(name)[0] or "application/octet-stream"
-
-
-_SEND_FILE = getattr(getattr(web_fileresponse, "_FileResponseResult", None), "SEND_FILE", None)
-_DIRECT_FILE_SEND = _SEND_FILE is not None and all(
-    hasattr(web.FileResponse, name) for name in ("_make_response", "_prepare_open_file")) \
-    and list(inspect.signature(web.FileResponse.__init__).parameters)[:3] == ["self", "path", "chunk_size"]
-
-
 async def _set_package_etag(request: web.Request, response: web.StreamResponse) -> None:
     if isinstance(response, PackageResponse) and response.status in (200, 206, 304):
         response.headers["ETag"] = response.package_etag
@@ -407,9 +303,9 @@ async def download(request: web.Request) -> web.StreamResponse:
     """GET/HEAD a package file: signed URL (or admin token), Range, If-Range, offset/length."""
     engine = request.app[ENGINE]
     key = request.match_info["key"]
-    job_id = None
+    transfer = None
     if _is_admin(request):
-        file = engine.files.by_key(key) if engine.files else None
+        file = engine.package_file(key)
         if file is None:
             return _error(404, f"no package file {key!r}")
         if not file.is_current():
@@ -417,8 +313,8 @@ async def download(request: web.Request) -> web.StreamResponse:
     else:
         try:
             # The signature covers the path as sent (percent-encoded), not as decoded.
-            device, job_id = engine.downloads.check_url(request.rel_url.raw_path, dict(request.query))
-            file = engine.downloads.authorize(device, job_id, key)  # from memory
+            file, transfer = engine.authorize_download(request.rel_url.raw_path, dict(request.query),
+                                                       key)  # from memory
         except UrlRejected as exc:
             return _error(403, str(exc))
         except Refused as exc:
@@ -438,7 +334,7 @@ async def download(request: web.Request) -> web.StreamResponse:
     if isinstance(rewritten, web.StreamResponse):
         opened.release()  # answered without the file (304, 412, ...)
         return rewritten
-    response = PackageResponse(file, opened, etag, rewritten, engine, job_id,
+    response = PackageResponse(file, opened, etag, rewritten, transfer,
                                headers={"Cache-Control": "private, no-transform"})
     if request.app[CROWDED]():
         # Short of connections: each transfer gets its own, so devices waiting to connect
@@ -456,14 +352,6 @@ def _plain_range(value: str) -> bool:
     return value.startswith("bytes=") and "0" <= value[6:7] <= "9" and "," not in value
 
 
-def _plain_headers(request: web.Request, drop: str = "") -> CIMultiDict[str]:
-    """The request's headers with anything not ASCII escaped, for request.clone(): clone()
-    encodes them again and fails on the undecodable bytes aiohttp let through (a 500). The
-    ones FileResponse reads are ASCII when valid; escaped, garbage stays garbage."""
-    return CIMultiDict((name, value if value.isascii() else value.encode("ascii", "backslashreplace").decode())
-                       for name, value in request.headers.items() if name.lower() != drop.lower())
-
-
 def _rewrite_conditions(request: web.Request, etag: str, size: int) -> web.Request | web.StreamResponse:
     """The request FileResponse should answer: our hash-based ETag checks done, Range as RFC
     9110 has it, `?offset=&length=` turned into a Range; or the answer itself."""
@@ -472,7 +360,7 @@ def _rewrite_conditions(request: web.Request, etag: str, size: int) -> web.Reque
     if plain and not any(name in original for name in _REWRITTEN) \
             and "offset" not in request.query and "length" not in request.query:
         return request  # a plain (Range) GET, as devices send: nothing to rewrite
-    headers = _plain_headers(request)
+    headers = plain_headers(request)
     # aiohttp compares its own mtime-based tag; we answer the hash-based tag ourselves.
     if (match := original.get("If-Match")) is not None:
         if not _etag_matches(match, etag, weak=False):
@@ -553,8 +441,7 @@ def _device_login(request: web.Request) -> DeviceId | web.Response:
         return _error(401, "HTTP Basic auth required: user {deviceName}&{productKey}, password = device secret",
                       DEVICE_CHALLENGE)
     engine = request.app[ENGINE]
-    device = check_http_login(engine.catalog, *credentials, engine.settings.allow_plain_secret) \
-        if engine.catalog else None
+    device = engine.http_login(*credentials)
     if device is None:
         return _error(401, "unknown device or wrong secret", DEVICE_CHALLENGE)
     return device
@@ -643,15 +530,11 @@ async def admin_status(request: web.Request) -> web.Response:
     removed = request.query.get("removed", "false")
     if removed not in ("true", "false"):
         return _error(400, f"removed must be true or false, got {removed[:40]!r}")
-    source: Any = FleetView(engine.state)
     if removed == "true":
         behind = await _database_behind(engine)  # the database shows what memory knows
         if behind is not None:
             return behind
-        source = engine.store
-    return web.json_response({"batches": await batch_summaries(
-        source, engine.catalog, sha_of=engine.current_sha, schedule=engine.core.rollout.schedule,
-        removed=removed == "true")})
+    return web.json_response({"batches": await engine.batch_summaries(removed=removed == "true")})
 
 
 async def admin_batch(request: web.Request) -> web.Response:
@@ -665,14 +548,11 @@ async def admin_batch(request: web.Request) -> web.Response:
         return _error(400, str(exc))
     engine = request.app[ENGINE]
     name = request.match_info["name"]
-    source: Any = FleetView(engine.state)  # a batch of the catalog: from memory
-    if engine.catalog is None or name not in engine.catalog.batches:  # a removed one: its history on disk
+    if not engine.is_live_batch(name):  # a removed one: its history on disk
         behind = await _database_behind(engine)
         if behind is not None:
             return behind
-        source = engine.store
-    report = await batch_report(source, engine.catalog, name, sha_of=engine.current_sha,
-                                schedule=engine.core.rollout.schedule)
+    report = await engine.batch_report(name)  # a batch of the catalog: from memory
     if report is None:
         return _error(404, f"no batch named {name!r}")
     devices = report["devices"] if state is None else [d for d in report["devices"] if d["state"] == state]
@@ -705,11 +585,12 @@ async def admin_job(request: web.Request) -> web.Response:
     if behind is not None:
         return behind
     # isdigit() alone is true for '٣' and '²' too (int() refuses the latter: a 500).
-    job = await engine.store.job(int(raw)) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else None
-    if job is None:
+    found = await engine.job_with_history(int(raw)) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else None
+    if found is None:
         return _error(404, "no such job")
+    job, events = found
     history = [{"at": at, "from": old, "to": new, "progress": progress, "reason": reason}
-               for at, old, new, progress, reason in await engine.store.history(job.id)]
+               for at, old, new, progress, reason in events]
     return web.json_response({"job": {"id": job.id, "batch": job.batch, "device": str(job.device),
                                       "state": job.state, "progress": job.progress, "code": job.code,
                                       "failure": failure_of(job), "message": job.message}, "history": history})
@@ -770,7 +651,7 @@ async def admin_prune(request: web.Request) -> web.Response:
                       if days is None else f"days must be a number of days from 0 to 36500, got {str(days)[:40]}")
     if not isinstance(dry_run, bool):
         return _error(400, "dry_run must be true or false")
-    if not dry_run and (trouble := engine.journal.trouble()) is not None:
+    if not dry_run and (trouble := engine.trouble()) is not None:
         return _error(503, f"nothing changed: {trouble}")
     try:
         batches = await engine.prune(days, dry_run=dry_run)
@@ -793,7 +674,7 @@ async def admin_batch_pause(request: web.Request) -> web.Response:
     except Refused as exc:
         return _error(exc.status, exc.message)
     return web.json_response({"code": 0, "message": "", "batch": name, "paused": action == "pause",
-                              "rollout": engine.core.rollout_view(name)})
+                              "rollout": engine.rollout_view(name)})
 
 
 async def admin_devices(request: web.Request) -> web.Response:
@@ -806,8 +687,7 @@ async def admin_devices(request: web.Request) -> web.Response:
     except QueryError as exc:
         return _error(400, str(exc))
     engine = request.app[ENGINE]
-    return web.json_response(device_list(engine.state, engine.catalog, query, engine.notifier.is_online,
-                                         engine.last_seen))
+    return web.json_response(engine.device_list(query))
 
 
 async def admin_device(request: web.Request) -> web.Response:
@@ -824,8 +704,7 @@ async def admin_device(request: web.Request) -> web.Response:
     behind = await _database_behind(engine)  # the jobs' history is read from the database
     if behind is not None:
         return behind
-    detail = await device_detail(engine.store, engine.state, engine.catalog, device, engine.notifier.is_online,
-                                 engine.last_seen, paging.offset, paging.limit)
+    detail = await engine.device_detail(device, paging.offset, paging.limit)
     if detail is None:
         return _error(404, f"no device {device}: it never reported a version and is not listed in the catalog")
     return web.json_response(detail)
@@ -835,15 +714,14 @@ async def admin_versions(request: web.Request) -> web.Response:
     """GET /admin/api/versions: per product and module, devices per reported version."""
     if (denied := _admin_only(request)) is not None:
         return denied
-    return web.json_response(version_counts(request.app[ENGINE].state))
+    return web.json_response(request.app[ENGINE].version_counts())
 
 
 async def admin_packages(request: web.Request) -> web.Response:
     """GET /admin/api/packages: the live catalog's packages, their hashes and statuses."""
     if (denied := _admin_only(request)) is not None:
         return denied
-    engine = request.app[ENGINE]
-    return web.json_response(package_list(engine.catalog, engine.files, engine.package_status))
+    return web.json_response(request.app[ENGINE].package_list())
 
 
 async def admin_reload(request: web.Request) -> web.Response:
@@ -908,20 +786,16 @@ async def batch_status_page(request: web.Request) -> web.Response:
 async def _database_behind(engine: OtaEngine) -> web.Response | None:
     """None once the database shows everything decided so far (admin reads read it); a 503
     with the reason while writes fail, instead of a request that hangs until they work."""
-    trouble = engine.journal.trouble()
+    trouble = await engine.database_behind(ADMIN_READ_WAIT)
     if trouble is None:
-        try:
-            await asyncio.wait_for(asyncio.shield(engine.settled()), ADMIN_READ_WAIT)
-            return None
-        except TimeoutError:
-            trouble = engine.journal.trouble() or f"writes took over {ADMIN_READ_WAIT:g} s"
+        return None
     return _error(503, f"the database is behind: {trouble}; /healthz says when it recovers")
 
 
 async def healthz(request: web.Request) -> web.Response:
     """200 while the database takes writes; 503 with the reason while it does not (the journal
     keeps the changes and retries) or was abandoned (data_dir deleted or replaced)."""
-    trouble = request.app[ENGINE].journal.trouble()
+    trouble = request.app[ENGINE].trouble()
     if trouble is None:
         return web.Response(text=json.dumps({"ok": True, "status": "ok"}), content_type="application/json")
     body = {"ok": False, "status": "degraded", "reason": trouble}

@@ -14,8 +14,8 @@ in the fleet benchmark); they have the header deadline like any other.
 aiohttp 3.14's keep-alive timer happens to close such connections too, but only at the
 keep-alive timeout, and older releases (pyproject allows 3.9) leave a connection that never
 sends a request open for good. A sweep over `web.Server.connections` (public) decides, with
-two private attributes of aiohttp's RequestHandler read and checked once at start: `_waiter`
-(pending while it waits for the next request) and `_request_count` (requests parsed so far).
+what aiohttp keeps private read through fileserver/aiohttp_internals.py (checked once at
+start): whether a connection waits for its next request, and how many it has sent.
 `HttpSite` sees each connection at its accept (for the cap) and holds the TLS handshake to
 the same deadline (asyncio's default is 60 s).
 """
@@ -26,29 +26,12 @@ import logging
 import math
 from collections.abc import Callable
 
-import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from .aiohttp_internals import ListenerSite, check_aiohttp, requests_parsed, waiting_for_request
+
 log = logging.getLogger("ota.http")
-
-_PRIVATE = ("_waiter", "_request_count")
-
-
-def check_aiohttp() -> None:
-    """Fail at start, not silently, if aiohttp no longer has what the sweep reads."""
-    slots = {name for cls in RequestHandler.__mro__ for name in getattr(cls, "__slots__", ())}
-    missing = [name for name in _PRIVATE if name not in slots]
-    if missing or not callable(getattr(RequestHandler, "force_close", None)):
-        lacking = ", ".join(missing) or "force_close"
-        raise RuntimeError(f"aiohttp {aiohttp.__version__}: RequestHandler has no {lacking}, which "
-                           "fileserver/connection_guard.py reads to enforce limits.header_timeout_seconds; "
-                           "install an aiohttp release it knows or update connection_guard.py")
-
-
-def _waiting_for_request(handler: RequestHandler) -> bool:
-    waiter = handler._waiter
-    return waiter is not None and not waiter.done()
 
 
 class ConnectionGuard:
@@ -111,11 +94,11 @@ class ConnectionGuard:
         now = asyncio.get_running_loop().time()
         waiting: dict[RequestHandler, tuple[int, float]] = {}
         for handler in self._server.connections:
-            count = handler._request_count
+            count = requests_parsed(handler)
             known = self._waiting.get(handler)
             if known is not None and known[0] == count:
                 since = known[1]  # still the same wait
-            elif _waiting_for_request(handler):
+            elif waiting_for_request(handler):
                 since = now  # a new wait: its previous response has finished
             else:
                 continue  # busy with a request
@@ -146,7 +129,7 @@ class ConnectionGuard:
             # moment after accept, or a TLS handshake): the next sweep counts it again.
             # Only one still waiting now: one that has started its first request (a download
             # under way counts 0 requests until it ends) is never closed from stale notes.
-            if handler._request_count == 0 and handler.transport is not None and _waiting_for_request(handler):
+            if requests_parsed(handler) == 0 and handler.transport is not None and waiting_for_request(handler):
                 self._evicted += 1
                 handler.force_close()
 
@@ -168,29 +151,14 @@ class ConnectionGuard:
 GUARD = web.AppKey("connection_guard", ConnectionGuard)
 
 
-class HttpSite(web.BaseSite):
+class HttpSite(ListenerSite):
     """web.TCPSite whose connections the app's ConnectionGuard sees from their accept, and
     whose TLS handshake has the header deadline (TCPSite cannot pass it to asyncio)."""
 
-    __slots__ = ("_host", "_port", "_guard")
+    __slots__ = ()
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *,
                  ssl_context: object | None = None, backlog: int = 128) -> None:
-        super().__init__(runner, ssl_context=ssl_context, backlog=backlog)  # type: ignore[arg-type]
-        self._host, self._port = host, port
-        self._guard = runner.app[GUARD]
-
-    @property
-    def name(self) -> str:
-        scheme = "https" if self._ssl_context else "http"
-        return f"{scheme}://{self._host}:{self._port}"
-
-    async def start(self) -> None:
-        await super().start()  # registers the site with its runner
-        server = self._runner.server
-        assert server is not None  # runner.setup() made it
-        tls = self._ssl_context is not None
-        # `_server`: where BaseSite.stop and runner.addresses look for the listener.
-        self._server = await asyncio.get_running_loop().create_server(
-            self._guard.protocol_factory(server), self._host, self._port, ssl=self._ssl_context,
-            backlog=self._backlog, ssl_handshake_timeout=self._guard.header_timeout if tls else None)
+        guard = runner.app[GUARD]
+        super().__init__(runner, host, port, protocol_factory=guard.protocol_factory,
+                         handshake_timeout=guard.header_timeout, ssl_context=ssl_context, backlog=backlog)

@@ -19,9 +19,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from otacore.engine import OtaEngine
-from otacore.fleet.jobs import JobState
-from otacore.fleet.rollout import failure_kind
-from otacore.catalog.rollout_policy import FAILURE_KINDS
+from otacore.views.fleet_figures import EngineFigures
 from otacore.protocol.topics import FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRESS
 
 # The classic text format (0.0.4), which every Prometheus reads, whatever the Accept header.
@@ -78,12 +76,13 @@ class OtaCollector(Collector):
         yield GaugeMetricFamily("ota_package_handles_open", "Package files the file server holds open now: one "
                                 "per package file being served, and retired ones until their transfers end.",
                                 value=self._package_handles())
+        figures = engine.figures()
         yield CounterMetricFamily("ota_pushes_sent", "Upgrade pushes handed to a device's live MQTT session.",
-                                  value=engine.pushes_sent)
+                                  value=figures.pushes_sent)
         served = CounterMetricFamily("ota_bytes_served", "Package bytes sent to devices: completed HTTP "
                                      "transfers and MQTT blocks.", labels=["protocol"])
-        served.add_metric(["http"], engine.downloads.bytes_http)
-        served.add_metric(["mqtt"], engine.downloads.bytes_mqtt)
+        for protocol, count in figures.bytes_served.items():
+            served.add_metric([protocol], count)
         yield served
         statuses = CounterMetricFamily("ota_download_requests", "Answers to GET/HEAD /files/... requests, by "
                                        "HTTP status.", labels=["status"])
@@ -92,42 +91,29 @@ class OtaCollector(Collector):
         yield statuses
         reloads = CounterMetricFamily("ota_reloads", "Catalog reloads (start, SIGHUP, otactl reload, the admin "
                                       "API), by result.", labels=["result"])
-        for result, count in engine.reloads.items():
+        for result, count in figures.reloads.items():
             reloads.add_metric([result], count)
         yield reloads
-        yield from self._batches()
+        yield from self._batches(figures)
 
-    def _batches(self) -> Iterator[Metric]:
-        state = self._engine.state
+    def _batches(self, figures: EngineFigures) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("ota_jobs", "Devices per batch and job state, each counted once by its latest "
                                  "job in the batch.", labels=["batch", "state"])
         failed = GaugeMetricFamily("ota_failed_jobs", "Devices per batch whose latest job there failed, by how "
                                    "it failed.", labels=["batch", "kind"])
-        # The catalog's batches only: removed ones leave /metrics, so the label set stays
-        # bounded by the catalog (at most 1,000 batches) however long the server runs.
-        listed = self._engine.catalog.batches if self._engine.catalog is not None else {}
-        for batch, counts in sorted((name, state.counts.get(name, {})) for name in listed):
-            for job_state in JobState:
-                jobs.add_metric([batch, job_state.value], counts.get(job_state, 0))
-            kinds = dict.fromkeys(FAILURE_KINDS, 0)
-            if counts.get(JobState.FAILED):
-                for job in state.latest_in_batch.get(batch, {}).values():
-                    if job.state == JobState.FAILED:
-                        kind = failure_kind(job)
-                        kinds[kind] = kinds.get(kind, 0) + 1
-            for kind, count in kinds.items():
-                failed.add_metric([batch, kind], count)
+        for batch in figures.batches:
+            for job_state, count in batch.jobs.items():
+                jobs.add_metric([batch.batch, job_state.value], count)
+            for kind, count in batch.failures.items():
+                failed.add_metric([batch.batch, kind], count)
         yield jobs
         yield failed
         rollout = GaugeMetricFamily("ota_batch_rollout_state", "1 for what each running batch's rollout is doing "
                                     "now (active, paused, halted, ...), 0 for the other states.",
                                     labels=["batch", "state"])
-        for batch in sorted(self._engine.running):
-            view = self._engine.core.rollout_view(batch)
-            if view is None:
-                continue
+        for batch_name, now_doing in figures.rollouts.items():
             for rollout_state in ROLLOUT_STATES:
-                rollout.add_metric([batch, rollout_state], 1 if view["state"] == rollout_state else 0)
+                rollout.add_metric([batch_name, rollout_state], 1 if now_doing == rollout_state else 0)
         yield rollout
 
 

@@ -1,9 +1,13 @@
-"""The OTA engine: the decisions (decisions.py) over the state in memory, the journal that
-writes them down, and the outbox that sends what they produced once it is committed.
+"""The OTA engine: the one object the adapters (broker_plugin/, fileserver/) talk to.
 
-Adapters call the synchronous `decide_*` methods from the broker's packet path (so a report
-is counted before it is acknowledged), or the async `on_*` ones, which also wait until what
-they changed is on disk (an HTTP answer names only committed state).
+It owns the live catalog and the fleet (otacore/decisions/live.py), the journal that writes
+their changes down, and the outbox that sends what decisions produce once it is committed.
+Adapters call named methods for what happened (a device message, a download, an admin
+action) and what they read (views); they never reach into its parts.
+
+The synchronous `decide_*` methods serve the broker's packet path (a report is counted
+before it is acknowledged); the async ones also wait until what they changed is on disk (an
+HTTP answer names only committed state).
 """
 from __future__ import annotations
 
@@ -12,53 +16,66 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from otacore.storage import retention
-from otacore.catalog.model import Catalog, Package
 from otacore.catalog.loading import LoadedCatalog, prepare_catalog
-from otacore.protocol.credentials import DeviceId
-from otacore.decisions.core import OtaCore, Send
-from otacore.downloads.serving import Downloads
-from otacore.errors import ConfigError, Refused
-from otacore.fleet.state import FleetState
-from otacore.storage.journal import Journal
-from otacore.downloads.package_files import DownloadFile, PackageFiles
+from otacore.catalog.model import Catalog, Package
 from otacore.catalog.reload_rules import reload_issues
 from otacore.config.settings import Settings
-from otacore.storage.store import Store
+from otacore.decisions import admin, assignment, batches, reports, ticks
+from otacore.decisions.live import LiveFleet, Send
+from otacore.downloads.package_files import DownloadFile
+from otacore.downloads.serving import Downloads
+from otacore.errors import ConfigError, Refused
+from otacore.fleet.jobs import Job
+from otacore.fleet.state import FleetState
+from otacore.messaging import DeviceLink
+from otacore.protocol.codec import BlockRequest
+from otacore.protocol.credentials import DeviceId, check_http_login, check_mqtt_login
 from otacore.protocol.topics import UPGRADE_TOPIC_PREFIX
+from otacore.storage import retention
+from otacore.storage.journal import Journal
+from otacore.storage.store import Store
+from otacore.views.devices import DeviceQuery, device_detail, device_list, package_list, version_counts
+from otacore.views.fleet_figures import EngineFigures, fleet_figures
+from otacore.views.status import FleetView, batch_report, batch_summaries
 
 log = logging.getLogger("ota.engine")
-
-
-class Notifier(Protocol):
-    def is_online(self, device: DeviceId) -> bool:
-        """Has the device a live session now?"""
-
-    def send(self, device: DeviceId, topic: str, payload: bytes, qos: int) -> bool:
-        """Hand a message to the device's live session; False when it is not connected."""
 
 
 ROLLOUT_TICK_SECONDS = 1.0
 TROUBLE_POLL_SECONDS = 0.1
 
 
+class Transfer:
+    """One HTTP transfer of a job's file: the file server says when it starts and how many
+    bytes it sent; the engine counts them as the job's activity."""
+
+    def __init__(self, downloads: Downloads, job_id: int) -> None:
+        self._downloads, self._job_id = downloads, job_id
+
+    def started(self) -> None:
+        self._downloads.started(self._job_id)
+
+    def finished(self, sent: int) -> None:
+        self._downloads.finished(self._job_id, sent)
+
+
 class OtaEngine:
     """Owns the live catalog, the state, the journal and the outbox."""
 
-    def __init__(self, settings: Settings, store: Store, journal: Journal, notifier: Notifier, url_key: bytes,
+    def __init__(self, settings: Settings, store: Store, journal: Journal, link: DeviceLink, url_key: bytes,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store  # reads for admins and history
         self.journal = journal
         self.state: FleetState = journal.state
-        self.notifier = notifier
+        self.link = link
         # When a device last sent an MQTT message or connected (epoch seconds; None: not since
         # the start). The broker side knows; broker_plugin/runtime.py sets it.
         self.last_seen: Callable[[DeviceId], float | None] = lambda device: None
-        self.downloads = Downloads(self.state, url_key, self._file_of, clock)
-        self.core = OtaCore(settings, self.state, self.downloads, notifier.is_online, clock)
+        self.downloads = Downloads(self.state, url_key, clock)
+        self.live = LiveFleet(settings, self.state, self.downloads, link.is_online, clock)
         self._reload_lock = asyncio.Lock()
         self._outbox: list[Send] = []
         self._outbox_ready = asyncio.Event()
@@ -91,24 +108,25 @@ class OtaEngine:
 
     @property
     def catalog(self) -> Catalog | None:
-        return self.core.catalog
-
-    @property
-    def files(self) -> PackageFiles | None:
-        return self.core.files
+        return self.live.catalog
 
     @property
     def running(self) -> set[str]:
-        return self.core.running
+        return self.live.running
 
-    def _file_of(self, job: Any) -> DownloadFile | None:
-        return self.core.file_of(job)
+    def on_reload(self, listener: Callable[[Catalog], None]) -> None:
+        """Call `listener(catalog)` after each successful reload, before its commit."""
+        self.reload_listeners.append(listener)
+
+    def rollout_view(self, batch_name: str) -> dict[str, Any] | None:
+        """What a batch's rollout is doing now (state, reason, waves, rate), for views."""
+        return admin.rollout_view(self.live, batch_name)
 
     def current_sha(self, package: Package) -> str:
-        return self.core.current_sha(package)
+        return self.live.current_sha(package)
 
     def package_status(self, package: Package) -> str:
-        return self.core.package_status(package)
+        return self.live.package_status(package)
 
     # -- the outbox --------------------------------------------------------------------
     def post(self, sends: list[Send]) -> None:
@@ -124,13 +142,29 @@ class OtaEngine:
             sends, self._outbox = self._outbox, []  # taken before the commit that covers them
             await self.journal.commit()
             for send in sends:
-                if self.notifier.send(send.device, send.topic, send.payload, send.qos) \
+                if self.link.send(send.device, send.topic, send.payload, send.qos) \
                         and send.topic.startswith(UPGRADE_TOPIC_PREFIX):
                     self.pushes_sent += 1
 
     async def settled(self) -> None:
         """Return once everything decided so far is on disk."""
         await self.journal.commit()
+
+    def trouble(self) -> str | None:
+        """Why decisions are not reaching the database now (for /healthz), or None."""
+        return self.journal.trouble()
+
+    async def database_behind(self, wait: float) -> str | None:
+        """None once the database shows everything decided so far (admin reads of history
+        read it), waiting up to `wait` seconds; else why it does not."""
+        trouble = self.journal.trouble()
+        if trouble is not None:
+            return trouble
+        try:
+            await asyncio.wait_for(asyncio.shield(self.settled()), wait)
+            return None
+        except TimeoutError:
+            return self.journal.trouble() or f"writes took over {wait:g} s"
 
     def _writable(self) -> None:
         """An admin change is refused at once while the database takes no writes: it would
@@ -170,7 +204,7 @@ class OtaEngine:
             if issues:
                 raise ConfigError(issues)
             self._writable()  # the disk may have filled while the files were read
-            self.post(self.core.apply_catalog(loaded.catalog, loaded.files))
+            self.post(batches.apply_catalog(self.live, loaded.catalog, loaded.files))
             # Before the commit: a revoked device loses its sessions even if the disk fills
             # now and the answer is "done in memory, not yet on disk".
             for listener in self.reload_listeners:
@@ -192,15 +226,60 @@ class OtaEngine:
 
     # -- device reports: synchronous, from the broker's packet path --------------------
     def decide_version(self, device: DeviceId, module: str, version: str, *, deliver: bool = True) -> None:
-        self.post(self.core.report_version(device, module, version, deliver=deliver))
+        self.post(reports.report_version(self.live, device, module, version, deliver=deliver))
 
     def decide_progress(self, device: DeviceId, module: str, step: int, desc: str) -> None:
-        self.post(self.core.report_progress(device, module, step, desc))
+        self.post(reports.report_progress(self.live, device, module, step, desc))
 
     def decide_offer(self, device: DeviceId, module: str) -> dict[str, Any]:
-        data, sends = self.core.offer(device, module)
-        self.post(sends)
+        data = assignment.hand_out(self.live, device, module)
+        self.post(self.live.take_out())
         return data
+
+    def promises_made(self) -> int:
+        """A count that grows with every promise decided (a job, a notice, a final state);
+        a message whose decision changed it is acknowledged once `settled()`."""
+        return self.state.promises
+
+    async def mqtt_block(self, device: DeviceId, request: BlockRequest) -> bytes:
+        """The binary reply frame to an MQTT block request (docs/protocol.md 3e)."""
+        return await self.downloads.block(device, request)
+
+    # -- who a device is ------------------------------------------------------------------
+    def mqtt_login(self, client_id: str | None, username: str | None, password: str | bytes | None,
+                   catalog: Catalog | None = None) -> DeviceId | None:
+        """The device an MQTT CONNECT proves to be (by the live catalog, or `catalog`), or None."""
+        catalog = catalog or self.live.catalog
+        if catalog is None:
+            return None
+        return check_mqtt_login(catalog, client_id, username, password, self.settings.allow_plain_secret)
+
+    def http_login(self, username: str, password: str) -> DeviceId | None:
+        """The device HTTP Basic credentials prove to be, or None."""
+        catalog = self.live.catalog
+        if catalog is None:
+            return None
+        return check_http_login(catalog, username, password, self.settings.allow_plain_secret)
+
+    def is_online(self, device: DeviceId) -> bool:
+        return self.link.is_online(device)
+
+    # -- downloads ---------------------------------------------------------------------------
+    def authorize_download(self, raw_path: str, query: dict[str, str], key: str) -> tuple[DownloadFile, Transfer]:
+        """The file a signed URL may fetch now, and the transfer to report; UrlRejected when the
+        URL is forged or expired, Refused when its job may not fetch that file now."""
+        device, job_id = self.downloads.check_url(raw_path, query)
+        return self.downloads.authorize(device, job_id, key), Transfer(self.downloads, job_id)
+
+    def package_file(self, key: str) -> DownloadFile | None:
+        """A file the live catalog serves (for admins, who need no signed URL)."""
+        files = self.live.files
+        return files.by_key(key) if files is not None else None
+
+    def package_files(self) -> list[DownloadFile]:
+        """Every file the live catalog serves."""
+        files = self.live.files
+        return list(files.downloads()) if files is not None else []
 
     # -- the same, awaiting the commit (HTTP device API, tests) ------------------------
     async def on_version(self, device: DeviceId, module: str, version: str, *, deliver: bool = True) -> None:
@@ -216,29 +295,70 @@ class OtaEngine:
         await self.settled()
         return data
 
+    # -- what admins read ------------------------------------------------------------------
+    async def batch_summaries(self, *, removed: bool = False) -> list[dict[str, Any]]:
+        """Every batch of the catalog from memory; with `removed`, also the batches that left
+        it, read from the database (call `database_behind` first)."""
+        source: Any = self.store if removed else FleetView(self.state)
+        return await batch_summaries(source, self.live.catalog, sha_of=self.current_sha,
+                                     schedule=self.live.rollout.schedule, removed=removed)
+
+    async def batch_report(self, name: str) -> dict[str, Any] | None:
+        """A batch's summary and every device's row: from memory for a batch of the catalog,
+        from the database for a removed one (`database_behind` first)."""
+        source: Any = FleetView(self.state) if self.is_live_batch(name) else self.store
+        return await batch_report(source, self.live.catalog, name, sha_of=self.current_sha,
+                                  schedule=self.live.rollout.schedule)
+
+    def is_live_batch(self, name: str) -> bool:
+        catalog = self.live.catalog
+        return catalog is not None and name in catalog.batches
+
+    async def job_with_history(self, job_id: int) -> tuple[Job, list[tuple[Any, ...]]] | None:
+        """A job as the database holds it and its history (`database_behind` first)."""
+        job = await self.store.job(job_id)
+        return (job, await self.store.history(job.id)) if job is not None else None
+
+    def device_list(self, query: DeviceQuery) -> dict[str, Any]:
+        return device_list(self.state, self.live.catalog, query, self.link.is_online, self.last_seen)
+
+    async def device_detail(self, device: DeviceId, offset: int, limit: int) -> dict[str, Any] | None:
+        return await device_detail(self.store, self.state, self.live.catalog, device, self.link.is_online,
+                                   self.last_seen, offset, limit)
+
+    def version_counts(self) -> dict[str, Any]:
+        return version_counts(self.state)
+
+    def package_list(self) -> dict[str, Any]:
+        return package_list(self.live.catalog, self.live.files, self.package_status)
+
+    def figures(self) -> EngineFigures:
+        """What GET /metrics shows of the engine and the fleet."""
+        return fleet_figures(self.live, self.pushes_sent, self.reloads)
+
     # -- admin actions -----------------------------------------------------------------
     async def retry(self, batch_name: str, device_names: list[str] | None = None) -> int:
         self._writable()
-        count, sends = self.core.retry(batch_name, device_names)
+        count, sends = admin.retry(self.live, batch_name, device_names)
         self.post(sends)
         await self._admin_settled()
         return count
 
     async def cancel_devices(self, batch_name: str, device_names: list[str]) -> int:
         self._writable()
-        count, sends = self.core.cancel_devices(batch_name, device_names)
+        count, sends = admin.cancel_devices(self.live, batch_name, device_names)
         self.post(sends)
         await self._admin_settled()
         return count
 
     async def pause(self, batch_name: str) -> None:
         self._writable()
-        self.post(self.core.pause(batch_name))
+        self.post(admin.pause(self.live, batch_name))
         await self._admin_settled()
 
     async def resume(self, batch_name: str) -> None:
         self._writable()
-        self.post(self.core.resume(batch_name))
+        self.post(admin.resume(self.live, batch_name))
         await self._admin_settled()
 
     # -- rollouts ------------------------------------------------------------------------
@@ -248,7 +368,7 @@ class OtaEngine:
         while True:
             await asyncio.sleep(every_seconds)
             try:
-                self.post(self.core.rollout_tick())
+                self.post(ticks.rollout_tick(self.live))
             except Exception:  # keep the loop alive; the next tick retries
                 log.exception("rollout tick failed")
 
@@ -259,7 +379,7 @@ class OtaEngine:
         between commits: devices never wait for it. batch -> jobs removed."""
         async with self._prune_lock:  # one at a time: each counts what is left when it starts
             keep = set(self.catalog.batches) if self.catalog is not None else set(self.state.batches)
-            before = self.core.clock() - days * 86400
+            before = self.live.clock() - days * 86400
             counted = await self.journal.maintain(lambda db: retention.prunable(db, keep, before), write=False)
             if dry_run or not counted:
                 return counted
@@ -283,7 +403,7 @@ class OtaEngine:
 
     # -- timeouts ----------------------------------------------------------------------
     async def fail_stale_jobs(self, now: float | None = None) -> int:
-        count, sends = self.core.fail_stale_jobs(now)
+        count, sends = ticks.fail_stale_jobs(self.live, now)
         self.post(sends)
         await self.settled()
         return count

@@ -12,8 +12,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from harness import BASE_CATALOG, Device, OtaServer, write_catalog
-from test_data_dir_faults import idle, refuse_writes
+from support.faults import idle, refuse_writes
+from support.harness import BASE_CATALOG, Device, OtaServer, write_catalog
 
 from otacore.storage import journal as journal_module
 

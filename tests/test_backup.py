@@ -8,30 +8,22 @@ import contextlib
 import gzip
 import io
 import json
-import os
 import resource
 import shutil
 import sqlite3
 import stat
 import subprocess
-import sys
 import tarfile
-import tempfile
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
 
-from conftest import UPGRADE_BATCH
-from harness import PK, PRODUCT_SECRET, Device, OtaServer, free_port, write_catalog
-from test_cli import BIN, otactl, server_process
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import device_sim  # noqa: E402
-from loopback_server import write_broker_yaml  # noqa: E402
+from devicekit import simulator
+from support.harness import PK, PRODUCT_SECRET, UPGRADE_BATCH, Device, OtaServer, free_port, write_catalog
+from support.processes import BIN, LiveServer, ordinary_user, otactl, write_broker_yaml
 
 FLEET = 300
 
@@ -54,9 +46,9 @@ def admin_get(http_port: int, token: str, path: str) -> dict[str, Any]:
         return json.loads(response.read())
 
 
-def fleet(port: int, version: str, **options: Any) -> list[device_sim.DeviceConfig]:
-    return [device_sim.DeviceConfig(device_name=f"bk-{i:04d}", product_key=PK, product_secret=PRODUCT_SECRET,
-                                    mqtt_port=port, version=version, chunk=16384, timeout=60, **options)
+def fleet(port: int, version: str, **options: Any) -> list[simulator.DeviceConfig]:
+    return [simulator.DeviceConfig(device_name=f"bk-{i:04d}", product_key=PK, product_secret=PRODUCT_SECRET,
+                                   mqtt_port=port, version=version, chunk=16384, timeout=60, **options)
             for i in range(FLEET)]
 
 
@@ -65,21 +57,17 @@ async def test_backup_mid_upgrade_restores_into_a_server_the_devices_agree_with(
     live_root.mkdir()
     new_root.mkdir()
     write_catalog(live_root, UPGRADE_BATCH)
-    mqtt_port, http_port = free_port(), free_port()
-    live_config = write_broker_yaml(live_root, mqtt_port, http_port)
-    live = server_process(live_config)
-    await asyncio.to_thread(live.start)
-    live_db = live_root / "var" / "ota.sqlite3"
+    live = await LiveServer(live_root).start()
+    live_config, mqtt_port, live_db, view = live.config, live.mqtt_port, live.db, live.view
     archive = tmp_path / "backups" / "ota.tar.gz"
     archive.parent.mkdir()
-    view = OtaServer(live_root, mqtt_port=mqtt_port, http_port=http_port)
     try:
         # One device stops mid-download: its signed URL must still work on the restored server.
         async with Device(view, "held-1") as held:
             await held.inform("1.0.0")
             url = urllib.parse.urlsplit((await held.next_push())["data"]["url"])
             await held.progress(10, "downloading")
-        upgrade = asyncio.create_task(device_sim.run_fleet(fleet(mqtt_port, "1.0.0"), concurrency=40))
+        upgrade = asyncio.create_task(simulator.run_fleet(fleet(mqtt_port, "1.0.0"), concurrency=40))
         deadline = time.monotonic() + 30
         while rows(live_db, "SELECT COUNT(*) FROM jobs WHERE state = 'succeeded'")[0][0] < 30:
             assert time.monotonic() < deadline and not upgrade.done(), "the fleet did not get going"
@@ -94,13 +82,13 @@ async def test_backup_mid_upgrade_restores_into_a_server_the_devices_agree_with(
                 break
             await asyncio.sleep(0.05)
     finally:
-        await asyncio.to_thread(live.stop)
+        await live.stop()
     assert stat.S_IMODE(archive.stat().st_mode) == 0o600
     assert [p.name for p in archive.parent.iterdir()] == ["ota.tar.gz"]  # no temporary file left
 
     # Restore where a new broker.yaml points (its data_dir and catalog), then check the copy.
-    new_mqtt, new_http = free_port(), free_port()
-    new_config = write_broker_yaml(new_root, new_mqtt, new_http)
+    new = LiveServer(new_root)
+    new_config, new_mqtt, new_http = new.config, new.mqtt_port, new.http_port
     restored = await asyncio.to_thread(otactl, new_config, "restore", str(archive))
     assert restored.returncode == 0, restored.stderr
     copy = new_root / "var" / "ota.sqlite3"
@@ -123,8 +111,7 @@ async def test_backup_mid_upgrade_restores_into_a_server_the_devices_agree_with(
     assert succeeded_then < FLEET, "the backup was taken after the fleet had finished"
     print(f"backup: {len(copied_jobs)} jobs, states {sorted(states)}, {succeeded_then} succeeded")
 
-    new = server_process(new_config)
-    await asyncio.to_thread(new.start)
+    await new.start()
     try:
         token = (new_root / "var" / "admin-token").read_text().strip()
         # The same answers for the state captured: each device's versions and latest job.
@@ -142,8 +129,8 @@ async def test_backup_mid_upgrade_restores_into_a_server_the_devices_agree_with(
             assert response.status == 200 and len(response.read()) == 160_000
 
         # The devices report what they really run: none is offered 1.1.0 again.
-        results = await device_sim.run_fleet(fleet(new_mqtt, "1.1.0", expect="no-upgrade", push_wait=2),
-                                             concurrency=100)
+        results = await simulator.run_fleet(fleet(new_mqtt, "1.1.0", expect="no-upgrade", push_wait=2),
+                                            concurrency=100)
         assert all(r.outcome == "no_upgrade" for r in results), [r.summary() for r in results if not r.expected][:3]
         for _ in range(200):
             listed = admin_get(new_http, token, "/admin/api/devices?limit=500")
@@ -156,7 +143,7 @@ async def test_backup_mid_upgrade_restores_into_a_server_the_devices_agree_with(
         assert not wrong, wrong[:3]
         assert all(d["versions"] == {"default": "1.1.0"} for d in devices)
     finally:
-        await asyncio.to_thread(new.stop)
+        await new.stop()
 
 
 async def test_backup_refuses_bad_paths_and_leaves_nothing(server: OtaServer, tmp_path: Path) -> None:
@@ -190,15 +177,7 @@ async def test_backup_refuses_bad_paths_and_leaves_nothing(server: OtaServer, tm
 def test_backup_into_an_unwritable_folder_is_one_line(tmp_path: Path) -> None:
     """As an ordinary user (root writes anywhere: then otactl runs as `nobody` through setpriv,
     on a copy of the files `nobody` may read)."""
-    unprivileged: list[str] = []
-    root = tmp_path
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: cannot run otactl as an ordinary user")
-        unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        root = Path(tempfile.mkdtemp(prefix="otactl-backup-", dir="/tmp"))
-        root.chmod(0o755)
-    try:
+    with ordinary_user(tmp_path, "otactl-backup-") as (unprivileged, root):
         write_catalog(root, UPGRADE_BATCH)
         config = write_broker_yaml(root, free_port(), free_port())
         (root / "var").mkdir(mode=0o777)
@@ -212,13 +191,9 @@ def test_backup_into_an_unwritable_folder_is_one_line(tmp_path: Path) -> None:
         locked = root / "locked"
         locked.mkdir()
         locked.chmod(0o555)
-        result = subprocess.run([*unprivileged, str(BIN / "otactl"), "--config", str(config), "backup",
-                                 str(locked / "b.tar.gz")], capture_output=True, text=True, timeout=60)
+        result = otactl(config, "backup", str(locked / "b.tar.gz"), prefix=unprivileged)
         one_line_error(result, "(Permission denied)")
         assert "cannot write backup" in result.stderr and list(locked.iterdir()) == []
-    finally:
-        if root != tmp_path:
-            shutil.rmtree(root)
 
 
 async def test_restore_refusals(server: OtaServer, tmp_path: Path) -> None:

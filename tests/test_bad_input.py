@@ -5,7 +5,7 @@ import asyncio
 import json
 import random
 
-from harness import Device, OtaServer
+from support.harness import Device, OtaServer
 
 GARBAGE = [
     b"", b"\x00\xff\xfe", b"{", b"[]", b"null", b'"text"', b"1e999",

@@ -7,30 +7,22 @@ Root reads any file whatever its mode: for the unreadable file, as root, the ser
 otactl run in a user namespace (`unshare --user`), where they do not have that power."""
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
-import sys
 import types
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from conftest import UPGRADE_BATCH
-from harness import BASE_CATALOG, Device, OtaServer, free_port, write_catalog
+from support.harness import BASE_CATALOG, MQTT_BATCH, UPGRADE_BATCH, Device, OtaServer, free_port, write_catalog
+from support.processes import LiveServer, ota_server_exit, otactl, write_broker_yaml
 from otacore.catalog.loading import prepare_catalog
 from otacore.protocol.codec import decode_block_reply
 from otacore.errors import ConfigError
 from otacore.config.settings import settings_from_mapping
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from loopback_server import ServerProcess, write_broker_yaml  # noqa: E402
-
-BIN = Path(sys.executable).parent
-MQTT_BATCH = "- {name: over-mqtt, package: fw-1.1.0, type: upgrade, protocol: mqtt, mode: dynamic, push: true}\n"
 
 
 def _unprivileged_prefix() -> list[str] | None:
@@ -94,10 +86,6 @@ def assert_one_line_error(output: str, catalog: Path, says: str) -> None:
     assert says in first, output
 
 
-def run(prefix: list[str], *command: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=60)
-
-
 # -- at load: otactl validate, ota-server, reload ------------------------------------------
 
 @pytest.mark.parametrize("name", BREAKS)
@@ -105,11 +93,11 @@ def test_validate_and_start_refuse_in_one_line(tmp_path: Path, name: str) -> Non
     how, says = BREAKS[name]
     catalog = break_package(tmp_path, how)
     config = write_broker_yaml(tmp_path, free_port(), free_port())
-    validate = run([], str(BIN / "otactl"), "--config", str(config), "validate")
+    validate = otactl(config, "validate")
     assert validate.returncode == 1
     assert_one_line_error(validate.stdout, catalog, says)
     assert "Traceback" not in validate.stderr
-    start = run([], str(BIN / "ota-server"), "--config", str(config))
+    start = ota_server_exit(config)
     assert start.returncode == 1 and len(start.stderr.strip().splitlines()) == 1, start.stderr
     assert start.stderr.startswith("ota-server: ")
     assert_one_line_error(start.stderr.removeprefix("ota-server: "), catalog, says)
@@ -119,12 +107,12 @@ def test_validate_and_start_refuse_in_one_line(tmp_path: Path, name: str) -> Non
 def test_an_unreadable_file_is_refused_even_with_its_hash_cached(tmp_path: Path) -> None:
     catalog = write_catalog(tmp_path)
     config = write_broker_yaml(tmp_path, free_port(), free_port())
-    assert run(UNPRIVILEGED or [], str(BIN / "otactl"), "--config", str(config), "validate").returncode == 0
+    assert otactl(config, "validate", prefix=UNPRIVILEGED or []).returncode == 0
     (tmp_path / "packages" / "fw-1.1.0.bin").chmod(0)  # same size and mtime: the hash cache still matches
-    validate = run(UNPRIVILEGED or [], str(BIN / "otactl"), "--config", str(config), "validate")
+    validate = otactl(config, "validate", prefix=UNPRIVILEGED or [])
     assert validate.returncode == 1
     assert_one_line_error(validate.stdout, catalog, "not readable by the server's user")
-    start = run(UNPRIVILEGED or [], str(BIN / "ota-server"), "--config", str(config))
+    start = ota_server_exit(config, prefix=UNPRIVILEGED or [])
     assert start.returncode == 1 and len(start.stderr.strip().splitlines()) == 1, start.stderr
     assert_one_line_error(start.stderr.removeprefix("ota-server: "), catalog, "not readable")
 
@@ -148,14 +136,6 @@ async def test_a_reload_naming_a_bad_file_answers_400_and_changes_nothing(server
 
 
 # -- gone bad after load: MQTT blocks and HTTP downloads ---------------------------------------
-
-@pytest.fixture
-async def mqtt_server(tmp_path: Path) -> AsyncIterator[OtaServer]:
-    write_catalog(tmp_path, MQTT_BATCH)
-    server = await OtaServer(tmp_path).start()
-    yield server
-    await server.stop()
-
 
 async def ask_block(device: Device, stream: int, offset: int) -> dict:
     params = {"fileInfo": {"streamId": stream, "fileId": 1}, "fileBlock": {"size": 4096, "offset": offset}}
@@ -190,10 +170,8 @@ async def test_a_file_gone_bad_after_load_gets_error_answers(mqtt_server: OtaSer
 @needs_unprivileged
 async def test_a_file_made_unreadable_after_load_gets_503_answers(tmp_path: Path) -> None:
     write_catalog(tmp_path, MQTT_BATCH)
-    mqtt_port, http_port = free_port(), free_port()
-    config = write_broker_yaml(tmp_path, mqtt_port, http_port)
-    process = ServerProcess(config, mqtt_port, command=[*(UNPRIVILEGED or []), str(BIN / "ota-server")])
-    await asyncio.to_thread(process.start)
+    server = await LiveServer(tmp_path, prefix=UNPRIVILEGED or []).start()
+    mqtt_port, http_port = server.mqtt_port, server.http_port
     output = ""
     try:
         admin = {"Authorization": f"Bearer {(tmp_path / 'var' / 'admin-token').read_text().strip()}"}
@@ -210,7 +188,7 @@ async def test_a_file_made_unreadable_after_load_gets_503_answers(tmp_path: Path
                 body = await response.json()
                 assert response.status == 400 and "not readable" in body["errors"][0], body
     finally:
-        output = await asyncio.to_thread(process.stop)
+        output = await server.stop()
     assert "Traceback" not in output
     assert output.count("cannot read") == 1, output  # said once, not once per request
 

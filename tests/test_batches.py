@@ -10,7 +10,7 @@ import aiohttp
 import bsdiff4
 import pytest
 
-from harness import BASE_CATALOG, Device, OtaServer, write_catalog
+from support.harness import BASE_CATALOG, Device, OtaServer, write_catalog
 from otacore.errors import ConfigError
 
 VERIFIED_PACKAGE = """

@@ -3,37 +3,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import hashlib
-import hmac
-import struct
 from pathlib import Path
 
 import aiomqtt
 import pytest
-import raw_mqtt
+from support import raw_mqtt
 
-from broker_plugin.amqtt_private import connections_replaced, mqtt_connections
+from broker_plugin.amqtt_patches import connections_replaced, mqtt_connections
+from devicekit.signing import signed_login
 from otacore.protocol.credentials import DeviceId
 
-from harness import Device, OtaServer, device_secret, write_catalog
-from conftest import UPGRADE_BATCH
+from support.harness import UPGRADE_BATCH, Device, OtaServer, device_secret, write_catalog
 
 
-def linkkit_login(name: str, method: str, digest, timestamp: str | None = "1795728922"):  # type: ignore[no-untyped-def]
-    params = f"securemode=3,signmethod={method},ext=1,_ss=1,lan=Python,_v=1.2.13"
-    fields = {"clientId": f"a1Test&{name}", "deviceName": name, "productKey": "a1Test"}
-    if timestamp:
-        params += f",timestamp={timestamp}"
-        fields["timestamp"] = timestamp
-    content = "".join(k + fields[k] for k in sorted(fields))
-    password = hmac.new(device_secret(name).encode(), content.encode(), digest).hexdigest()
-    return f"a1Test&{name}|{params}|", password
+def linkkit_login(name: str, method: str, timestamp: str | None = "1795728922") -> tuple[str, str]:
+    """(client id, password) as aliyun-iot-linkkit 1.2.13 signs them (client id `a1Test&{name}`)."""
+    return signed_login(device_secret(name), name, "a1Test", timestamp, method=method, client_id=f"a1Test&{name}",
+                        extra=("ext=1", "_ss=1", "lan=Python", "_v=1.2.13"))
 
 
-@pytest.mark.parametrize("method,digest", [("hmacsha1", hashlib.sha1), ("hmacmd5", hashlib.md5),
-                                           ("hmacsha256", hashlib.sha256)])
-async def test_signed_passwords_of_aliyun_sdks_are_accepted(server: OtaServer, method: str, digest) -> None:  # type: ignore[no-untyped-def]
-    client_id, password = linkkit_login("signed-1", method, digest)
+@pytest.mark.parametrize("method", ["hmacsha1", "hmacmd5", "hmacsha256"])
+async def test_signed_passwords_of_aliyun_sdks_are_accepted(server: OtaServer, method: str) -> None:
+    client_id, password = linkkit_login("signed-1", method)
     async with aiomqtt.Client("127.0.0.1", server.mqtt_port, identifier=client_id,
                               username="signed-1&a1Test", password=password):
         pass
@@ -60,7 +51,7 @@ async def test_plain_secret_can_be_switched_off(tmp_path: Path) -> None:
             async with aiomqtt.Client("127.0.0.1", server.mqtt_port, identifier="p", username="p-1&a1Test",
                                       password=device_secret("p-1")):
                 pass
-        client_id, password = linkkit_login("p-1", "hmacsha256", hashlib.sha256)
+        client_id, password = linkkit_login("p-1", "hmacsha256")
         async with aiomqtt.Client("127.0.0.1", server.mqtt_port, identifier=client_id,
                                   username="p-1&a1Test", password=password):
             pass
@@ -119,28 +110,14 @@ async def test_second_connect_with_same_client_id_closes_the_first(server: OtaSe
             assert (await second.next_push())["data"]["version"] == "1.1.0"
 
 
-def _mqtt_string(text: str) -> bytes:
-    raw = text.encode()
-    return struct.pack(">H", len(raw)) + raw
-
-
-def _connect_packet(client_id: str, username: str, password: str, keepalive: int, will_topic: str) -> bytes:
-    flags = 0x80 | 0x40 | 0x04 | 0x02  # username, password, will (QoS 0), clean session
-    variable = _mqtt_string("MQTT") + bytes([4, flags]) + struct.pack(">H", keepalive)
-    payload = _mqtt_string(client_id) + _mqtt_string(will_topic) + _mqtt_string("gone") + \
-        _mqtt_string(username) + _mqtt_string(password)
-    body = variable + payload
-    assert len(body) < 128
-    return bytes([0x10, len(body)]) + body
-
-
 async def test_silent_client_is_dropped_after_keepalive_and_its_will_fires(server: OtaServer) -> None:
     # amqtt bug (3): keep-alive was never enforced, so dead devices stayed online.
     will_topic = "/a1Test/ka-1/status"
     async with Device(server, "ka-1", client_id="ka-1-watch") as watcher:
         await watcher.subscribe(will_topic)
         reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
-        writer.write(_connect_packet("ka-1", "ka-1&a1Test", device_secret("ka-1"), 1, will_topic))
+        # keep-alive 1 s, a will of QoS 0
+        writer.write(raw_mqtt.device_connect("ka-1", keep_alive=1, will=(will_topic, b"gone", 0, False)))
         await writer.drain()
         assert (await reader.readexactly(4))[3] == 0  # CONNACK accepted
         closed = await asyncio.wait_for(reader.read(), 6)  # silent: the server must hang up

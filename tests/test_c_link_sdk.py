@@ -1,12 +1,12 @@
 """Aliyun's C Link SDK 4.x (the `ota` and `mqtt_download` components), byte for byte: its
 block requests carry a trailing comma and the hard-coded fileToken "default", and it reports
-step "0" when a download begins. The server takes all three and the device upgrades."""
+step "0" when a download begins. The server takes all three and the device upgrades.
+`mqtt_server` (tests/conftest.py): a pushed, dynamic upgrade batch over MQTT blocks."""
 from __future__ import annotations
 
 import hashlib
 
-from harness import Device, OtaServer
-from test_mqtt_download_and_http_api import mqtt_server  # noqa: F401  (the fixture: a pushed mqtt batch)
+from support.harness import Device, OtaServer
 
 from otacore.protocol.codec import decode_block_reply
 
@@ -16,8 +16,6 @@ FIRST_REQUEST = (b'{"id":"1","version":"1.0","params":{"fileToken":"default","fi
 NEXT_REQUEST = ('{{"id":"{id}","version":"1.0","params":{{"fileToken":"default","fileInfo":{{"streamId":{stream},'
                 '"fileId":1,}},"fileBlock":{{"size":10240,"offset":{offset}}}}}}}')
 STARTED = b'{"id":2,"params":{"step":"0","desc":""}}'
-
-
 
 
 async def test_the_c_link_sdk_upgrades_over_mqtt_blocks(mqtt_server: OtaServer) -> None:

@@ -7,25 +7,14 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
 
-from harness import Device, OtaServer, free_port, write_catalog
-from conftest import UPGRADE_BATCH
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from loopback_server import ServerProcess, write_broker_yaml  # noqa: E402
-
-BIN = Path(sys.executable).parent
-
-
-def broker_yaml(root: Path, mqtt_port: int, http_port: int) -> Path:
-    return write_broker_yaml(root, mqtt_port, http_port)
+from support.harness import UPGRADE_BATCH, Device, OtaServer, free_port, write_catalog
+from support.processes import LiveServer, ota_server_exit, otactl, server_process, write_broker_yaml
 
 
 async def wait_for_job_state(data_dir: Path, device: str, state: str, timeout: float = 10) -> None:
@@ -50,37 +39,23 @@ async def wait_for_output(command: Callable[[], subprocess.CompletedProcess[str]
     return result
 
 
-def otactl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "otactl"), "--config", str(config), *args], capture_output=True, text=True,
-                          timeout=60)
-
-
-def server_process(config: Path) -> ServerProcess:
-    """The installed `ota-server` console script, as a user runs it."""
-    bind = yaml.safe_load(config.read_text())["listeners"]["default"]["bind"]
-    return ServerProcess(config, int(bind.rsplit(":", 1)[1]), command=[str(BIN / "ota-server")])
-
-
 def test_bad_catalog_is_a_one_line_exit(tmp_path: Path) -> None:
     write_catalog(tmp_path, """
     - {name: up, package: fw-9.9.9, type: upgrade, protocol: http, mode: dynamic}
     """)
-    config = broker_yaml(tmp_path, free_port(), free_port())
-    result = subprocess.run([str(BIN / "ota-server"), "--config", str(config)], capture_output=True, text=True,
-                            timeout=60)
+    config = write_broker_yaml(tmp_path, free_port(), free_port())
+    result = ota_server_exit(config)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "ota.yaml:" in result.stderr and "batches[0].package" in result.stderr and "fw-9.9.9" in result.stderr
 
 
 def test_missing_config_and_bad_flags_exit_cleanly(tmp_path: Path) -> None:
-    result = subprocess.run([str(BIN / "ota-server"), "--config", str(tmp_path / "nope.yaml")],
-                            capture_output=True, text=True, timeout=60)
+    result = ota_server_exit(tmp_path / "nope.yaml")
     assert result.returncode == 1 and "not found" in result.stderr and "Traceback" not in result.stderr
     write_catalog(tmp_path)
-    config = broker_yaml(tmp_path, free_port(), free_port())
-    result = subprocess.run([str(BIN / "ota-server"), "--config", str(config), "--http-bind", "nonsense"],
-                            capture_output=True, text=True, timeout=60)
+    config = write_broker_yaml(tmp_path, free_port(), free_port())
+    result = ota_server_exit(config, "--http-bind", "nonsense")
     assert result.returncode == 2 and "HOST:PORT" in result.stderr
 
 
@@ -88,7 +63,7 @@ def test_otactl_validate_reports_every_error_with_lines(tmp_path: Path) -> None:
     write_catalog(tmp_path, """
     - {name: up, package: fw-1.1.0, type: sideways, protocol: ftp, mode: dynamic}
     """)
-    config = broker_yaml(tmp_path, free_port(), free_port())
+    config = write_broker_yaml(tmp_path, free_port(), free_port())
     result = otactl(config, "validate")
     assert result.returncode == 1
     assert "batches[0].type" in result.stdout and "batches[0].protocol" in result.stdout
@@ -100,19 +75,16 @@ def test_otactl_validate_reports_every_error_with_lines(tmp_path: Path) -> None:
 
 async def test_kill_9_mid_upgrade_then_status_and_reload(tmp_path: Path) -> None:
     write_catalog(tmp_path, UPGRADE_BATCH)
-    mqtt_port, http_port = free_port(), free_port()
-    config = broker_yaml(tmp_path, mqtt_port, http_port)
-    process = server_process(config)
-    await asyncio.to_thread(process.start)
-    client_view = OtaServer(tmp_path, mqtt_port=mqtt_port, http_port=http_port)
+    server = await LiveServer(tmp_path).start()
+    config, client_view = server.config, server.view
     try:
         async with Device(client_view, "k-1") as device:
             await device.inform("1.0.0")
             await device.next_push()
             await device.progress(60, "downloading")
             await wait_for_job_state(tmp_path / "var", "k-1", "in_progress")
-        await asyncio.to_thread(process.kill)  # no shutdown: a crash
-        await asyncio.to_thread(process.start)
+        await server.kill()  # no shutdown: a crash
+        await server.start()
         status = await asyncio.to_thread(otactl, config, "status", "up-1.1.0")
         assert status.returncode == 0, status.stderr
         line = next(l for l in status.stdout.splitlines() if l.startswith("k-1"))
@@ -130,14 +102,14 @@ async def test_kill_9_mid_upgrade_then_status_and_reload(tmp_path: Path) -> None
         cancel = await asyncio.to_thread(otactl, config, "cancel", "no-such-batch", "k-1")
         assert cancel.returncode == 1 and "no batch named 'no-such-batch'" in cancel.stderr
     finally:
-        output = await asyncio.to_thread(process.stop)
+        output = await server.stop()
     assert "Traceback" not in output
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX only")
 async def test_sighup_reloads(tmp_path: Path) -> None:
     write_catalog(tmp_path)
-    config = broker_yaml(tmp_path, free_port(), free_port())
+    config = write_broker_yaml(tmp_path, free_port(), free_port())
     process = server_process(config)
     await asyncio.to_thread(process.start)
     try:
@@ -155,7 +127,7 @@ async def test_otactl_reaches_a_tls_only_server(tmp_path: Path) -> None:
                    check=True, capture_output=True)
     write_catalog(tmp_path, UPGRADE_BATCH.replace("protocol: http", "protocol: https"))
     http_port = free_port()
-    config = broker_yaml(tmp_path, free_port(), http_port)
+    config = write_broker_yaml(tmp_path, free_port(), http_port)
     text = config.read_text().replace(
         f"public_url: http://127.0.0.1:{http_port}}}",
         f"public_url: https://127.0.0.1:{http_port}, tls: {{certfile: tls/dev-cert.pem, keyfile: tls/dev-key.pem}}}}")
@@ -174,40 +146,34 @@ async def test_otactl_validate_applies_the_reload_rules_of_the_database(tmp_path
     server = await OtaServer(tmp_path).start()
     await server.stop()
     write_catalog(tmp_path, UPGRADE_BATCH.replace("protocol: http", "protocol: mqtt"))
-    config = broker_yaml(tmp_path, free_port(), free_port())
+    config = write_broker_yaml(tmp_path, free_port(), free_port())
     result = await asyncio.to_thread(otactl, config, "validate")
     assert result.returncode == 1 and "cannot change protocol of a started batch" in result.stdout
 
 
 async def test_busy_port_or_busy_data_dir_is_a_one_line_exit(tmp_path: Path) -> None:
     write_catalog(tmp_path, UPGRADE_BATCH)
-    mqtt_port, http_port = free_port(), free_port()
-    config = broker_yaml(tmp_path, mqtt_port, http_port)
-    first = server_process(config)
-    await asyncio.to_thread(first.start)
+    first = await LiveServer(tmp_path).start()
+    config, mqtt_port = first.config, first.mqtt_port
     try:
         # The same config again: data_dir (and both ports) are taken.
-        second = await asyncio.to_thread(subprocess.run, [str(BIN / "ota-server"), "--config", str(config)],
-                                         capture_output=True, text=True, timeout=60)
+        second = await asyncio.to_thread(ota_server_exit, config)
         assert second.returncode == 1 and "already in use" in second.stderr
         assert len(second.stderr.strip().splitlines()) == 1 and "Traceback" not in second.stderr
         # Another data_dir, same MQTT port.
-        third = await asyncio.to_thread(
-            subprocess.run, [str(BIN / "ota-server"), "--config", str(config), "--data-dir", str(tmp_path / "other"),
-                             "--http-bind", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+        third = await asyncio.to_thread(ota_server_exit, config, "--data-dir", str(tmp_path / "other"),
+                                        "--http-bind", f"127.0.0.1:{free_port()}")
         assert third.returncode == 1 and f"127.0.0.1:{mqtt_port} already in use" in third.stderr
         assert len(third.stderr.strip().splitlines()) == 1
         # Free ports, same data_dir: the lock refuses it before it touches the database.
-        fourth = await asyncio.to_thread(
-            subprocess.run, [str(BIN / "ota-server"), "--config", str(config), "--mqtt-bind",
-                             f"127.0.0.1:{free_port()}", "--http-bind", f"127.0.0.1:{free_port()}"],
-            capture_output=True, text=True, timeout=60)
+        fourth = await asyncio.to_thread(ota_server_exit, config, "--mqtt-bind", f"127.0.0.1:{free_port()}",
+                                         "--http-bind", f"127.0.0.1:{free_port()}")
         assert fourth.returncode == 1 and "another ota-server (pid" in fourth.stderr
         assert len(fourth.stderr.strip().splitlines()) == 1
         status = await asyncio.to_thread(otactl, config, "reload")  # the first server is untouched
         assert status.returncode == 0, status.stdout + status.stderr
     finally:
-        await asyncio.to_thread(first.stop)
+        await first.stop()
 
 
 def test_status_tables_escape_what_devices_sent() -> None:

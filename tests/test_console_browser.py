@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from harness import Device, OtaServer, write_catalog
+from support.harness import Device, OtaServer, write_catalog
 
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "console.png"

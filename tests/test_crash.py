@@ -1,8 +1,8 @@
 """Crash test: `ota-server` is killed with SIGKILL at random moments while a fleet upgrades,
 and restarted on the same data_dir and ports; the database must keep every promise.
 
-The devices are a compact raw MQTT 3.1.1 client (below), so the test knows exactly which
-PUBLISH got its PUBACK. Like firmware, a device reports its version on every connect, takes
+The devices are a compact raw MQTT 3.1.1 client (support/link.py), so the test knows exactly
+which PUBLISH got its PUBACK. Like firmware, a device reports its version on every connect, takes
 the push, downloads over HTTP, checks the MD5, reports progress, "flashes", reports 100,
 reboots and reports the new version; one in eight first reports a failure (-2) and has an
 operator retry it over the admin API. What each device received and caused is recorded and
@@ -28,219 +28,28 @@ import json
 import os
 import random
 import signal
-import socket
 import sqlite3
-import struct
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
 
-from harness import PK, device_secret, write_catalog
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from loopback_server import ServerProcess, free_port, write_broker_yaml  # noqa: E402
+from devicekit.loopback import ServerProcess, free_port, write_broker_yaml
+from support.harness import PK, job_of, write_catalog
+from support.link import Link, Lost
 
 BATCH = "up-crash"
 SOURCE, TARGET = "1.0.0", "1.1.0"
 MODULE = "default"
 OPEN_STATES = ("queued", "notified", "in_progress", "installed")
 CATALOG_BATCH = f"- {{name: {BATCH}, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic, push: true}}\n"
-IO_TIMEOUT = 10.0  # a CONNACK, SUBACK or PUBACK that takes longer: the link counts as lost
-
-
-# --------------------------------------------------------------------- a raw MQTT client
-
-
-class Lost(Exception):
-    """The connection is gone (the server died, or the device rebooted): connect again."""
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _utf8(text: str) -> bytes:
-    data = text.encode()
-    return struct.pack(">H", len(data)) + data
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
-
-
-def connect_packet(client_id: str, username: str, password: str) -> bytes:
-    # MQTT 3.1.1, flags: username, password, clean session; keep-alive 0 (the test never idles long)
-    return _packet(0x10, _utf8("MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 0)
-                   + _utf8(client_id) + _utf8(username) + _utf8(password))
-
-
-async def read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    first = (await reader.readexactly(1))[0]
-    length, shift = 0, 0
-    while True:
-        digit = (await reader.readexactly(1))[0]
-        length |= (digit & 0x7F) << shift
-        shift += 7
-        if not digit & 0x80:
-            break
-    return first, await reader.readexactly(length)
-
-
-class Link:
-    """One MQTT connection of one device: its pushes in `inbox`, its PUBACKs awaited by id."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, generation: int,
-                 on_message: Callable[["Link", str, bytes], None] | None) -> None:
-        self.reader, self.writer = reader, writer
-        self.generation = generation  # the server run that accepted it
-        self.on_message = on_message  # called with each message as it arrives
-        self.inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-        self.closed = asyncio.Event()
-        self._acks: dict[int, asyncio.Future[bytes]] = {}
-        self._last_id = 0
-        self._task = asyncio.create_task(self._read())
-
-    @classmethod
-    async def open(cls, port: int, name: str, generation: Callable[[], int] = lambda: 0,
-                   on_message: Callable[["Link", str, bytes], None] | None = None) -> "Link":
-        """Connect and subscribe to the upgrade topic; raises Lost (or OSError) when it cannot."""
-        async with asyncio.timeout(IO_TIMEOUT):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                writer.write(connect_packet(name, f"{name}&{PK}", device_secret(name)))
-                first, body = await read_packet(reader)
-                if first >> 4 != 2 or body[1] != 0:
-                    raise Lost(f"CONNACK {body.hex()}")
-            except BaseException:
-                writer.close()
-                raise
-        link = cls(reader, writer, generation(), on_message)
-        try:
-            await link._call(0x82, lambda pid: struct.pack(">H", pid) + _utf8(f"/ota/device/upgrade/{PK}/{name}")
-                             + bytes([1]))
-        except BaseException:
-            link.abort()
-            raise
-        return link
-
-    async def _read(self) -> None:
-        try:
-            while True:
-                first, body = await read_packet(self.reader)
-                kind = first >> 4
-                if kind == 3:  # PUBLISH
-                    qos = (first >> 1) & 3
-                    (topic_length,) = struct.unpack_from(">H", body)
-                    topic = body[2:2 + topic_length].decode()
-                    rest = body[2 + topic_length:]
-                    if qos:
-                        self.writer.write(_packet(0x40, rest[:2]))  # PUBACK
-                        rest = rest[2:]
-                    self.inbox.put_nowait((topic, rest))
-                    if self.on_message is not None:
-                        self.on_message(self, topic, rest)
-                elif kind in (4, 9):  # PUBACK, SUBACK
-                    (packet_id,) = struct.unpack_from(">H", body)
-                    waiter = self._acks.pop(packet_id, None)
-                    if waiter is not None and not waiter.done():
-                        waiter.set_result(body[2:])
-        except (OSError, asyncio.IncompleteReadError, struct.error, IndexError):
-            pass
-        finally:
-            self.closed.set()
-            for waiter in self._acks.values():
-                if not waiter.done():
-                    waiter.set_exception(Lost("connection closed"))
-            self._acks.clear()
-
-    async def _call(self, first: int, body: Callable[[int], bytes]) -> bytes:
-        """Send a packet that takes a packet id and wait for its acknowledgement."""
-        if self.closed.is_set():
-            raise Lost("connection closed")
-        self._last_id = self._last_id % 65535 + 1
-        waiter = asyncio.get_running_loop().create_future()
-        self._acks[self._last_id] = waiter
-        self.writer.write(_packet(first, body(self._last_id)))
-        try:
-            return await asyncio.wait_for(waiter, IO_TIMEOUT)
-        except TimeoutError:
-            raise Lost("no acknowledgement") from None
-
-    async def publish(self, topic: str, payload: dict[str, Any]) -> None:
-        """QoS 1; returns once the PUBACK arrived, raises Lost otherwise."""
-        data = json.dumps(payload).encode()
-        await self._call(0x32, lambda pid: _utf8(topic) + struct.pack(">H", pid) + data)
-
-    async def publish_many(self, messages: list[tuple[str, dict[str, Any], int]]) -> None:
-        """(topic, payload, QoS 0 or 1) PUBLISHes in one write, back to back; returns once
-        every QoS 1 one is acknowledged."""
-        packets, waiters = [], []
-        for topic, payload, qos in messages:
-            data = json.dumps(payload).encode()
-            if qos:
-                self._last_id = self._last_id % 65535 + 1
-                waiters.append(self._acks.setdefault(self._last_id, asyncio.get_running_loop().create_future()))
-                packets.append(_packet(0x32, _utf8(topic) + struct.pack(">H", self._last_id) + data))
-            else:
-                packets.append(_packet(0x30, _utf8(topic) + data))
-        self.writer.write(b"".join(packets))
-        try:
-            await asyncio.wait_for(asyncio.gather(*waiters), IO_TIMEOUT)
-        except TimeoutError:
-            raise Lost("no acknowledgement") from None
-
-    async def next_message(self, timeout: float) -> tuple[str, bytes] | None:
-        """The next message, None after `timeout`; raises Lost once the connection is gone
-        and nothing is left to read."""
-        if self.inbox.empty() and self.closed.is_set():
-            raise Lost("connection closed")
-        get = asyncio.ensure_future(self.inbox.get())
-        closed = asyncio.ensure_future(self.closed.wait())
-        try:
-            await asyncio.wait((get, closed), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            if not get.done():
-                get.cancel()
-        if get.done() and not get.cancelled():
-            return get.result()
-        if self.closed.is_set():
-            raise Lost("connection closed")
-        return None
-
-    async def close(self) -> None:
-        """A clean DISCONNECT."""
-        with contextlib.suppress(OSError):
-            self.writer.write(b"\xe0\x00")
-            await self.writer.drain()
-        self.abort()
-
-    def abort(self) -> None:
-        self._task.cancel()
-        self.writer.close()
-        self.closed.set()
 
 
 # ------------------------------------------------------------------------ the fleet
-
-
-def job_of(push: dict[str, Any]) -> int:
-    """The job id a push names: its URL's `job` parameter."""
-    return int(parse_qs(urlsplit(push["data"]["url"]).query)["job"][0])
 
 
 @dataclass

@@ -6,6 +6,7 @@ import hmac
 
 import pytest
 
+from devicekit import signing
 from otacore.catalog.model import derive_device_secret, load_catalog
 from otacore.protocol.credentials import DeviceId, check_http_login, check_mqtt_login, parse_username
 from otacore.config.settings import settings_from_mapping
@@ -13,7 +14,6 @@ from otacore.config.settings import settings_from_mapping
 SECRET = "dev1-secret"
 LINKKIT_CLIENT_ID = "a1PK&dev1|securemode=3,signmethod=hmacsha1,ext=1,_ss=1,lan=Python,_v=1.2.13,timestamp=1795728922|"
 LINKKIT_CONTENT = "clientIda1PK&dev1deviceNamedev1productKeya1PKtimestamp1795728922"
-HASHES = {"hmacmd5": hashlib.md5, "hmacsha1": hashlib.sha1, "hmacsha256": hashlib.sha256}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,8 @@ def catalog(tmp_path_factory):
 
 
 def sign(method: str, content: str, secret: str = SECRET) -> str:
-    return hmac.new(secret.encode(), content.encode(), HASHES[method]).hexdigest()
+    """The password a device sends: devicekit's signer, over exactly `content`."""
+    return signing.sign(secret, content, method)
 
 
 # --- usernames ----------------------------------------------------------------------------

@@ -13,8 +13,6 @@ import random
 import shutil
 import sqlite3
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,22 +21,13 @@ import aiohttp
 import pytest
 
 import otacore.storage.journal as journal_module
-from conftest import UPGRADE_BATCH
-from harness import PK, Device, OtaServer, free_port, write_catalog
 from otacore.protocol.credentials import DeviceId
 from otacore.storage.data_dir import DataDirInUse, DataDirLock, write_server_info
-from otacore.storage.journal import Journal
+from support.faults import idle, refuse_writes
+from support.harness import PK, UPGRADE_BATCH, Device, OtaServer, free_port, write_catalog
+from support.processes import LiveServer, ota_server_exit, otactl, write_broker_yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from loopback_server import ServerProcess, write_broker_yaml  # noqa: E402
-
-BIN = Path(sys.executable).parent
 BATCH = "up-1.1.0"
-
-
-def otactl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "otactl"), "--config", str(config), *args], capture_output=True, text=True,
-                          timeout=30)
 
 
 def read(db: Path, sql: str) -> list[tuple]:
@@ -66,19 +55,15 @@ async def healthz(url: str) -> tuple[int, dict]:
 
 # -- data_dir or database deleted or replaced under a running ota-server ---------------------
 
-class Running:
+class Running(LiveServer):
     """A real `ota-server` on free ports with a device that has an in_progress job."""
 
     def __init__(self, root: Path) -> None:
         write_catalog(root, UPGRADE_BATCH)
-        self.root, self.var = root, root / "var"
-        self.db = self.var / "ota.sqlite3"
-        self.mqtt_port, self.http_port = free_port(), free_port()
-        self.config = write_broker_yaml(root, self.mqtt_port, self.http_port)
-        self.process = ServerProcess(self.config, self.mqtt_port, command=[str(BIN / "ota-server")])
+        super().__init__(root)
 
     async def start_with_a_job(self, device: Device) -> None:
-        await asyncio.to_thread(self.process.start)
+        await self.start()
         await device.__aenter__()
         await device.inform("1.0.0")
         await device.next_push()
@@ -231,8 +216,7 @@ async def test_a_damaged_database_is_a_one_line_refusal_at_start(tmp_path: Path)
     assert not db.with_name("ota.sqlite3-wal").exists()  # all in the main file
     overwrite_middle_page(db)
     config = write_broker_yaml(tmp_path, free_port(), free_port())
-    result = await asyncio.to_thread(subprocess.run, [str(BIN / "ota-server"), "--config", str(config)],
-                                     capture_output=True, text=True, timeout=30)
+    result = await asyncio.to_thread(ota_server_exit, config)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     # What SQLite meets first: a page quick_check reports, or one it cannot even read.
@@ -244,26 +228,12 @@ async def test_a_damaged_database_is_a_one_line_refusal_at_start(tmp_path: Path)
     assert len(status.stderr.strip().splitlines()) == 1 and f"otactl: database {db} is damaged" in status.stderr
     # Not a database at all (the header overwritten): the same kind of line.
     db.write_bytes(b"\0" * 4096)
-    result = await asyncio.to_thread(subprocess.run, [str(BIN / "ota-server"), "--config", str(config)],
-                                     capture_output=True, text=True, timeout=30)
+    result = await asyncio.to_thread(ota_server_exit, config)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert f"database {db} is damaged (file is not a database)" in result.stderr
 
 
 # -- writes the disk refuses --------------------------------------------------------------------
-
-def refuse_writes(journal: Journal, refuse: bool) -> None:
-    """As tests/test_journal.py does: the journal's own connection turned read-only. Called
-    between two writes (never while its worker thread holds the connection)."""
-    assert not journal._writing
-    journal._db.execute(f"PRAGMA query_only={'ON' if refuse else 'OFF'}")
-
-
-async def idle(journal: Journal) -> Journal:
-    while journal._writing:
-        await asyncio.sleep(0.005)
-    return journal
-
 
 async def test_refused_writes_are_kept_and_healthz_says_degraded_until_they_work(
         server: OtaServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
@@ -327,14 +297,14 @@ async def test_while_the_disk_is_full_admin_changes_are_refused_at_once_and_devi
         # a promise that cannot land: its PUBACK waits, and the journal is in trouble from here
         promised = asyncio.ensure_future(device.inform("1.0.0"))
         await wait_until(lambda: _degraded_body(server), what="503")
-        catalog_before = server.engine.core.catalog
+        catalog_before = server.engine.catalog
 
         for path in ("reload", f"batches/{BATCH}/pause", f"batches/{BATCH}/retry"):
             status, body, seconds = await admin_post(server, path)
             assert status == 503 and seconds < 1.0, (path, status, seconds)
             assert body["message"].startswith("nothing changed: database writes failing since "), body
-        assert server.engine.core.catalog is catalog_before
-        assert server.engine.core.rollout_view(BATCH)["state"] != "paused"
+        assert server.engine.catalog is catalog_before
+        assert server.engine.rollout_view(BATCH)["state"] != "paused"
 
         started = time.monotonic()
         async with Device(server, "d2"):  # CONNECT, CONNACK and SUBACKs come from memory
@@ -356,7 +326,7 @@ async def test_an_admin_change_made_as_the_disk_fills_is_answered_and_written_on
     status, body, seconds = await admin_post(server, f"batches/{BATCH}/pause")
     assert status == 503 and seconds < 2.0, (status, body, seconds)
     assert body["message"].startswith("done in memory, not yet on disk: database writes failing since "), body
-    assert server.engine.core.rollout_view(BATCH)["state"] == "paused"
+    assert server.engine.rollout_view(BATCH)["state"] == "paused"
 
     refuse_writes(await idle(server.engine.journal), False)
     await server.engine.settled()

@@ -1,213 +1,25 @@
-"""OtaCore's decisions (otacore/decisions/core.py) as plain function calls: no broker, no sockets.
+"""The engine's decisions (otacore/decisions/) as plain function calls: no broker, no sockets.
 
-Each test builds a real catalog in tmp_path (harness.write_catalog + prepare_catalog), a fresh
-FleetState, a Downloads with a fixed URL key, an `online` set the test controls and a fake
-clock. `World.step` runs one decision and, after every one, checks the state's invariants:
-per-batch counts equal a recount of each device's latest job, `promises` equals the jobs
-created plus the moves into notified/final states (plus batch and package rows), the indexes
-agree with the jobs, every event is a legal move and ends in the job's state, and every push
-names the device's open, told job.
+Each test builds a `World` (tests/support/world.py): a real catalog, a fresh FleetState, an
+`online` set the test controls and a fake clock; after every decision `World.step` checks
+the state's invariants (counts, promises, indexes, legal moves, pushes naming open jobs).
 """
 from __future__ import annotations
 
 import hashlib
-import json
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from harness import BASE_CATALOG, PK, write_catalog
+from support.harness import url_job
+from support.world import BASE, C, F, I, MODULE, N, P, PUBLIC_URL, Q, S, T0, World, dev, payload
 from otacore.protocol.credentials import DeviceId
-from otacore.decisions.core import PUSH_ID_BLOCK, PUSH_ID_MAX, PUSH_IDS, OtaCore, Send
-from otacore.downloads.serving import Downloads
-from otacore.catalog.loading import prepare_catalog
+from otacore.decisions import admin, reports, ticks
+from otacore.decisions.live import PUSH_ID_BLOCK, PUSH_ID_MAX, PUSH_IDS
 from otacore.errors import Refused
-from otacore.fleet.state import Changes, FleetState
-from otacore.fleet.jobs import FINAL_STATES, LEGAL_MOVES, Job, JobState
-from otacore.config.settings import settings_from_mapping
-
-Q, N, P, I, S, F, C = (JobState.QUEUED, JobState.NOTIFIED, JobState.IN_PROGRESS, JobState.INSTALLED,
-                       JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED)
-
-URL_KEY = b"decisions-unit-test-url-key-0123"
-PUBLIC_URL = "http://ota.test:8080"
-T0 = 1_700_000_000.0
-MODULE = "default"
-
-# fw-1.0.0 (SHA256) and fw-1.1.0 (MD5) from the harness, plus 1.2.0 and a 2.0.0 that needs verifying.
-BASE = BASE_CATALOG.rstrip() + """
-  - {id: fw-1.2.0, product: a1Test, version: 1.2.0, file: fw-1.1.0.bin, sign_method: SHA256}
-  - {id: fw-2.0.0, product: a1Test, version: 2.0.0, file: fw-1.1.0.bin, sign_method: SHA256, verify: true}
-"""
 
 UP = "- {name: up, package: fw-1.1.0, mode: dynamic, push: true}\n"
 UP_QUIET = "- {name: up, package: fw-1.1.0, mode: dynamic, push: false}\n"
-_PROMISED = {N, I} | FINAL_STATES  # told, installed, or final
-
-
-class TrackedState(FleetState):
-    """A FleetState that also counts the promises made by batch and package rows, so the
-    rest of `promises` can be checked against the job events."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.row_promises = 0
-
-    def save_batch(self, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
-        self.row_promises += 1
-        return super().save_batch(*args, **kwargs)
-
-    def end_batch(self, name: str, *args: Any, **kwargs: Any) -> None:
-        self.row_promises += name in self.batches
-        super().end_batch(name, *args, **kwargs)
-
-    def set_package_status(self, *args: Any, **kwargs: Any) -> None:
-        self.row_promises += 1
-        super().set_package_status(*args, **kwargs)
-
-    def set_control(self, name: str, *args: Any, **kwargs: Any) -> None:
-        self.row_promises += name in self.batches
-        super().set_control(name, *args, **kwargs)
-
-
-@dataclass
-class Step:
-    sends: list[Send]
-    changes: Changes
-    promised: int  # increase of state.promises
-    result: Any = None
-
-
-def payload(send: Send) -> dict[str, Any]:
-    return json.loads(send.payload)
-
-
-def url_job(url: str) -> int:
-    return int(parse_qs(urlsplit(url).query)["job"][0])
-
-
-def dev(name: str) -> DeviceId:
-    return DeviceId(PK, name)
-
-
-def recount(state: FleetState) -> dict[str, Counter[str]]:
-    """Per batch: state -> devices, counting each device's latest job in the batch once."""
-    latest: dict[tuple[str, DeviceId, str], Job] = {}
-    for job in state.jobs.values():
-        key = (job.batch, job.device, job.module)
-        if key not in latest or latest[key].id < job.id:
-            latest[key] = job
-    counts: dict[str, Counter[str]] = {}
-    for (batch, _, _), job in latest.items():
-        counts.setdefault(batch, Counter())[job.state.value] += 1
-    return counts
-
-
-def promise_events(events: list[tuple]) -> int:
-    """Job creations and moves into notified, installed or a final state."""
-    return sum(1 for _, _, old, new, _, _ in events if old is None or (new != old and new in _PROMISED))
-
-
-class World:
-    def __init__(self, root: Path, batches: str = "", base: str = BASE) -> None:
-        self.root = root
-        self.settings = settings_from_mapping({"data_dir": str(root / "var"), "http": {"public_url": PUBLIC_URL}},
-                                              root / "broker.yaml")
-        self.now = T0
-        self.online: set[str] = set()
-        self.state = TrackedState()
-        self.downloads = Downloads(self.state, URL_KEY, lambda job: self.core.file_of(job), self.clock)
-        self.core = OtaCore(self.settings, self.state, self.downloads,
-                            lambda device: device.device_name in self.online, self.clock)
-        self.written: list[tuple] = []  # every event taken from the state, in order
-        self.reload(batches, base)
-
-    def clock(self) -> float:
-        return self.now
-
-    # -- running decisions -------------------------------------------------------------
-    def step(self, decide: Any, *args: Any, **kwargs: Any) -> Step:
-        before = self.state.promises
-        result = decide(*args, **kwargs)
-        if isinstance(result, tuple):
-            result, sends = result
-        else:
-            result, sends = None, result
-        self.check(sends)
-        changes = self.state.take_changes()
-        self.written.extend(changes.events)
-        return Step(sends, changes, self.state.promises - before, result)
-
-    def reload(self, batches: str, base: str = BASE) -> Step:
-        write_catalog(self.root, batches, base=base)
-        loaded = prepare_catalog(self.settings)
-        return self.step(self.core.apply_catalog, loaded.catalog, loaded.files)
-
-    def report(self, name: str, version: str, module: str = MODULE, deliver: bool = True) -> Step:
-        return self.step(self.core.report_version, dev(name), module, version, deliver=deliver)
-
-    def progress(self, name: str, step: int, desc: str = "") -> Step:
-        return self.step(self.core.report_progress, dev(name), MODULE, step, desc)
-
-    def offer(self, name: str) -> Step:
-        return self.step(self.core.offer, dev(name), MODULE)
-
-    # -- reading -----------------------------------------------------------------------
-    def job(self, name: str, batch: str | None = None) -> Job | None:
-        if batch is None:
-            return self.state.latest_job(dev(name), MODULE)
-        return self.state.latest_job_in_batch(batch, dev(name))
-
-    def jobs_of(self, name: str, batch: str | None = None) -> list[Job]:
-        return sorted((j for j in self.state.jobs.values() if j.device == dev(name)
-                       and (batch is None or j.batch == batch)), key=lambda j: j.id)
-
-    def events(self, job: Job) -> list[tuple[str | None, str, str]]:
-        return [(e[2], e[3], e[5]) for e in self.written if e[0] == job.id]
-
-    def counts(self, batch: str) -> dict[str, int]:
-        return {k: v for k, v in self.state.counts.get(batch, Counter()).items() if v}
-
-    # -- invariants --------------------------------------------------------------------
-    def check(self, sends: list[Send]) -> None:
-        state = self.state
-        # Counts: always a recount of each device's latest job per batch, never negative.
-        expected = recount(state)
-        for batch in set(state.counts) | set(expected):
-            counts = state.counts.get(batch, Counter())
-            assert all(v >= 0 for v in counts.values()), (batch, counts)
-            assert +counts == expected.get(batch, Counter()), (batch, dict(counts), dict(expected.get(batch, {})))
-        # Promises: one per job created or moved into notified/final, plus batch/package rows.
-        events = self.written + state.changes.events
-        assert state.promises == promise_events(events) + state.row_promises
-        # Every event is a legal move, and a job's last event names its state.
-        last: dict[int, str] = {}
-        for job_id, _, old, new, _, _ in events:
-            assert old is None or JobState(new) in LEGAL_MOVES[JobState(old)], (job_id, old, new)
-            last[job_id] = new
-        assert last == {job.id: job.state.value for job in state.jobs.values()}
-        # Indexes agree with the jobs.
-        open_jobs = [j for j in state.jobs.values() if j.is_open]
-        assert len({(j.device, j.module) for j in open_jobs}) == len(open_jobs), "two open jobs for one module"
-        assert state.open_jobs == {(j.device, j.module): j for j in open_jobs}
-        current: dict[str, dict[DeviceId, Job]] = {}
-        for job in sorted(state.jobs.values(), key=lambda j: j.id):
-            if not job.superseded:
-                assert job.device not in current.get(job.batch, {}), "two current jobs in one batch"
-                current.setdefault(job.batch, {})[job.device] = job
-        assert {b: d for b, d in state.current.items() if d} == current
-        assert state.next_job_id == max(state.jobs, default=0) + 1
-        # Every push names the device's open job, and that job has been told.
-        for send in sends:
-            assert send.topic == f"/ota/device/upgrade/{PK}/{send.device.device_name}"
-            job = state.open_job(send.device, MODULE)
-            assert job is not None and job.state != Q, send
-            data = payload(send)["data"]
-            assert (url_job(data["url"]) if "url" in data else data["streamId"]) == job.id
 
 
 def sha256_of(path: Path) -> str:
@@ -242,7 +54,7 @@ def test_static_batch_pushes_only_online_devices_and_keeps_its_targets(tmp_path:
     assert w.state.targets == {"up": {"d1", "d2"}}
     row = w.state.batches["up"]
     assert (row.state, row.started_at, row.package_id) == ("running", T0 + 10, "fw-1.1.0")
-    assert w.core.running == {"up"}
+    assert w.live.running == {"up"}
     assert w.counts("up") == {"notified": 1, "queued": 1}
     # 2 jobs created + 1 notified + the batch row.
     assert started.promised == 4
@@ -292,14 +104,14 @@ def test_batch_of_unverified_package_waits_and_takes_no_one(tmp_path: Path) -> N
     started = w.reload(batches)
     row = w.state.batches["up2"]
     assert (row.state, row.started_at, row.reason) == ("waiting_verification", None, "package not verified yet")
-    assert w.core.running == {"up12"}  # a package without verify starts at once
+    assert w.live.running == {"up12"}  # a package without verify starts at once
     assert [s.device for s in started.sends] == [dev("d1")] and w.job("d1").batch == "up12"
     w.report("d2", "1.0.0")
     assert w.job("d2").batch == "up12"
     assert w.jobs_of("d1", "up2") == [] and w.jobs_of("d2", "up2") == []
     w.reload(batches)  # still waiting
-    assert w.state.batches["up2"].state == "waiting_verification" and "up2" not in w.core.running
-    assert w.core.package_status(w.core.catalog.packages["fw-2.0.0"]) == "unverified"
+    assert w.state.batches["up2"].state == "waiting_verification" and "up2" not in w.live.running
+    assert w.live.package_status(w.live.catalog.packages["fw-2.0.0"]) == "unverified"
 
 
 def test_removed_batch_cancels_its_open_jobs(tmp_path: Path) -> None:
@@ -317,7 +129,7 @@ def test_removed_batch_cancels_its_open_jobs(tmp_path: Path) -> None:
     assert w.events(w.job("d1"))[-1] == ("notified", "canceled", "batch removed from the catalog")
     row = w.state.batches["up"]
     assert (row.state, row.ended_at, row.reason) == ("canceled", T0 + 60, "batch removed from the catalog")
-    assert w.core.running == set()
+    assert w.live.running == set()
     assert w.counts("up") == {"canceled": 2, "succeeded": 1}
     # Nothing targets the device any more.
     assert w.report("d1", "1.0.0").sends == [] and len(w.jobs_of("d1")) == 1
@@ -466,7 +278,7 @@ def test_unknown_module_is_ignored_and_known_module_recorded(tmp_path: Path) -> 
     ignored = w.report("d1", "1.0.0", module="nosuch")
     assert ignored.sends == [] and not ignored.changes and ignored.promised == 0
     assert w.state.version(dev("d1"), "nosuch") is None
-    stranger = w.step(w.core.report_version, DeviceId("otherPk", "d1"), MODULE, "1.0.0")
+    stranger = w.step(reports.report_version, w.live, DeviceId("otherPk", "d1"), MODULE, "1.0.0")
     assert not stranger.changes and w.state.versions == {}
     mcu = w.report("d1", "1.0.0", module="MCU")  # a module of the product; no package for it
     assert mcu.changes.versions == {(dev("d1"), "MCU")} and not mcu.changes.jobs
@@ -566,14 +378,14 @@ def test_offer_cancels_a_job_of_a_batch_no_longer_running(tmp_path: Path) -> Non
     w.report("d1", "1.0.0")
     first = w.job("d1")
     assert first.batch == "a"
-    w.core.running.discard("a")
+    w.live.running.discard("a")
     offered = w.offer("d1")
     assert first.state == C
     assert w.events(first)[-1] == ("queued", "canceled", "batch a is no longer running")
     second = w.job("d1")
     assert (second.batch, second.state) == ("b", N)
     assert offered.result["version"] == "1.2.0" and url_job(offered.result["url"]) == second.id
-    w.core.running.discard("b")
+    w.live.running.discard("b")
     assert w.offer("d1").result == {} and second.state == C
 
 
@@ -589,18 +401,18 @@ def test_verify_batch_all_succeeded_verifies_and_starts_waiting_batches(tmp_path
     for name in ("d1", "d2", "d3"):
         w.report(name, "1.0.0")
     w.reload(VERIFY)
-    assert w.core.running == {"v"} and w.state.batches["up2"].state == "waiting_verification"
+    assert w.live.running == {"v"} and w.state.batches["up2"].state == "waiting_verification"
     assert {n: w.job(n).state for n in ("d1", "d2")} == {"d1": Q, "d2": Q} and w.job("d3") is None
     w.report("d1", "2.0.0")
     assert "fw-2.0.0" not in w.state.package_status and w.state.batches["v"].state == "running"
     w.now = T0 + 100
     last = w.report("d2", "2.0.0")
-    package = w.core.catalog.packages["fw-2.0.0"]
+    package = w.live.catalog.packages["fw-2.0.0"]
     assert w.state.package_status["fw-2.0.0"] == ("verified", sha256_of(tmp_path / "packages" / "fw-1.1.0.bin"))
-    assert w.core.package_status(package) == "verified"
+    assert w.live.package_status(package) == "verified"
     v = w.state.batches["v"]
     assert (v.state, v.reason, v.ended_at) == ("completed", "verified", T0 + 100)
-    assert w.core.running == {"up2"} and w.state.batches["up2"].state == "running"
+    assert w.live.running == {"up2"} and w.state.batches["up2"].state == "running"
     assert w.state.batches["up2"].started_at == T0 + 100
     d3 = w.job("d3")
     assert (d3.batch, d3.state, d3.target_version) == ("up2", N, "2.0.0")
@@ -620,10 +432,10 @@ def test_verify_failure_marks_the_package_and_ends_the_batch(tmp_path: Path) -> 
     assert (w.state.batches["v"].state, w.state.batches["v"].reason) == ("completed", "verify_failed")
     d2 = w.job("d2")
     assert d2.state == C and w.events(d2)[-1] == ("queued", "canceled", "verification ended: verify_failed")
-    assert w.state.batches["up2"].state == "waiting_verification" and w.core.running == set()
+    assert w.state.batches["up2"].state == "waiting_verification" and w.live.running == set()
     assert w.job("d3") is None
     with pytest.raises(Refused) as refused:
-        w.core.retry("v")
+        admin.retry(w.live, "v")
     assert refused.value.status == 409
     w.report("d2", "2.0.0")  # too late to change the verdict
     assert w.state.package_status["fw-2.0.0"][0] == "verify_failed"
@@ -641,7 +453,7 @@ def test_devices_already_on_the_package_version_count_as_verified(tmp_path: Path
     w.report("d2", "2.0.0")  # not a job before: counted as succeeded now
     assert w.job("d2").state == S and w.job("d2").batch == "v"
     assert w.state.package_status["fw-2.0.0"][0] == "verified"
-    assert w.core.running == {"up2"}
+    assert w.live.running == {"up2"}
 
 
 def test_a_canceled_verify_job_decides_nothing(tmp_path: Path) -> None:
@@ -649,7 +461,7 @@ def test_a_canceled_verify_job_decides_nothing(tmp_path: Path) -> None:
     for name in ("d1", "d2"):
         w.report(name, "1.0.0")
     w.reload(VERIFY)
-    w.step(w.core.cancel_devices, "v", ["d2"])
+    w.step(admin.cancel_devices, w.live, "v", ["d2"])
     w.report("d1", "2.0.0")
     assert "fw-2.0.0" not in w.state.package_status and w.state.batches["v"].state == "running"
 
@@ -665,7 +477,7 @@ def test_retry_supersedes_failed_jobs_and_makes_new_ones(tmp_path: Path) -> None
     old1, old2, old3 = (w.job(n) for n in ("d1", "d2", "d3"))
     w.report("d3", "1.2.0")  # now on a version the batch does not target
     assert w.counts("up") == {"failed": 3}
-    retried = w.step(w.core.retry, "up", ["d1", "d3"])
+    retried = w.step(admin.retry, w.live, "up", ["d1", "d3"])
     assert retried.result == 2
     assert (old1.state, old1.superseded) == (F, 1) and (old3.state, old3.superseded) == (F, 1)
     assert (old2.state, old2.superseded) == (F, 0)
@@ -683,7 +495,7 @@ def test_retry_supersedes_failed_jobs_and_makes_new_ones(tmp_path: Path) -> None
     # The retried job's late success does not count: its device moved on to a new job.
     w.report("d1", "1.1.0")
     assert (old1.state, new1.state) == (F, S)
-    assert w.step(w.core.retry, "up").result == 1  # d2 only
+    assert w.step(admin.retry, w.live, "up").result == 1  # d2 only
     assert w.job("d2").state == N and len(w.jobs_of("d2")) == 2
     assert w.counts("up") == {"notified": 2, "succeeded": 1}
 
@@ -691,14 +503,14 @@ def test_retry_supersedes_failed_jobs_and_makes_new_ones(tmp_path: Path) -> None
 def test_retry_refuses_unknown_and_not_running_batches(tmp_path: Path) -> None:
     w = World(tmp_path, "- {name: up2, package: fw-2.0.0, mode: dynamic}\n")
     with pytest.raises(Refused) as unknown:
-        w.core.retry("nope")
+        admin.retry(w.live, "nope")
     assert unknown.value.status == 404
     with pytest.raises(Refused) as waiting:
-        w.core.retry("up2")
+        admin.retry(w.live, "up2")
     assert waiting.value.status == 409
     assert not w.state.changes
     w.reload("- {name: up2, package: fw-2.0.0, mode: dynamic}\n" + UP)
-    nothing = w.step(w.core.retry, "up")  # running, nothing failed
+    nothing = w.step(admin.retry, w.live, "up")  # running, nothing failed
     assert nothing.result == 0 and not nothing.changes and nothing.sends == []
 
 
@@ -711,7 +523,7 @@ def test_cancel_devices_cancels_open_jobs_and_excludes_devices_without_one(tmp_p
     w.report("d3", "1.0.0")
     w.reload("- {name: up, package: fw-1.1.0, push: true, devices: [d1, d2, d3]}\n")
     w.report("d3", "1.1.0")
-    canceled = w.step(w.core.cancel_devices, "up", ["d1", "d2", "d2", "d3"])
+    canceled = w.step(admin.cancel_devices, w.live, "up", ["d1", "d2", "d2", "d3"])
     assert canceled.result == 2 and canceled.sends == []
     d1, d2, d3 = (w.job(n, "up") for n in ("d1", "d2", "d3"))
     assert d1.state == C and w.events(d1)[-1] == ("notified", "canceled", "canceled by an admin")
@@ -723,17 +535,17 @@ def test_cancel_devices_cancels_open_jobs_and_excludes_devices_without_one(tmp_p
     assert w.report("d2", "1.0.0").sends == [] and w.jobs_of("d2") == [d2]
     assert w.report("d1", "1.0.0").sends == [] and w.jobs_of("d1") == [d1]
     assert w.state.open_job(dev("d2"), MODULE) is None
-    assert w.step(w.core.cancel_devices, "up", ["d2"]).result == 0  # already excluded
+    assert w.step(admin.cancel_devices, w.live, "up", ["d2"]).result == 0  # already excluded
     for batch, names in (("up", ["d4"]), ("nope", ["d1"])):
         with pytest.raises(Refused) as refused:
-            w.core.cancel_devices(batch, names)
+            admin.cancel_devices(w.live, batch, names)
         assert refused.value.status == 404
     assert not w.state.changes
 
 
 def test_cancel_a_device_of_a_dynamic_batch_before_it_reports(tmp_path: Path) -> None:
     w = World(tmp_path, UP)
-    assert w.step(w.core.cancel_devices, "up", ["later"]).result == 1
+    assert w.step(admin.cancel_devices, w.live, "up", ["later"]).result == 1
     assert w.report("later", "1.0.0").sends == [] and w.state.open_job(dev("later"), MODULE) is None
 
 
@@ -750,9 +562,9 @@ def test_stale_told_jobs_fail_queued_and_downloading_ones_do_not(tmp_path: Path)
     w.now = T0 + 200
     w.progress("fresh", 20)
     w.now = T0 + 300  # exactly the timeout: not yet
-    assert w.step(w.core.fail_stale_jobs).result == 0
+    assert w.step(ticks.fail_stale_jobs, w.live).result == 0
     w.now = T0 + 301
-    swept = w.step(w.core.fail_stale_jobs)
+    swept = w.step(ticks.fail_stale_jobs, w.live)
     assert swept.result == 2 and swept.promised == 2
     states = {n: w.job(n).state for n in ("q", "n", "p", "dl", "fresh")}
     assert states == {"q": Q, "n": F, "p": F, "dl": N, "fresh": P}
@@ -764,9 +576,9 @@ def test_stale_told_jobs_fail_queued_and_downloading_ones_do_not(tmp_path: Path)
     w.downloads.finished(downloading.id, 4096)
     assert not w.downloads.in_flight(downloading.id)
     assert (downloading.bytes_served, downloading.updated_at) == (4096, T0 + 400)
-    assert w.step(w.core.fail_stale_jobs, T0 + 700).result == 1  # fresh (silent since T0+200)
+    assert w.step(ticks.fail_stale_jobs, w.live, T0 + 700).result == 1  # fresh (silent since T0+200)
     assert w.job("dl").state == N
-    assert w.step(w.core.fail_stale_jobs, T0 + 701).result == 1
+    assert w.step(ticks.fail_stale_jobs, w.live, T0 + 701).result == 1
     assert w.job("dl").state == F and w.job("q").state == Q
     # A timed-out device that did upgrade succeeds after all.
     w.report("n", "1.1.0")
@@ -785,7 +597,7 @@ def test_a_version_report_during_a_told_job_is_activity_for_the_timeout(tmp_path
     again = w.report("d1", "1.0.0")  # rebooted: it reports and is told again
     assert len(again.sends) == 1
     w.now = T0 + 301  # 11 s after that report
-    swept = w.step(w.core.fail_stale_jobs)
+    swept = w.step(ticks.fail_stale_jobs, w.live)
     assert w.job("d1").state == N, "the job timed out 11 s after its device reported and was pushed again"
     assert swept.result == 0
 
@@ -801,8 +613,8 @@ def test_late_success_is_not_lost_when_the_device_was_excluded_from_another_batc
     assert (job.batch, job.state) == ("up", N)
     w.reload(up + "- {name: b, package: fw-1.2.0, devices: [d1, d2]}\n")  # d1 was told: it stays in up
     assert w.jobs_of("d1", "b") == [] and w.job("d1") is job
-    assert w.step(w.core.cancel_devices, "b", ["d1"]).result == 1
-    assert w.step(w.core.fail_stale_jobs, T0 + 400).result == 1 and job.state == F
+    assert w.step(admin.cancel_devices, w.live, "b", ["d1"]).result == 1
+    assert w.step(ticks.fail_stale_jobs, w.live, T0 + 400).result == 1 and job.state == F
     w.now = T0 + 500
     w.report("d1", "1.1.0")
     assert job.state == S, "the failed job of a device that reported its target version stays failed"
@@ -812,7 +624,7 @@ def test_batches_without_timeout_never_time_out(tmp_path: Path) -> None:
     w = World(tmp_path, UP)
     w.online = {"d1"}
     w.report("d1", "1.0.0")
-    assert w.step(w.core.fail_stale_jobs, T0 + 365 * 86400).result == 0 and w.job("d1").state == N
+    assert w.step(ticks.fail_stale_jobs, w.live, T0 + 365 * 86400).result == 0 and w.job("d1").state == N
 
 
 # -- priority ----------------------------------------------------------------------------
@@ -888,7 +700,7 @@ def test_a_job_keeps_its_file_until_a_reload_removes_it(tmp_path: Path) -> None:
 def test_push_ids_wrap_to_1_after_2_31_minus_1_and_reserve_a_new_block(tmp_path: Path) -> None:
     world = World(tmp_path)
     world.state.counters[PUSH_IDS] = PUSH_ID_MAX
-    world.core._last_push_id = PUSH_ID_MAX - 1  # as loaded after a restart near the end
-    ids = [world.core._next_push_id() for _ in range(3)]
+    world.live._last_push_id = PUSH_ID_MAX - 1  # as loaded after a restart near the end
+    ids = [world.live.next_push_id() for _ in range(3)]
     assert ids == [PUSH_ID_MAX, 1, 2]
     assert world.state.counters[PUSH_IDS] == PUSH_ID_BLOCK and PUSH_IDS in world.state.take_changes().counters

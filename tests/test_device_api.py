@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from harness import Device, OtaServer, device_secret, make_firmware, write_catalog
+from support.harness import Device, OtaServer, device_secret, make_firmware, write_catalog
 from otacore.protocol.credentials import DeviceId
 from otacore.views.devices import DeviceQuery, device_list, version_counts
 from otacore.fleet.state import FleetState
@@ -91,7 +91,7 @@ async def fleet(tmp_path: Path):  # type: ignore[no-untyped-def]
         await server.wait_state("dev-c", "notified")
         deadline = time.monotonic() + 5
         while server.engine.state.version(DeviceId("a1Test", "dev-d"), "MCU") is None or \
-                server.engine.notifier.is_online(DeviceId("a1Test", "dev-b")):
+                server.engine.is_online(DeviceId("a1Test", "dev-b")):
             assert time.monotonic() < deadline, "dev-d's MCU report or dev-b's disconnect never arrived"
             await asyncio.sleep(0.02)
         yield admin, started

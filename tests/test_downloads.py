@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from fileserver.app import OPEN_FILES
-from harness import Device, OtaServer
+from support.harness import Device, OtaServer
 from otacore.protocol.credentials import DeviceId
 from otacore.downloads.signed_urls import sign_url
 
@@ -104,7 +104,7 @@ async def test_bytes_served_are_counted_per_job(server: OtaServer, url: str) -> 
 
 
 async def test_file_names_that_need_percent_encoding(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from harness import BASE_CATALOG, make_firmware, write_catalog
+    from support.harness import BASE_CATALOG, make_firmware, write_catalog
     make_firmware(tmp_path / "packages" / "固件 v2.bin", 1000, 5)
     base = BASE_CATALOG.rstrip() + "\n  - {id: fw-2, product: a1Test, version: 2.0.0, file: '固件 v2.bin'}\n"
     write_catalog(tmp_path, "- {name: up2, package: fw-2, type: upgrade, mode: dynamic}\n", base=base)
@@ -132,10 +132,10 @@ async def test_several_ranges_get_the_whole_file(server: OtaServer, url: str) ->
 
 
 def test_package_files_skip_the_thread_pool() -> None:
-    # fileserver/app.py sends package files through aiohttp's FileResponse internals without
-    # its per-request thread hops; if aiohttp moved them it silently falls back: say so here.
-    from fileserver.app import _DIRECT_FILE_SEND
-    assert _DIRECT_FILE_SEND, "aiohttp's FileResponse internals moved; update PackageResponse._send"
+    # fileserver/aiohttp_internals.py sends package files through aiohttp's FileResponse internals
+    # without its per-request thread hops; if aiohttp moved them it silently falls back: say so here.
+    from fileserver.aiohttp_internals import DIRECT_FILE_SEND
+    assert DIRECT_FILE_SEND, "aiohttp's FileResponse internals moved; update PackageResponse._send"
 
 
 async def test_concurrent_ranges_share_one_handle_and_get_their_own_bytes(server: OtaServer, url: str) -> None:
@@ -185,7 +185,7 @@ def _deleted_files_held(path: str) -> list[str]:
 
 async def test_a_package_removed_and_deleted_gives_its_handle_back_at_the_reload(server: OtaServer, url: str) -> None:
     # Each removed package used to keep a descriptor for good: its disk space never freed.
-    from harness import BASE_CATALOG, write_catalog
+    from support.harness import BASE_CATALOG, write_catalog
     assert (await fetch("GET", url, Range="bytes=0-99"))[0] == 206  # the handle is open now
     open_files = server.plugin.runtime._runner.app[OPEN_FILES]  # type: ignore[union-attr]
     assert open_files.count == 1
@@ -208,7 +208,7 @@ async def test_a_retired_handle_stays_open_while_a_transfer_uses_it(server: OtaS
     # then sent the bytes of whatever file took its descriptor number next.
     from fileserver.app import OpenPackageFiles
     files = OpenPackageFiles()
-    [download] = [d for d in server.engine.files.downloads() if d.key == "fw-1.1.0"]
+    [download] = [d for d in server.engine.package_files() if d.key == "fw-1.1.0"]
     lease = files.get(download)
     files.retain([])  # the package left the catalog
     assert not lease.file.closed and files.count == 1

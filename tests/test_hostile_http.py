@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import UPGRADE_BATCH
-from harness import BASE_CATALOG, Device, OtaServer, device_secret, free_port, make_firmware, write_catalog
+from support.harness import (BASE_CATALOG, UPGRADE_BATCH, Device, OtaServer, device_secret, free_port, make_firmware,
+                             write_catalog)
 from otacore.protocol.codec import PayloadError, parse_block_request, parse_step
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from harness import Device, OtaServer, free_port, write_catalog
+from support.harness import Device, OtaServer, free_port, write_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 

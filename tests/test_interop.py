@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import OtaServer, PK, PRODUCT_SECRET, free_port, write_catalog
-from conftest import UPGRADE_BATCH
+from support.harness import PK, PRODUCT_SECRET, UPGRADE_BATCH, OtaServer, free_port, write_catalog
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "interop" / "linkkit_device.py"

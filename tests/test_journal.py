@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 
 import otacore.storage.journal as journal_module
-from harness import BASE_CATALOG, PK, write_catalog
+from support.harness import BASE_CATALOG, PK, write_catalog
 from otacore.protocol.credentials import DeviceId
-from otacore.decisions.core import OtaCore
+from otacore.decisions import admin, batches, reports
+from otacore.decisions.live import LiveFleet
 from otacore.downloads.serving import Downloads
 from otacore.catalog.loading import prepare_catalog
 from otacore.fleet.state import FleetState
-from otacore.fleet.jobs import Job, JobState, NewJob
+from otacore.fleet.jobs import JobState, NewJob
 from otacore.storage.journal import Journal
 from otacore.config.settings import settings_from_mapping
 from otacore.storage.store import Store
@@ -77,7 +78,7 @@ def read(path: Path, sql: str, *args: Any) -> list[tuple]:
 
 def trace(journal: Journal) -> list[str]:
     statements: list[str] = []
-    journal._db.set_trace_callback(statements.append)
+    journal.backend.db.set_trace_callback(statements.append)
     return statements
 
 
@@ -171,22 +172,17 @@ STATIC = ("- {name: v, package: fw-2.0.0, type: verify, devices: [d1, d2], push:
 GONE = "- {name: gone, package: fw-1.2.0, mode: dynamic, push: false, devices: [d8]}\n"
 
 
-def make_core(root: Path, state: FleetState, clock: Clock, online: set[str]) -> OtaCore:
+def make_core(root: Path, state: FleetState, clock: Clock, online: set[str]) -> LiveFleet:
     settings = settings_from_mapping({"data_dir": str(root / "var")}, root / "broker.yaml")
-    core: OtaCore
-
-    def file_of(job: Job):  # type: ignore[no-untyped-def]
-        return core.file_of(job)
-
-    downloads = Downloads(state, b"journal-test-key-0123456789abcdef", file_of, clock)
-    core = OtaCore(settings, state, downloads, lambda device: device.device_name in online, clock)
+    downloads = Downloads(state, b"journal-test-key-0123456789abcdef", clock)
+    core = LiveFleet(settings, state, downloads, lambda device: device.device_name in online, clock)
     return core
 
 
-def apply(core: OtaCore, root: Path, batches: str) -> None:
-    write_catalog(root, batches, base=BASE)
+def apply(core: LiveFleet, root: Path, batch_lines: str) -> None:
+    write_catalog(root, batch_lines, base=BASE)
     loaded = prepare_catalog(core.settings)
-    core.apply_catalog(loaded.catalog, loaded.files)
+    batches.apply_catalog(core, loaded.catalog, loaded.files)
 
 
 def snapshot(state: FleetState) -> dict[str, Any]:
@@ -220,22 +216,22 @@ async def test_restart_rebuilds_the_same_state(tmp_path: Path, db_path: Path) ->
     core = make_core(tmp_path, journal.state, clock, online)
     apply(core, tmp_path, "")
     for name in ("d1", "d2", "d3", "d4", "d5", "d6", "d7", "d8"):
-        core.report_version(dev(name), MODULE, "1.0.0")
-    core.report_version(dev("d9"), "MCU", "0.1.0")
+        reports.report_version(core, dev(name), MODULE, "1.0.0")
+    reports.report_version(core, dev("d9"), "MCU", "0.1.0")
     clock.now += 10
     apply(core, tmp_path, STATIC + GONE)
     clock.now += 10
-    core.report_progress(dev("d3"), MODULE, 50, "downloading")
-    core.report_progress(dev("d3"), MODULE, 70, "downloading")  # telemetry
-    core.report_progress(dev("d4"), MODULE, -2, "flash")
+    reports.report_progress(core, dev("d3"), MODULE, 50, "downloading")
+    reports.report_progress(core, dev("d3"), MODULE, 70, "downloading")  # telemetry
+    reports.report_progress(core, dev("d4"), MODULE, -2, "flash")
     await journal.commit()  # the failed job's row is written before a retry supersedes it
-    core.retry("up", ["d4"])
-    core.cancel_devices("up", ["d5"])
-    core.report_version(dev("d6"), MODULE, "1.1.0")
+    admin.retry(core, "up", ["d4"])
+    admin.cancel_devices(core, "up", ["d5"])
+    reports.report_version(core, dev("d6"), MODULE, "1.1.0")
     await journal.commit()  # a commit in the middle: the rest lands in a later one
     clock.now += 10
-    core.report_version(dev("d1"), MODULE, "2.0.0")
-    core.report_version(dev("d2"), MODULE, "2.0.0")  # verified: up2 starts
+    reports.report_version(core, dev("d1"), MODULE, "2.0.0")
+    reports.report_version(core, dev("d2"), MODULE, "2.0.0")  # verified: up2 starts
     core.downloads.started(journal.state.latest_job(dev("d3"), MODULE).id)
     core.downloads.finished(journal.state.latest_job(dev("d3"), MODULE).id, 12_345)
     clock.now += 10
@@ -263,7 +259,7 @@ async def test_restart_rebuilds_the_same_state(tmp_path: Path, db_path: Path) ->
         assert reopened.state.next_job_id == before["next_job_id"]
         assert {job_id: dataclasses.astuple(job) for job_id, job in reopened.state.jobs.items()} == before["jobs"]
     finally:
-        reopened._db.close()
+        reopened.backend.db.close()
 
 
 async def test_job_ids_are_never_reused_after_a_restart(tmp_path: Path, db_path: Path) -> None:
@@ -292,7 +288,7 @@ async def test_job_ids_are_never_reused_after_a_restart(tmp_path: Path, db_path:
     try:
         assert again.state.next_job_id == 5
     finally:
-        again._db.close()
+        again.backend.db.close()
 
 
 # -- failed writes -----------------------------------------------------------------------
@@ -318,7 +314,7 @@ async def test_a_failed_write_keeps_its_changes_and_commit_waits(journal: Journa
     commits = journal.commits
 
     await wait_idle(journal)
-    journal._db.execute("PRAGMA query_only=ON")  # every write now fails
+    journal.backend.db.execute("PRAGMA query_only=ON")  # every write now fails
     state.move(first, N, "upgrade pushed", T0 + 1)
     state.record_version(dev("d2"), MODULE, "1.0.0", T0 + 1)
     second = state.create_job("up", new_job("d2"), "reported 1.0.0", T0 + 1)
@@ -338,7 +334,7 @@ async def test_a_failed_write_keeps_its_changes_and_commit_waits(journal: Journa
     assert len(errors) == 1 and "cannot write the database" in errors[0].getMessage()
 
     await wait_idle(journal)
-    journal._db.execute("PRAGMA query_only=OFF")
+    journal.backend.db.execute("PRAGMA query_only=OFF")
     await asyncio.wait_for(asyncio.gather(waiting, later), 2)
     assert read(db_path, "SELECT id, state, progress FROM jobs ORDER BY id") == \
         [(first.id, "notified", 0), (second.id, "in_progress", 20)]
@@ -370,7 +366,7 @@ async def test_close_writes_what_is_left(tmp_path: Path, db_path: Path) -> None:
         assert dataclasses.astuple(loaded) == dataclasses.astuple(job)
         assert reopened.state.counts == {"up": Counter({"queued": 1})}
     finally:
-        reopened._db.close()
+        reopened.backend.db.close()
 
 
 async def test_commit_before_start_does_not_return_while_the_write_fails(db_path: Path) -> None:
@@ -378,7 +374,7 @@ async def test_commit_before_start_does_not_return_while_the_write_fails(db_path
     the journal is not running (before start(), after close()), where it writes in place."""
     journal = await open_journal(db_path, Clock())
     try:
-        journal._db.execute("PRAGMA query_only=ON")
+        journal.backend.db.execute("PRAGMA query_only=ON")
         journal.state.create_job("up", new_job("d1"), "test", T0)
         outcome = asyncio.ensure_future(journal.commit())
         await asyncio.sleep(0.2)
@@ -389,4 +385,4 @@ async def test_commit_before_start_does_not_return_while_the_write_fails(db_path
         assert journal.state.changes.jobs == {1}  # kept for the next attempt
         assert not returned, "commit() returned normally although nothing was written"
     finally:
-        journal._db.close()
+        journal.backend.db.close()

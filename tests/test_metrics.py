@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import Device, OtaServer, write_catalog
+from support.harness import Device, OtaServer, write_catalog
 from otacore.protocol.codec import decode_block_reply
 from otacore.errors import ConfigError
 from otacore.config.settings import settings_from_mapping

@@ -1,26 +1,15 @@
-"""MQTT block downloads (docs/protocol.md 3e) and the SagooIoT HTTP device API (section 4)."""
+"""MQTT block downloads (docs/protocol.md 3e) and the SagooIoT HTTP device API (section 4).
+`mqtt_server` (tests/conftest.py): a pushed, dynamic upgrade batch over MQTT blocks."""
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
-from pathlib import Path
 
 import aiohttp
-import pytest
 
-from harness import Device, OtaServer, device_secret, write_catalog
+from support.harness import Device, OtaServer, device_secret
 from otacore.protocol.codec import decode_block_reply
-
-
-@pytest.fixture
-async def mqtt_server(tmp_path: Path):  # type: ignore[no-untyped-def]
-    write_catalog(tmp_path, """
-    - {name: over-mqtt, package: fw-1.1.0, type: upgrade, protocol: mqtt, mode: dynamic, push: true}
-    """)
-    server = await OtaServer(tmp_path).start()
-    yield server
-    await server.stop()
 
 
 async def ask_block(device: Device, stream: int, offset: int, size: int, token: str | None = None,

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
-import raw_mqtt
-from conftest import UPGRADE_BATCH
-from harness import Device, OtaServer, device_secret, write_catalog
-from raw_mqtt import connack, device_connect, open_raw, reset
+from support import raw_mqtt
+from support.harness import UPGRADE_BATCH, Device, OtaServer, device_secret, write_catalog
+from support.harness import until as _until
+from support.raw_mqtt import connack, device_connect, open_raw, reset
 
-from broker_plugin import amqtt_private
+from broker_plugin import amqtt_patches
 from otacore.protocol.credentials import DeviceId
 
 UPGRADE = UPGRADE_BATCH
@@ -47,15 +47,6 @@ def _open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def _until(check, timeout: float = 5.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        if check():
-            return True
-        await asyncio.sleep(0.05)
-    return check()
-
-
 async def test_refused_connects_reset_by_the_client_give_their_slot_back(limited: OtaServer) -> None:
     # amqtt answered the protocol-5 CONNECT, the write hit the reset and raised past its
     # handler: the slot under max_connections (20 here) was never released.
@@ -64,8 +55,8 @@ async def test_refused_connects_reset_by_the_client_give_their_slot_back(limited
         writer.write(device_connect("dev-1", level=5))
         reset(writer)
     assert limited.broker is not None
-    assert await _until(lambda: amqtt_private.mqtt_connections(limited.broker) == 0), \
-        f"{amqtt_private.mqtt_connections(limited.broker)} slots still held"
+    assert await _until(lambda: amqtt_patches.mqtt_connections(limited.broker) == 0), \
+        f"{amqtt_patches.mqtt_connections(limited.broker)} slots still held"
     async with Device(limited, "dev-1") as device:
         await device.inform("1.0.0")
         assert (await device.next_push())["data"]["version"] == "1.1.0"
@@ -218,7 +209,7 @@ async def test_stored_sessions_are_capped_per_device_and_expire(tmp_path: Path) 
             await asyncio.wait_for(reader.readexactly(5), 5)
             reset(writer)
             await _until(lambda: sessions[f"a1Test/dev-9/dev-9|ts={i}|"][0].transitions.state == "disconnected")
-        assert len(sessions) <= amqtt_private.MAX_SESSIONS_PER_DEVICE
+        assert len(sessions) <= amqtt_patches.MAX_SESSIONS_PER_DEVICE
         # amqtt's monitor runs once a second; the expiry here is one second.
         assert await _until(lambda: not sessions, 5.0), list(sessions)
         assert not server.broker._subscriptions.held and not server.broker._subscriptions.per_device
@@ -247,13 +238,13 @@ async def test_block_requests_from_a_device_that_does_not_read_are_bounded(tmp_p
             for _ in range(200):  # 2,000 requests of 128 KiB, never reading a reply
                 writer.write(block * 10)
                 await writer.drain()
-                most = max(most, plugin._blocks_in_flight.get(DeviceId("a1Test", "dev-10"), 0))
+                most = max(most, plugin.runtime.messages._blocks_in_flight.get(DeviceId("a1Test", "dev-10"), 0))
                 await asyncio.sleep(0)
         except ConnectionError:
             pass
         assert most <= 4
         # It is disconnected once it leaves too much unread, and nothing stays in flight.
-        assert await _until(lambda: not plugin._blocks_in_flight)
+        assert await _until(lambda: not plugin.runtime.messages._blocks_in_flight)
         assert await _until(lambda: server.plugin.runtime.delivery.live_session(DeviceId("a1Test", "dev-10")) is None)
         writer.close()
     finally:
@@ -359,8 +350,8 @@ async def test_a_client_that_closes_right_after_its_connect_leaves_nothing_behin
         writer.write_eof()  # FIN before reading the CONNACK
         await writer.drain()
         writer.close()
-    assert await _until(lambda: amqtt_private.mqtt_connections(limited.broker) == 0), \
-        f"{amqtt_private.mqtt_connections(limited.broker)} connections still held"
+    assert await _until(lambda: amqtt_patches.mqtt_connections(limited.broker) == 0), \
+        f"{amqtt_patches.mqtt_connections(limited.broker)} connections still held"
     sessions = limited.broker._sessions
     assert await _until(lambda: not any(s.transitions.is_connected() for s, _ in sessions.values()))
 
@@ -440,7 +431,7 @@ async def test_connects_mqtt_3_1_1_refuses_are_answered_or_closed(
     assert await asyncio.wait_for(reader.read(), 5) == b"", name  # ...and closed
     writer.close()
     assert limited.broker is not None
-    assert await _until(lambda: amqtt_private.mqtt_connections(limited.broker) == 0)
+    assert await _until(lambda: amqtt_patches.mqtt_connections(limited.broker) == 0)
     assert not limited.broker._sessions, name  # refused before any session was made
     assert not [r for r in caplog.records if r.exc_info], name
     async with Device(limited, "dev-19") as device:  # the device itself, well-formed, gets in

@@ -18,16 +18,13 @@ import shutil
 import signal
 import struct
 import subprocess
-import tempfile
 import termios
 import textwrap
 import time
 from pathlib import Path
 
-import pytest
-from harness import BASE_CATALOG, Device, OtaServer, free_port, make_firmware, write_catalog
-from conftest import UPGRADE_BATCH
-from test_cli import BIN, broker_yaml, otactl, server_process
+from support.harness import BASE_CATALOG, UPGRADE_BATCH, Device, free_port, make_firmware, write_catalog
+from support.processes import BIN, LiveServer, ordinary_user, otactl, write_broker_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +33,7 @@ def demo_catalog(root: Path) -> Path:
     """The repository's demo catalog (comments, block style) and its images, and a broker.yaml."""
     shutil.copy(REPO / "config" / "ota.yaml", root / "ota.yaml")
     shutil.copytree(REPO / "config" / "packages", root / "packages")
-    return broker_yaml(root, free_port(), free_port())
+    return write_broker_yaml(root, free_port(), free_port())
 
 
 def changes(before: str, after: str) -> tuple[list[str], list[str]]:
@@ -84,7 +81,7 @@ def test_package_add_changes_the_commented_catalog_by_the_new_entry_only(tmp_pat
 
 def test_package_add_writes_a_flow_entry_into_a_flow_style_list(tmp_path: Path) -> None:
     write_catalog(tmp_path, UPGRADE_BATCH, base="# fleet catalog\n" + BASE_CATALOG)
-    config = broker_yaml(tmp_path, free_port(), free_port())
+    config = write_broker_yaml(tmp_path, free_port(), free_port())
     before = (tmp_path / "ota.yaml").read_text()
     make_firmware(tmp_path / "fw-on.bin", 1000, 9)
     result = otactl(config, "package", "add", str(tmp_path / "fw-on.bin"), "--product", "a1Test", "--version",
@@ -164,15 +161,7 @@ def test_package_add_permission_errors_are_one_line_and_change_nothing(tmp_path:
     """An unreadable image and a packages_dir the user may not write: as an ordinary user
     (root reads and writes anything: then otactl runs as `nobody` through setpriv, in a folder
     `nobody` can reach)."""
-    unprivileged: list[str] = []
-    root = tmp_path
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: cannot run otactl as an ordinary user")
-        unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        root = Path(tempfile.mkdtemp(prefix="otactl-perm-", dir="/tmp"))
-        root.chmod(0o755)
-    try:
+    with ordinary_user(tmp_path, "otactl-perm-") as (unprivileged, root):
         config = demo_catalog(root)
         make_firmware(root / "incoming" / "secret.bin", 5000, 5)
         make_firmware(root / "incoming" / "fw.bin", 5000, 6)
@@ -180,20 +169,18 @@ def test_package_add_permission_errors_are_one_line_and_change_nothing(tmp_path:
             path.chmod(0o666)
         (root / "incoming" / "secret.bin").chmod(0o000 if not unprivileged else 0o600)  # nobody cannot read it
         (root / "packages").chmod(0o555)  # nobody may write here
-        untouched = snapshot(root)
-        for source, reason in ((root / "incoming" / "secret.bin", "cannot read"),
-                               (root / "incoming" / "fw.bin", "cannot copy")):
-            result = subprocess.run([*unprivileged, str(BIN / "otactl"), "--config", str(config), "package", "add",
-                                     str(source), "--product", "a1DemoCam", "--version", "1.2.0"],
-                                    capture_output=True, text=True, timeout=60)
-            assert result.returncode == 1, (source, result.stdout, result.stderr)
-            assert f"{reason} {source}" in result.stderr and "(Permission denied)" in result.stderr, result.stderr
-            assert "nothing was changed" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-            assert snapshot(root) == untouched
-    finally:
-        (root / "packages").chmod(0o755)
-        if root != tmp_path:
-            shutil.rmtree(root)
+        try:
+            untouched = snapshot(root)
+            for source, reason in ((root / "incoming" / "secret.bin", "cannot read"),
+                                   (root / "incoming" / "fw.bin", "cannot copy")):
+                result = otactl(config, "package", "add", str(source), "--product", "a1DemoCam", "--version", "1.2.0",
+                                prefix=unprivileged)
+                assert result.returncode == 1, (source, result.stdout, result.stderr)
+                assert f"{reason} {source}" in result.stderr and "(Permission denied)" in result.stderr, result.stderr
+                assert "nothing was changed" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+                assert snapshot(root) == untouched
+        finally:
+            (root / "packages").chmod(0o755)
 
 
 def test_package_add_takes_a_255_byte_file_name(tmp_path: Path) -> None:
@@ -248,13 +235,11 @@ FLEET_CATALOG = BASE_CATALOG.replace("      - name: MCU\n", "      - name: MCU\n
 async def test_devices_status_plan_validate_against_a_running_server(tmp_path: Path) -> None:
     # The catalog lists 510 devices (known even before they report): `devices` pages twice.
     write_catalog(tmp_path, UPGRADE_BATCH, base=FLEET_CATALOG)
-    mqtt_port, http_port = free_port(), free_port()
-    config = broker_yaml(tmp_path, mqtt_port, http_port)
+    server = LiveServer(tmp_path)
+    config, view = server.config, server.view
     stopped = await asyncio.to_thread(otactl, config, "devices")
     assert stopped.returncode == 1 and "no running server" in stopped.stderr
-    process = server_process(config)
-    await asyncio.to_thread(process.start)
-    view = OtaServer(tmp_path, mqtt_port=mqtt_port, http_port=http_port)
+    await server.start()
     try:
         async with Device(view, "d-1") as d1:
             await d1.inform("1.0.0")
@@ -313,7 +298,7 @@ async def test_devices_status_plan_validate_against_a_running_server(tmp_path: P
             errors = json.loads(broken.stdout)["errors"]
             assert errors[0]["key"] == "batches[0].mode" and errors[0]["line"] > 0
     finally:
-        output = await asyncio.to_thread(process.stop)
+        output = await server.stop()
     assert "Traceback" not in output
 
 
@@ -349,11 +334,8 @@ def _watch(config: Path, *, terminal: bool, seconds: float = 1.5) -> tuple[int, 
 
 async def test_status_watch_on_a_pipe_and_on_a_terminal(tmp_path: Path) -> None:
     write_catalog(tmp_path, UPGRADE_BATCH)
-    mqtt_port, http_port = free_port(), free_port()
-    config = broker_yaml(tmp_path, mqtt_port, http_port)
-    process = server_process(config)
-    await asyncio.to_thread(process.start)
-    view = OtaServer(tmp_path, mqtt_port=mqtt_port, http_port=http_port)
+    server = await LiveServer(tmp_path).start()
+    config, view = server.config, server.view
     try:
         async with Device(view, "w-1") as device:
             await device.inform("1.0.0")
@@ -369,7 +351,7 @@ async def test_status_watch_on_a_pipe_and_on_a_terminal(tmp_path: Path) -> None:
         assert "up-1.1.0" in output and "█" in output and "in_progress 1" in output  # a bar per batch
         assert "Traceback" not in output
     finally:
-        await asyncio.to_thread(process.stop)
+        await server.stop()
 
 
 def test_usage_errors_exit_1_not_2(tmp_path: Path) -> None:

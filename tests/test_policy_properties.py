@@ -6,7 +6,7 @@ refuses the catalog with one-line file:line errors, or the server runs it: the r
 times around its start and end, a device's version report, the status the console and
 `otactl status` read, `otactl plan` and the metrics text all answer, fast.
 
-The core is driven as tests/test_rollout.py drives it (test_decisions.World, a fake clock);
+The core is driven as tests/test_rollout.py drives it (support.world.World, a fake clock);
 status reads the World's memory through a stand-in for the database's reads.
 """
 from __future__ import annotations
@@ -24,14 +24,16 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 from fileserver.metrics import BrokerFigures, OtaCollector
-from harness import write_catalog
+from support.harness import write_catalog
 from otacore.catalog.loading import prepare_catalog
+from otacore.decisions import admin, ticks
 from otacore.errors import ConfigError
 from otacore.cli.plan import plan_reload
 from otacore.catalog.rollout_policy import EARLIEST, LATEST
 from otacore.config.settings import settings_from_mapping
+from otacore.views.fleet_figures import fleet_figures
 from otacore.views.status import FleetView, batch_report, batch_summaries
-from test_decisions import BASE, T0, World
+from support.world import BASE, T0, World
 
 DEVICES = [f"d{i}" for i in range(4)]
 UTC = dt.timezone.utc
@@ -190,8 +192,7 @@ policies = st.one_of(hostile_policies, sane, st.tuples(sane, one_hostile_key).ma
 # -- the server's readers, outside a server ----------------------------------------------------
 
 def metrics_text(w: World) -> str:
-    engine = SimpleNamespace(pushes_sent=0, downloads=w.downloads, reloads={}, state=w.state,
-                             running=w.core.running, core=w.core, catalog=w.core.catalog)
+    engine = SimpleNamespace(figures=lambda: fleet_figures(w.live, 0, {}))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(OtaCollector(engine, BrokerFigures(), {}))  # type: ignore[arg-type]
     return generate_latest(registry).decode()
@@ -200,9 +201,9 @@ def metrics_text(w: World) -> str:
 async def console_json(w: World, now: float) -> str:
     """What /admin/api/status and /admin/api/batches/up answer, as strict JSON."""
     store = FleetView(w.state)  # what the server's admin API reads
-    summaries = await batch_summaries(store, w.core.catalog, now=now)  # type: ignore[arg-type]
-    report = await batch_report(store, w.core.catalog, "up")  # type: ignore[arg-type]
-    return json.dumps({"batches": summaries, "report": report, "rollout": w.core.rollout_view("up")},
+    summaries = await batch_summaries(store, w.live.catalog, now=now)  # type: ignore[arg-type]
+    report = await batch_report(store, w.live.catalog, "up")  # type: ignore[arg-type]
+    return json.dumps({"batches": summaries, "report": report, "rollout": admin.rollout_view(w.live, "up")},
                       allow_nan=False)
 
 
@@ -254,15 +255,15 @@ def test_what_validate_accepts_the_server_runs(root: Path, policy: dict[str, Any
     w.report(DEVICES[0], "1.0.0")
     for index, now in enumerate(moments(policy, catalog_policy)):
         w.now = now
-        w.step(w.core.rollout_tick)
+        w.step(ticks.rollout_tick, w.live)
         w.report(DEVICES[(index + 1) % len(DEVICES)], "1.0.0")
         if w.job(DEVICES[0]) is not None and w.job(DEVICES[0]).is_open:
             w.progress(DEVICES[0], -2, "download failed")  # a failure for retry and abort to see
-        view = w.core.rollout_view("up")
+        view = admin.rollout_view(w.live, "up")
         assert view is not None and view["state"] in ("active", "paused", "halted", "scheduled", "ended",
                                                       "outside_window", "rate_limited"), view
         json.dumps(view, allow_nan=False)
         asyncio.run(console_json(w, now))
         assert "ota_batch_rollout_state" in metrics_text(w)
-        lines = plan_reload(w.core.catalog, w.state, {})
+        lines = plan_reload(w.live.catalog, w.state, {})
         assert [line.batch for line in lines] == ["up"] and all(str(line) for line in lines)

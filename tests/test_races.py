@@ -7,8 +7,7 @@ import hashlib
 import itertools
 from pathlib import Path
 
-from harness import BASE_CATALOG, Device, OtaServer, write_catalog
-from conftest import UPGRADE_BATCH
+from support.harness import BASE_CATALOG, UPGRADE_BATCH, Device, OtaServer, write_catalog
 from otacore.protocol.codec import decode_block_reply
 from otacore.protocol.credentials import DeviceId
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Device, OtaServer, make_firmware, write_catalog
+from support.harness import Device, OtaServer, make_firmware, write_catalog
 from otacore.protocol.credentials import DeviceId
 from otacore.errors import ConfigError
 

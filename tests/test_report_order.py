@@ -1,7 +1,7 @@
 """A report acknowledged is a report counted, and one device's reports count in the order sent.
 
 The OTA plugin decides device reports in the broker's packet path, before the PUBACK
-(broker_plugin/amqtt_private.py `set_upstream_consumer`): so a batch started right after the
+(broker_plugin/amqtt_patches/upstream.py `set_upstream_consumer`): so a batch started right after the
 last PUBACK of a burst must take every device of it, and reports a device sends back to back
 (QoS 0 or 1, without waiting) must end as they would one by one.
 """
@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from harness import PK, Device, OtaServer, write_catalog
+from support.harness import PK, Device, OtaServer, job_of, write_catalog
+from support.link import Link
 from otacore.protocol.credentials import DeviceId
-from test_crash import Link, job_of
 
 STATIC_BATCH = """
 - {name: static-up, package: fw-1.1.0, type: upgrade, protocol: http, mode: static, push: true}

@@ -3,19 +3,19 @@
 nothing of a batch still in the catalog is touched."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
-import subprocess
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from harness import Device, OtaServer, write_catalog
+from support.faults import idle, refuse_writes
+from support.harness import Device, OtaServer, write_catalog
+from support.processes import LiveServer, otactl
 from otacore.errors import ConfigError
 from otacore.config.settings import settings_from_mapping
-from test_cli import BIN, broker_yaml, server_process
-from harness import free_port
 
 
 def rows(db: Path, sql: str) -> list[tuple]:
@@ -95,12 +95,8 @@ async def test_otactl_prune_asks_the_running_server(tmp_path: Path) -> None:
     write_catalog(tmp_path, """
     - {name: old, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic, push: true}
     """)
-    mqtt_port, http_port = free_port(), free_port()
-    config = broker_yaml(tmp_path, mqtt_port, http_port)
-    process = server_process(config)
-    import asyncio
-    await asyncio.to_thread(process.start)
-    view = OtaServer(tmp_path, mqtt_port=mqtt_port, http_port=http_port)
+    server = await LiveServer(tmp_path).start()
+    config, view = server.config, server.view
     try:
         async with Device(view, "p-1") as device:
             await device.inform("1.0.0")
@@ -108,18 +104,15 @@ async def test_otactl_prune_asks_the_running_server(tmp_path: Path) -> None:
             await device.progress(-2)
         await asyncio.sleep(0.3)
         write_catalog(tmp_path, "")
-        assert subprocess.run([str(BIN / "otactl"), "--config", str(config), "reload"], capture_output=True,
-                              timeout=30).returncode == 0
-        dry = subprocess.run([str(BIN / "otactl"), "--config", str(config), "prune", "--days", "0", "--dry-run"],
-                             capture_output=True, text=True, timeout=30)
+        assert otactl(config, "reload").returncode == 0
+        dry = otactl(config, "prune", "--days", "0", "--dry-run")
         assert dry.returncode == 0, dry.stderr
         # p-1's only job is its latest one: it stays; nothing to remove.
         assert "would remove 0 job(s)" in dry.stdout
-        none = subprocess.run([str(BIN / "otactl"), "--config", str(config), "prune"], capture_output=True,
-                              text=True, timeout=30)
+        none = otactl(config, "prune")
         assert none.returncode == 1 and "the server has no retention_days" in none.stderr
     finally:
-        await asyncio.to_thread(process.stop)
+        await server.stop()
 
 
 async def test_a_restart_on_a_large_history_serves_the_same_answers_and_keeps_only_live_jobs(tmp_path: Path) -> None:
@@ -162,7 +155,6 @@ async def test_a_restart_on_a_large_history_serves_the_same_answers_and_keeps_on
 
 
 async def test_prune_on_a_disk_that_refuses_writes_is_a_503_with_the_reason(tmp_path: Path) -> None:
-    from test_data_dir_faults import idle, refuse_writes
     write_catalog(tmp_path, """
     - {name: old, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic, push: true}
     """)

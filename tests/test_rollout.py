@@ -1,20 +1,21 @@
-"""Rollout policies on the core (OtaCore + Rollout) with a fake clock: pause and resume, the
+"""Rollout policies on the decisions (LiveFleet + Rollout) with a fake clock: pause and resume, the
 catalog's `state:`, tags, percent, waves, rate, retry, abort, schedule, windows, the view, and
-the catalog's errors for each key. Every step is checked by test_decisions.World's invariants."""
+the catalog's errors for each key. Every step is checked by support.world.World's invariants."""
 from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
 
 import pytest
-from test_decisions import BASE, C, F, N, Q, S, T0, World, dev
+from support.world import BASE, C, F, N, Q, S, T0, World, dev
 
 from otacore.catalog.model import load_catalog
+from otacore.decisions import admin, ticks
 from otacore.errors import ConfigError, Refused
 from otacore.catalog import rollout_policy
 from otacore.catalog.rollout_policy import Cron, RolloutPolicy, device_share, parse_cron, parse_offset, schedule_block, Window
 from otacore.config.settings import settings_from_mapping
-from harness import write_catalog
+from support.harness import write_catalog
 
 
 def batch(**keys: str) -> str:
@@ -25,7 +26,7 @@ def batch(**keys: str) -> str:
 
 def tick(w: World, seconds: float = 0) -> list:
     w.now += seconds
-    return w.step(w.core.rollout_tick).sends
+    return w.step(ticks.rollout_tick, w.live).sends
 
 
 def pushed(sends: list) -> set[str]:
@@ -42,16 +43,16 @@ def test_a_paused_batch_starts_nothing_and_resumes_where_it_was(tmp_path: Path) 
     w = World(tmp_path, batch())
     w.online |= {"d1", "d2", "d3"}
     assert pushed(w.report("d1", "1.0.0").sends) == {"d1"}
-    w.step(w.core.pause, "up")
+    w.step(admin.pause, w.live, "up")
     assert w.report("d2", "1.0.0").sends == [] and w.job("d2") is None  # no new job
     assert w.offer("d3").result == {}  # asking: "no upgrade"
     assert w.offer("d1").result["version"] == "1.1.0"  # a notified job goes on
     w.progress("d1", 50)
     assert w.job("d1").state.value == "in_progress"
     assert tick(w, 5) == []
-    view = w.core.rollout_view("up")
+    view = admin.rollout_view(w.live, "up")
     assert view["state"] == "paused" and view["paused_by"] == "admin"
-    sends = w.step(w.core.resume, "up").sends  # d2 and d3 reported while paused: their jobs now
+    sends = w.step(admin.resume, w.live, "up").sends  # d2 and d3 reported while paused: their jobs now
     assert pushed(sends) == {"d2"}  # d3 never reported a version (it only asked)
     assert w.job("d2").state == N
 
@@ -59,7 +60,7 @@ def test_a_paused_batch_starts_nothing_and_resumes_where_it_was(tmp_path: Path) 
 def test_pause_and_resume_refuse_unknown_or_finished_batches(tmp_path: Path) -> None:
     w = World(tmp_path, batch())
     with pytest.raises(Refused) as refused:
-        w.core.pause("nope")
+        admin.pause(w.live, "nope")
     assert refused.value.status == 404
 
 
@@ -67,14 +68,14 @@ def test_the_catalogs_state_and_a_pause_by_hand_the_latest_wins(tmp_path: Path) 
     w = World(tmp_path, batch(state="paused"))
     w.online.add("d1")
     assert w.report("d1", "1.0.0").sends == []
-    assert w.core.rollout_view("up")["paused_by"] == "catalog"
-    w.step(w.core.resume, "up")  # by hand
+    assert admin.rollout_view(w.live, "up")["paused_by"] == "catalog"
+    w.step(admin.resume, w.live, "up")  # by hand
     assert w.job("d1").state == N
     w.reload(batch(state="paused"))  # the file's state did not change: the resume by hand stands
-    assert w.core.rollout_view("up")["state"] == "active"
+    assert admin.rollout_view(w.live, "up")["state"] == "active"
     w.reload(batch(state="active"))
     w.reload(batch(state="paused"))  # changed in the file: it wins
-    assert w.core.rollout_view("up")["state"] == "paused"
+    assert admin.rollout_view(w.live, "up")["state"] == "paused"
 
 
 # -- who is in -----------------------------------------------------------------------------------
@@ -131,16 +132,16 @@ def test_waves_open_one_after_another_on_success_and_soak(tmp_path: Path) -> Non
         w.report(name, "1.0.0")
     wave1 = {n for n in fleet if w.job(n) is not None}
     assert wave1 == {n for n in fleet if device_share("up", n) < 10} and wave1
-    assert "waiting for 90% succeeded to open wave 2" in w.core.rollout_view("up")["reason"]
+    assert "waiting for 90% succeeded to open wave 2" in admin.rollout_view(w.live, "up")["reason"]
     for name in wave1:
         w.report(name, "1.1.0")  # all upgraded
     assert tick(w, 1) == []  # condition met now; soaking for 2 minutes
-    assert "soaking" in w.core.rollout_view("up")["reason"]
+    assert "soaking" in admin.rollout_view(w.live, "up")["reason"]
     assert tick(w, 60) == []
     sends = tick(w, 61)
     wave2 = {n for n in fleet if device_share("up", n) < 40} - wave1
     assert pushed(sends) == wave2
-    view = w.core.rollout_view("up")
+    view = admin.rollout_view(w.live, "up")
     assert view["wave"] == 2 and [x["open"] for x in view["waves"]] == [True, True, False]
     # Wave 2: one failure in 31+ jobs is under 10%: wave 3 opens without soak.
     for i, name in enumerate(sorted(wave2)):
@@ -163,7 +164,7 @@ def test_rate_per_minute_starts_at_most_that_many_and_queues_the_rest(tmp_path: 
         sent |= pushed(w.report(name, "1.0.0").sends)
     assert len(sent) == 5 and sum(w.job(n).state == Q for n in fleet) == 7
     assert w.offer(sorted(set(fleet) - sent)[0]).result == {}  # asking does not jump the queue
-    assert w.core.rollout_view("up")["state"] == "rate_limited"
+    assert admin.rollout_view(w.live, "up")["state"] == "rate_limited"
     assert tick(w, 30) == []
     sent2 = pushed(tick(w, 31))
     assert len(sent2) == 5 and not sent2 & sent
@@ -195,19 +196,19 @@ def test_abort_halts_at_the_failure_share_and_resume_goes_on(tmp_path: Path) -> 
     for name in fleet[:3]:
         w.report(name, "1.0.0")
     w.progress(fleet[0], -1, "bad")
-    assert w.core.rollout_view("up")["state"] == "active"  # 1 finished < min_finished
+    assert admin.rollout_view(w.live, "up")["state"] == "active"  # 1 finished < min_finished
     w.progress(fleet[1], -3, "bad")
-    view = w.core.rollout_view("up")
+    view = admin.rollout_view(w.live, "up")
     assert view["state"] == "halted" and "2 of 2 finished jobs failed" in view["reason"]
     assert view["figures"] == {"failed": 2, "finished": 2, "failure_percent": 100.0}
     assert w.report(fleet[3], "1.0.0").sends == []  # no new jobs while halted
     w.reload(batch(abort="{failure_percent: 50, min_finished: 2}"))  # a reload does not undo a halt
-    assert w.core.rollout_view("up")["state"] == "halted"
-    sends = w.step(w.core.resume, "up").sends
+    assert admin.rollout_view(w.live, "up")["state"] == "halted"
+    sends = w.step(admin.resume, w.live, "up").sends
     assert pushed(sends) == {fleet[3]}
-    assert w.core.rollout_view("up")["state"] == "active"  # the failures it was halted for do not halt it again
+    assert admin.rollout_view(w.live, "up")["state"] == "active"  # the failures it was halted for do not halt it again
     w.progress(fleet[2], -1, "bad")  # a new failure over the threshold: halted again
-    assert w.core.rollout_view("up")["state"] == "halted"
+    assert admin.rollout_view(w.live, "up")["state"] == "halted"
 
 
 # -- time: schedule and windows ---------------------------------------------------------------
@@ -220,7 +221,7 @@ def test_start_at_and_end_at(tmp_path: Path) -> None:
     w = World(tmp_path, batch(start_at=f'"{iso(T0 + 120)}"', end_at=f'"{iso(T0 + 600)}"', rate_per_minute="1"))
     w.online |= {"d1", "d2", "d3"}
     assert w.report("d1", "1.0.0").sends == [] and w.job("d1") is None
-    assert w.core.rollout_view("up")["state"] == "scheduled"
+    assert admin.rollout_view(w.live, "up")["state"] == "scheduled"
     assert pushed(tick(w, 121)) == {"d1"}  # its turn came: pushed, as it is online
     w.report("d2", "1.0.0")
     w.report("d3", "1.0.0")
@@ -228,7 +229,7 @@ def test_start_at_and_end_at(tmp_path: Path) -> None:
     w.now = T0 + 601
     assert tick(w) == []
     assert w.job("d2").state == C and w.job("d3").state == C  # never started: canceled at end_at
-    assert w.core.rollout_view("up")["state"] == "ended"
+    assert admin.rollout_view(w.live, "up")["state"] == "ended"
     assert w.report("d4", "1.0.0").sends == [] and w.job("d4") is None
 
 
@@ -238,7 +239,7 @@ def test_windows_allow_new_jobs_only_inside(tmp_path: Path) -> None:
     w = World(tmp_path, batch(windows=f'[{{cron: "{cron}", minutes: 5, timezone: "+00:00"}}]'))
     w.online.add("d1")
     assert w.report("d1", "1.0.0").sends == []
-    view = w.core.rollout_view("up")
+    view = admin.rollout_view(w.live, "up")
     assert view["state"] == "outside_window" and view["until"] is not None
     w.now = T0 + 10 * 60 - start.second + 1
     assert pushed(tick(w)) == {"d1"}
@@ -392,12 +393,12 @@ def test_values_at_the_ends_of_the_ranges_load_and_run(tmp_path: Path) -> None:
                                       + "]"))
     w.online.add("d1")
     w.report("d1", "1.0.0")
-    assert w.core.rollout_view("up")["state"] == "outside_window"
+    assert admin.rollout_view(w.live, "up")["state"] == "outside_window"
     w.now = dt.datetime(8999, 1, 1, 15, tzinfo=dt.timezone.utc).timestamp()  # 01:00 on Jan 1st at -14:00
     assert pushed(tick(w)) == {"d1"}
     w.now = dt.datetime(9000, 1, 1, tzinfo=dt.timezone.utc).timestamp()
     tick(w)
-    assert w.core.rollout_view("up")["state"] == "ended"
+    assert admin.rollout_view(w.live, "up")["state"] == "ended"
 
 
 def test_retry_on_is_read_although_yaml_calls_it_true(tmp_path: Path) -> None:
@@ -412,5 +413,5 @@ def test_no_policy_means_no_change_and_no_tick_work(tmp_path: Path) -> None:
     w.online.add("d1")
     assert pushed(w.report("d1", "1.0.0").sends) == {"d1"}
     assert w.state.batches["up"].control == {}
-    assert tick(w, 1) == [] and w.core.rollout_view("up")["state"] == "active"
+    assert tick(w, 1) == [] and admin.rollout_view(w.live, "up")["state"] == "active"
     assert S  # (states imported for the tests above)

@@ -11,8 +11,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from harness import Device, OtaServer, free_port, write_catalog
-from test_cli import broker_yaml, otactl, server_process
+from support.harness import Device, OtaServer, write_catalog
+from support.processes import LiveServer, otactl
 
 from otacore.catalog.rollout_policy import device_share
 
@@ -212,11 +212,8 @@ async def test_outside_its_window_a_batch_says_until_when(tmp_path: Path) -> Non
 
 async def test_otactl_pause_resume_status_and_plan(tmp_path: Path) -> None:
     write_catalog(tmp_path, batch())
-    mqtt_port, http_port = free_port(), free_port()
-    config = broker_yaml(tmp_path, mqtt_port, http_port)
-    process = server_process(config)
-    await asyncio.to_thread(process.start)
-    view = OtaServer(tmp_path, mqtt_port=mqtt_port, http_port=http_port)
+    server = await LiveServer(tmp_path).start()
+    config, view = server.config, server.view
     try:
         async with Device(view, "c-1") as device:
             await device.inform("1.0.0")
@@ -251,5 +248,5 @@ async def test_otactl_pause_resume_status_and_plan(tmp_path: Path) -> None:
         status = await asyncio.to_thread(otactl, config, "status", BATCH)
         assert "state running" in status.stdout
     finally:
-        output = await asyncio.to_thread(process.stop)
+        output = await server.stop()
     assert "Traceback" not in output

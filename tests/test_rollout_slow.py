@@ -4,17 +4,14 @@ threshold, is resumed, and the database ends as every device saw it."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from harness import PK, PRODUCT_SECRET, OtaServer, write_catalog
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import device_sim  # noqa: E402
+from devicekit import simulator
+from support.harness import PK, PRODUCT_SECRET, OtaServer, write_catalog
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +33,7 @@ async def test_three_waves_with_a_rate_halt_at_the_threshold_and_resume(tmp_path
       abort: {{failure_percent: 4, min_finished: 20}}
     """)
     server = await OtaServer(tmp_path).start()
-    configs = [device_sim.DeviceConfig(
+    configs = [simulator.DeviceConfig(
         device_name=f"wv-{i:04d}", product_key=PK, product_secret=PRODUCT_SECRET, mqtt_port=server.mqtt_port,
         chunk=65536, timeout=170, fail_step=-2 if i % 20 == 0 else None) for i in range(DEVICES)]
     halts: list[dict] = []
@@ -61,7 +58,7 @@ async def test_three_waves_with_a_rate_halt_at_the_threshold_and_resume(tmp_path
 
     watcher = asyncio.ensure_future(operator())
     try:
-        results = await device_sim.run_fleet(configs, concurrency=100)
+        results = await simulator.run_fleet(configs, concurrency=100)
         done.set()
         await watcher
         unexpected = [r.summary() for r in results if not r.expected]

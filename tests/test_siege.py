@@ -39,8 +39,7 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from loopback_server import ServerProcess, free_port, write_broker_yaml  # noqa: E402
+from devicekit.loopback import ServerProcess, free_port, write_broker_yaml
 
 pytestmark = pytest.mark.slow
 

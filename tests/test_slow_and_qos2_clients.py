@@ -7,8 +7,8 @@ import json
 import socket
 import struct
 
-from harness import Device, OtaServer, device_secret
-from raw_mqtt import packet, string
+from support.harness import Device, OtaServer, device_secret
+from support.raw_mqtt import packet, string
 from otacore.protocol.credentials import DeviceId
 
 
@@ -56,10 +56,10 @@ async def test_a_device_that_stops_reading_is_disconnected_not_buffered_for(serv
 async def test_a_socket_that_never_sends_connect_is_closed(server: OtaServer) -> None:
     import dataclasses
 
-    from broker_plugin import amqtt_private
+    from broker_plugin import amqtt_patches
     assert server.broker is not None
-    limits = amqtt_private.limits_of(server.broker)
-    amqtt_private.set_limits(server.broker, dataclasses.replace(limits, connect_timeout=0.5))
+    limits = amqtt_patches.limits_of(server.broker)
+    amqtt_patches.set_limits(server.broker, dataclasses.replace(limits, connect_timeout=0.5))
     reader, writer = await asyncio.open_connection("127.0.0.1", server.mqtt_port)
     writer.write(b"\x10")  # half a CONNECT, then silence
     assert await asyncio.wait_for(reader.read(), 5) == b""

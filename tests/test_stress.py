@@ -3,25 +3,22 @@ database agreeing with what every device saw."""
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from harness import OtaServer, PK, PRODUCT_SECRET, write_catalog
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import device_sim  # noqa: E402
+from devicekit import simulator
+from support.harness import PK, PRODUCT_SECRET, OtaServer, write_catalog
 
 pytestmark = pytest.mark.slow
 
 
-def fleet(port: int, count: int) -> list[device_sim.DeviceConfig]:
+def fleet(port: int, count: int) -> list[simulator.DeviceConfig]:
     configs = []
     for i in range(count):
         kind = i % 6
-        configs.append(device_sim.DeviceConfig(
+        configs.append(simulator.DeviceConfig(
             device_name=f"st-{i:04d}", product_key=PK, product_secret=PRODUCT_SECRET, mqtt_port=port,
             chunk=16384, timeout=120,
             drop_at=40 if kind == 1 else None, ask=kind == 2, fail_step=-2 if kind == 3 else None,
@@ -37,7 +34,7 @@ async def test_mixed_fleet_ends_as_each_device_saw_it(tmp_path: Path, protocol: 
     """)
     server = await OtaServer(tmp_path).start()
     try:
-        results = await device_sim.run_fleet(fleet(server.mqtt_port, 300), concurrency=100)
+        results = await simulator.run_fleet(fleet(server.mqtt_port, 300), concurrency=100)
         unexpected = [r.summary() for r in results if not r.expected]
         assert not unexpected, unexpected[:5]
         # A device is done when its last report is acknowledged; the server may still be on it.

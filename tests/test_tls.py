@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import raw_mqtt
-from harness import Device, OtaServer, free_port, write_catalog
+from support import raw_mqtt
+from support.harness import Device, OtaServer, free_port, write_catalog
 from otacore.errors import ConfigError
 from otacore.config.settings import settings_from_mapping
 

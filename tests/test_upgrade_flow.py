@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
-from harness import Device, OtaServer, write_catalog
+from support.harness import Device, OtaServer, write_catalog
 
 
 async def download(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from otacore.catalog.model import Batch, Catalog
-from otacore.protocol.credentials import DeviceId
-from otacore.fleet.eligibility import wants
-from otacore.fleet.state import FleetState
+from otacore.decisions.assignment import chooses
+from otacore.decisions.batches import leaving, reload_action
+from otacore.fleet.batches import ENDED_STATES, BatchState
 from otacore.fleet.jobs import JobState
 from otacore.fleet.rollout import Rollout
+from otacore.fleet.state import FleetState
+from otacore.protocol.credentials import DeviceId
 
 
 @dataclass(frozen=True)
@@ -37,21 +39,23 @@ def plan_reload(catalog: Catalog, state: FleetState, verified: dict[str, str]) -
         row = state.batches.get(batch.name)
         package = catalog.packages[batch.package]
         if row is None:
-            if batch.type == "upgrade" and package.verify and verified.get(package.id) != "verified":
+            action = reload_action(batch, package, row, verified.get(package.id, "unverified"))
+            if action == BatchState.WAITING_VERIFICATION:
                 lines.append(PlanLine(batch.name, "wait", f"new; waits until package {package.id} is verified"))
                 continue
             paused = " (paused: state: paused)" if batch.policy.state == "paused" else ""
             lines.append(PlanLine(batch.name, "start", f"new {batch.type} batch of {package.id}{paused}",
                                   _targets(catalog, state, rollout, batch)))
             continue
-        if row.state in ("completed", "canceled"):
+        if row.state in ENDED_STATES:
             lines.append(PlanLine(batch.name, "none", f"{row.state} ({row.reason})"))
             continue
         lines.append(_running_line(catalog, state, rollout, batch, row.control))
-    for name, row in state.batches.items():
-        if name not in catalog.batches and row.state not in ("canceled", "completed"):
-            open_jobs = len(state.open_in_batch.get(name, {}))
-            lines.append(PlanLine(name, "stop", f"removed from the catalog: canceled, {open_jobs} open job(s) canceled"))
+    for row in leaving(catalog, state.batches):
+        if row.state != BatchState.COMPLETED:  # a completed one only has its name spent: nothing to see
+            open_jobs = len(state.open_in_batch.get(row.name, {}))
+            lines.append(PlanLine(row.name, "stop",
+                                  f"removed from the catalog: canceled, {open_jobs} open job(s) canceled"))
     return lines
 
 
@@ -93,6 +97,6 @@ def _targets(catalog: Catalog, state: FleetState, rollout: Rollout, batch: Batch
         job = state.current_job(batch.name, device)
         if job is not None and job.state != JobState.CANCELED:
             count += rollout.member(catalog, batch, device)
-        elif wants(batch, package, device, package.module, version) and rollout.member(catalog, batch, device):
+        elif chooses(catalog, rollout, batch, package, device, package.module, version):
             count += 1
     return count

@@ -18,26 +18,28 @@ from otacore.protocol.credentials import DeviceId
 from otacore.errors import Refused
 from otacore.fleet.state import FleetState
 from otacore.fleet.jobs import Job
-from otacore.downloads.package_files import DownloadFile, log_unreadable
+from otacore.downloads.package_files import DownloadFile, PackageFiles, log_unreadable
 from otacore.downloads.signed_urls import sign_url, verify_url
 
 log = logging.getLogger("ota.downloads")
 
 
 class Downloads:
-    def __init__(self, state: FleetState, url_key: bytes, file_of: Callable[[Job], DownloadFile | None],
-                 clock: Callable[[], float]) -> None:
-        """`file_of(job)`: the file a job's device downloads, per the live catalog."""
+    def __init__(self, state: FleetState, url_key: bytes, clock: Callable[[], float]) -> None:
         self.state = state
         self._url_key = url_key
-        self._file_of = file_of
         self._clock = clock
+        self.files: PackageFiles | None = None  # the live catalog's files (applying a catalog sets them)
         self._blocks = BlockCache()
         self._in_flight: Counter[int] = Counter()  # job id -> HTTP transfers under way
         # Package bytes sent to devices, for GET /metrics: completed HTTP transfers (a
         # broken one counts 0, as in `finished`) and MQTT blocks.
         self.bytes_http = 0
         self.bytes_mqtt = 0
+
+    def file_of(self, job: Job) -> DownloadFile | None:
+        """The file this job was given (None once a reload removed it)."""
+        return self.files.by_key(job.file_key) if self.files is not None else None
 
     def url(self, base_url: str, download: DownloadFile, job: Job, ttl_seconds: int) -> str:
         return sign_url(self._url_key, base_url, download.key, download.name, job.device, job.id, ttl_seconds)
@@ -52,7 +54,7 @@ class Downloads:
     def authorize(self, device: DeviceId, job_id: int, file_key: str) -> DownloadFile:
         """The file a signed URL may fetch: the job must be this device's, open, and for this file."""
         job = self.state.jobs.get(job_id)
-        download = self._file_of(job) if job is not None else None
+        download = self.file_of(job) if job is not None else None
         if job is None or job.device != device or download is None or download.key != file_key:
             raise Refused(403, "this URL is not valid for that device and file")
         if not job.is_open:
@@ -91,7 +93,7 @@ class Downloads:
             return encode_block_reply({"id": request.id, "code": code, "msg": message}, None)
 
         job = self.state.jobs.get(request.stream_id)
-        download = self._file_of(job) if job is not None else None
+        download = self.file_of(job) if job is not None else None
         if job is None or download is None or request.file_id != 1:
             return error(404, f"unknown stream {request.stream_id}/{request.file_id}")
         if job.device != device:

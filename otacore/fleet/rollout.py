@@ -173,17 +173,14 @@ class Rollout:
             starts.popleft()
         return max(0, rate - len(starts))
 
-    def take_start(self, batch: Batch, now: float) -> bool:
-        """May one more job of the batch start now? Counts it against the rate if so."""
-        if self.blocked(batch, now) is not None:
-            return False
-        left = self.rate_left(batch, now)
-        if left is None:
-            return True
-        if left == 0:
-            return False
-        self._starts[batch.name].append(now)
-        return True
+    def may_start(self, batch: Batch, now: float) -> bool:
+        """May one more job of the batch start now (not blocked, within the rate)? Only asks."""
+        return self.blocked(batch, now) is None and self.rate_left(batch, now) != 0
+
+    def note_start(self, batch: Batch, now: float) -> None:
+        """A job of the batch started now: it counts against the rate."""
+        if batch.policy.rate_per_minute is not None:
+            self._starts.setdefault(batch.name, deque()).append(now)
 
     # -- what the tick finds due -----------------------------------------------------
     def advance_waves(self, batch: Batch, now: float) -> bool:

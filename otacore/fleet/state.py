@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from otacore.protocol.credentials import DeviceId
+from otacore.fleet.batches import BatchState, check_batch_move
 from otacore.fleet.jobs import FINAL_STATES, OPEN_STATES, Job, JobState, NewJob, check_move
 
 # Job states that are promises: the device was told (notified), or told us something it
@@ -25,7 +26,7 @@ class BatchRow:
     name: str
     package_id: str
     fingerprint: dict[str, str]
-    state: str  # waiting_verification | running | completed | canceled
+    state: BatchState
     created_at: float
     started_at: float | None
     ended_at: float | None
@@ -74,6 +75,7 @@ class FleetState:
         self.open_in_batch: dict[str, dict[int, Job]] = {}
         self.counts: dict[str, Counter[str]] = {}  # batch -> state -> devices (latest job each)
         self.batches: dict[str, BatchRow] = {}
+        self.running: set[str] = set()  # batches in state running: an index of `batches`
         self.targets: dict[str, set[str]] = {}  # static batch -> device names
         self.package_status: dict[str, tuple[str, str]] = {}  # package -> (status, sha256 earned with)
         self.job_counts: Counter[tuple[str, DeviceId]] = Counter()  # (batch, device) -> jobs it had there
@@ -244,20 +246,30 @@ class FleetState:
         return forgotten
 
     # -- batches, targets, packages ----------------------------------------------------
-    def save_batch(self, name: str, package_id: str, fingerprint: dict[str, str], state: str, reason: str,
+    def save_batch(self, name: str, package_id: str, fingerprint: dict[str, str], state: BatchState, reason: str,
                    now: float) -> BatchRow:
         """Create or update a batch; its package and fingerprint follow the catalog until it starts."""
         row = self.batches.get(name)
+        state = BatchState(state)
+        check_batch_move(name, row.state if row is not None else None, state)
         if row is None:
             row = self.batches[name] = BatchRow(name, package_id, fingerprint, state, now, None, None, reason)
         elif row.started_at is None:
             row.package_id, row.fingerprint = package_id, fingerprint
-        row.state, row.reason = state, reason
-        if state == "running" and row.started_at is None:
+        self._set_batch_state(row, state)
+        row.reason = reason
+        if state == BatchState.RUNNING and row.started_at is None:
             row.started_at = now
         self.changes.batches.add(name)
         self.promises += 1
         return row
+
+    def _set_batch_state(self, row: BatchRow, state: BatchState | str) -> None:
+        row.state = state = BatchState(state)
+        if state == BatchState.RUNNING:
+            self.running.add(row.name)
+        else:
+            self.running.discard(row.name)
 
     def set_control(self, name: str, fields: dict[str, Any]) -> None:
         """Update a batch's rollout control (a pause, a halt, an opened wave): kept before it
@@ -269,11 +281,14 @@ class FleetState:
         self.changes.batches.add(name)
         self.promises += 1
 
-    def end_batch(self, name: str, state: str, reason: str, now: float) -> None:
+    def end_batch(self, name: str, state: BatchState, reason: str, now: float) -> None:
         row = self.batches.get(name)
         if row is None:
             return
-        row.state, row.reason, row.ended_at = state, reason, now
+        state = BatchState(state)
+        check_batch_move(name, row.state, state)
+        self._set_batch_state(row, state)
+        row.reason, row.ended_at = reason, now
         self.changes.batches.add(name)
         self.promises += 1
 
@@ -292,6 +307,10 @@ class FleetState:
     # -- loading -----------------------------------------------------------------------
     def load_version(self, device: DeviceId, module: str, version: str, at: float) -> None:
         self._set_version(device, module, version, at)
+
+    def load_batch(self, row: BatchRow) -> None:
+        self.batches[row.name] = row
+        self._set_batch_state(row, row.state)
 
     def load_job(self, job: Job) -> None:
         self._index(job)

@@ -1,38 +1,31 @@
-"""The journal: writes the engine's in-memory changes to SQLite with group commit.
+"""The journal: writes the engine's in-memory changes with group commit, through a backend.
 
-One writer (a sqlite3 connection used from one worker thread at a time), one transaction per
-tick, many events per transaction. Each tick writes the latest value of every row that
-changed (jobs, reported versions, batches, package statuses) and the history events in
-order, so progress and bytes served cost one row write per tick however often they change.
+One transaction per tick, many events per transaction. Each tick writes the latest value of
+every row that changed (jobs, reported versions, batches, package statuses) and the history
+events in order (otacore/storage/records.py), so progress and bytes served cost one row
+write per tick however often they change.
 
 `commit()` is how a promise is kept: it returns once everything changed before the call is
 on disk; the engine awaits it before a push, URL, streamId or reply that names a new state
-leaves the process. Many such waits share one commit. A failed commit (disk full, I/O error)
-keeps its changes for the next attempt, once a second; waiters wait until they are written, and
-`trouble()` says why meanwhile (for /healthz).
+leaves the process. Many such waits share one commit. A failed commit (disk full, I/O error,
+a lost connection) keeps its changes for the next attempt, once a second; waiters wait until
+they are written, and `trouble()` says why meanwhile (for /healthz). A backend that finds
+its database replaced raises `DatabaseMoved`: the journal is abandoned for good (waiters are
+canceled: what they were waiting for was never kept).
 
-Each transaction first checks (one stat() call) that the database is still the file the
-journal opened, and again after its COMMIT before anyone is told: a database deleted or
-replaced under the server gets nothing more, and the journal is abandoned for good (waiters
-are canceled: what they were waiting for was never kept). `moved()`, which the runtime asks
-every second, also checks the -wal.
+Where the journal goes is the `JournalBackend` seam: SQLite today (storage/sqlite_backend.py).
 """
 from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import logging
-import os
-import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from otacore.storage.data_dir import file_id
-from otacore.fleet.state import Changes, FleetState
-from otacore.storage.store import StoreError, database_error, load_state
+from otacore.fleet.state import FleetState
+from otacore.storage.records import Records, records
 
 log = logging.getLogger("ota.journal")
 T = TypeVar("T")
@@ -40,50 +33,42 @@ T = TypeVar("T")
 TICK_SECONDS = 0.02
 RETRY_SECONDS = 1.0
 
-_JOB_UPSERT = (
-    "INSERT INTO jobs (id, batch, product_key, device_name, module, package_id, from_version, target_version, "
-    "state, progress, code, message, file_key, file_size, bytes_served, created_at, updated_at, superseded) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-    "from_version = excluded.from_version, state = excluded.state, progress = excluded.progress, "
-    "code = excluded.code, message = excluded.message, file_key = excluded.file_key, "
-    "file_size = excluded.file_size, bytes_served = excluded.bytes_served, updated_at = excluded.updated_at, "
-    "superseded = excluded.superseded")
-_EVENT_INSERT = "INSERT INTO job_events (job_id, at, from_state, to_state, progress, reason) VALUES (?, ?, ?, ?, ?, ?)"
-_VERSION_UPSERT = (
-    "INSERT INTO device_versions VALUES (?, ?, ?, ?, ?) ON CONFLICT (product_key, device_name, module) "
-    "DO UPDATE SET version = excluded.version, reported_at = excluded.reported_at")
-_BATCH_UPSERT = (
-    "INSERT INTO batches (name, package_id, fingerprint, state, created_at, started_at, ended_at, reason, control) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET package_id = excluded.package_id, "
-    "fingerprint = excluded.fingerprint, state = excluded.state, started_at = excluded.started_at, "
-    "ended_at = excluded.ended_at, reason = excluded.reason, control = excluded.control")
-_TARGET_INSERT = "INSERT OR IGNORE INTO batch_targets VALUES (?, ?, ?)"
-_PACKAGE_UPSERT = (
-    "INSERT INTO package_status (package_id, status, updated_at, sha256) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT (package_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at, "
-    "sha256 = excluded.sha256")
-# In this order: a job's row before its events, so the history never names a missing job.
-_COUNTER_UPSERT = "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
-_ORDER = (_JOB_UPSERT, _EVENT_INSERT, _VERSION_UPSERT, _BATCH_UPSERT, _TARGET_INSERT, _PACKAGE_UPSERT, _COUNTER_UPSERT)
-
-Rows = dict[str, list[tuple[Any, ...]]]
-
 
 class DatabaseMoved(Exception):
-    """The database (or its -wal) at the journal's path is not the file it opened."""
+    """The database at the journal's place is not the one it opened."""
+
+
+class JournalBackend(Protocol):
+    """Where the journal goes. Its methods block; the journal calls them from a worker thread,
+    one at a time."""
+
+    path: Path
+    transient_errors: tuple[type[BaseException], ...]  # the storage's doing (disk, network), not a bug
+
+    def write(self, records: Records) -> None:
+        """All of these records in one transaction, or none (raise)."""
+
+    def transaction(self, work: Callable[[Any], T]) -> T:
+        """`work(connection)` in one write transaction."""
+
+    def read(self, work: Callable[[Any], T]) -> T:
+        """`work(connection)` outside a write transaction (works while writes fail)."""
+
+    def moved(self) -> str | None:
+        """Why the database is no longer the one opened, or None."""
+
+    def close(self, *, abandoned: bool) -> None:
+        """Release the connection; `abandoned`: the database was replaced under us."""
 
 
 class Journal:
     """Open with `Journal.open(path)` after `Store.open` has made the schema; then `start()`."""
 
-    def __init__(self, db: sqlite3.Connection, state: FleetState, clock: Callable[[], float], path: Path) -> None:
-        self._db = db
+    def __init__(self, backend: JournalBackend, state: FleetState, clock: Callable[[], float]) -> None:
+        self.backend = backend
         self.state = state
         self._clock = clock
-        self.path = path
-        # The -wal holds the latest commits until a checkpoint: deleting it loses them too.
-        self._files = (path, path.with_name(path.name + "-wal"))
-        self._ids = tuple(file_id(f) for f in self._files)
+        self.path = backend.path
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -98,20 +83,11 @@ class Journal:
 
     @classmethod
     def open(cls, path: Path, clock: Callable[[], float]) -> "Journal":
-        """Connect and load the state the database holds (blocking; once at start)."""
-        try:
-            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            try:
-                db.execute("PRAGMA journal_mode=WAL")  # after this the -wal exists until we close
-                db.execute("PRAGMA synchronous=NORMAL")  # a committed transaction survives kill -9
-                db.execute("PRAGMA busy_timeout=5000")
-                state = load_state(db)
-            except BaseException:
-                db.close()
-                raise
-        except sqlite3.Error as exc:
-            raise StoreError(database_error(path, exc)) from None
-        return cls(db, state, clock, path)
+        """A journal on the SQLite database at `path`, with the state it holds (blocking; once at start)."""
+        from otacore.storage.sqlite_backend import SqliteBackend
+
+        backend, state = SqliteBackend.open(path)
+        return cls(backend, state, clock)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ota-journal")
@@ -131,34 +107,12 @@ class Journal:
             log.error("shutting down with changes the database did not take; the devices concerned will "
                       "report again and be offered their upgrade again")
         self._cancel_waiters()  # nobody is told what was not kept
-        if self.abandoned is not None:
-            self._set_own_wal_aside()
         self._closed = True
-        self._db.close()  # SQLite neither checkpoints nor deletes anything once the file has moved
-
-    def _set_own_wal_aside(self) -> None:
-        """Abandoned: our -wal, if still at our path, would be replayed into whatever database is
-        there now (a backup moved over ours, say). Renamed, not deleted: it holds the latest
-        writes of the file we opened, wherever that went."""
-        wal = self._files[1]
-        if file_id(wal) != self._ids[1]:
-            return
-        aside = wal.with_name(f"{wal.name}.orphaned-{time.strftime('%Y%m%dT%H%M%S')}")
-        try:
-            os.rename(wal, aside)
-        except OSError as exc:
-            log.error("cannot move %s aside (%s); move it away before the next start", wal, exc)
-            return
-        log.warning("moved %s to %s: it holds the latest writes of the database file that was at %s; to get "
-                    "them back, put it beside that file as <file>-wal", wal, aside.name, self.path)
+        self.backend.close(abandoned=self.abandoned is not None)
 
     def moved(self) -> str | None:
-        """Why the database or its -wal at our path is not the file we opened (deleted,
-        replaced), or None."""
-        for name, path, opened in zip(("database", "-wal of database"), self._files, self._ids):
-            if file_id(path) != opened:
-                return f"{name} {self.path} was deleted or replaced while the server ran"
-        return None
+        """Why the database is not the one the journal opened (deleted, replaced), or None."""
+        return self.backend.moved()
 
     def abandon(self, reason: str) -> None:
         """Write nothing more, for good: the files at our path are not ours. Changes not yet
@@ -168,7 +122,7 @@ class Journal:
             self._cancel_waiters()
             self._wake.set()
 
-    async def maintain(self, work: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+    async def maintain(self, work: Callable[[Any], T], *, write: bool = True) -> T:
         """Run `work` on the journal's connection, in its worker thread, between two commits
         (retention deletes history this way: one writer, never a second connection waiting
         on the first), in one write transaction unless `write` is False (a read, which also
@@ -176,17 +130,7 @@ class Journal:
         if self.abandoned is not None or self._closed:
             raise RuntimeError("the journal is closed")
         async with self._connection:
-            return await asyncio.to_thread(self._transaction if write else self._read, work)
-
-    def _read(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return work(self._ready())
-
-    def _ready(self) -> sqlite3.Connection:
-        """The connection, still on the file it opened, with no transaction left open."""
-        self._check_files()
-        if self._db.in_transaction:  # a ROLLBACK that failed last time (I/O error) left it open
-            self._db.execute("ROLLBACK")
-        return self._db
+            return await asyncio.to_thread(self.backend.transaction if write else self.backend.read, work)
 
     @property
     def busy(self) -> bool:
@@ -248,7 +192,7 @@ class Journal:
             self._writing = True
             try:
                 async with self._connection:  # not while maintenance (retention) uses it
-                    await asyncio.to_thread(self._write, self._rows(changes))
+                    await asyncio.to_thread(self.backend.write, records(self.state, changes, self._clock()))
             except Exception as exc:  # noqa: BLE001  (whatever it was, the changes are kept)
                 self.state.give_back(changes)
                 self._waiters[:0] = waiters
@@ -271,7 +215,7 @@ class Journal:
         if str(exc) == self._last_error:
             return  # said once per streak and kind
         self._last_error = str(exc)
-        if isinstance(exc, (sqlite3.Error, OSError)):
+        if isinstance(exc, self.backend.transient_errors):
             log.error("cannot write the database (%s); retrying every %gs, devices wait for what they were "
                       "promised", exc, RETRY_SECONDS)
         else:  # a bug, not the disk: the traceback is for us
@@ -282,58 +226,3 @@ class Journal:
             log.info("database writes work again")
         self._last_error, self._failing_since = "", None
         self.commits += 1
-
-    def _rows(self, changes: Changes) -> Rows:
-        """Parameters for each statement, taken from memory now (in the event loop), so the
-        writer thread never reads state that decisions are changing."""
-        state = self.state
-        jobs = [state.jobs[job_id] for job_id in sorted(changes.jobs)]  # older jobs first
-        versions = []
-        for device, module in changes.versions:
-            version, at = state.versions[(device, module)]
-            versions.append((device.product_key, device.device_name, module, version, at))
-        batches = [(row.name, row.package_id, json.dumps(row.fingerprint, sort_keys=True), row.state,
-                    row.created_at, row.started_at, row.ended_at, row.reason, json.dumps(row.control, sort_keys=True))
-                   for row in (state.batches[name] for name in changes.batches)]
-        now = self._clock()
-        return {
-            _JOB_UPSERT: [(j.id, j.batch, j.device.product_key, j.device.device_name, j.module, j.package_id,
-                           j.from_version, j.target_version, j.state.value, j.progress, j.code, j.message,
-                           j.file_key, j.file_size, j.bytes_served, j.created_at, j.updated_at, j.superseded)
-                          for j in jobs],
-            _EVENT_INSERT: changes.events,
-            _VERSION_UPSERT: versions,
-            _BATCH_UPSERT: batches,
-            _TARGET_INSERT: changes.targets,
-            _PACKAGE_UPSERT: [(package_id, *state.package_status[package_id][:1], now,
-                               state.package_status[package_id][1]) for package_id in changes.packages],
-            _COUNTER_UPSERT: [(name, state.counters[name]) for name in sorted(changes.counters)],
-        }
-
-    def _write(self, rows: Rows) -> None:
-        def write(db: sqlite3.Connection) -> None:
-            for statement in _ORDER:
-                if rows[statement]:
-                    db.executemany(statement, rows[statement])
-        self._transaction(write)
-
-    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """`work` in one write transaction on the journal's connection, on the file it opened
-        (checked before, and after the commit, before anyone is told); rolled back on error."""
-        db = self._ready()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = work(db)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        self._check_files()  # moved during the transaction: committed to a file nobody will read
-        return result
-
-    def _check_files(self) -> None:
-        # The database file only: a -wal deleted alone is caught by moved() within a second, and
-        # what it held is not lost (SQLite checkpoints it into the unmoved file when it closes).
-        if file_id(self.path) != self._ids[0]:
-            raise DatabaseMoved(f"database {self.path} was deleted or replaced while the server ran")

@@ -13,6 +13,7 @@ from typing import Any
 import aiosqlite
 
 from otacore.protocol.credentials import DeviceId
+from otacore.fleet.batches import BatchState
 from otacore.fleet.state import BatchRow, FleetState
 from otacore.fleet.jobs import ALL_STATES, FINAL_STATES as FINAL, OPEN_STATES as OPEN, Job, JobState
 
@@ -110,7 +111,7 @@ _BATCH_SELECT = ("SELECT name, package_id, fingerprint, state, created_at, start
 
 
 def _batch(row: Any) -> BatchRow:
-    return BatchRow(row[0], row[1], json.loads(row[2]), *row[3:8], json.loads(row[8]))
+    return BatchRow(row[0], row[1], json.loads(row[2]), BatchState(row[3]), *row[4:8], json.loads(row[8]))
 
 
 def load_state(db: sqlite3.Connection) -> FleetState:
@@ -131,7 +132,7 @@ def load_state(db: sqlite3.Connection) -> FleetState:
                           "module) ORDER BY id"):
         state.load_job(_job(row))
     for row in db.execute(_BATCH_SELECT):
-        state.batches[row[0]] = _batch(row)
+        state.load_batch(_batch(row))
     for batch, name in db.execute("SELECT batch, device_name FROM batch_targets"):
         state.targets.setdefault(batch, set()).add(name)
     for package_id, status, sha256 in db.execute("SELECT package_id, status, sha256 FROM package_status"):

@@ -1,12 +1,12 @@
-"""Client side of scripts/bench/anchors.py: a compact MQTT 3.1.1 client and the three
-client roles the bench runs as separate processes.
+"""Client side of scripts/bench/anchors.py: the three client roles the bench runs as
+separate processes.
 
     python anchor_lib.py idle      --port P --count N ...   connect N idle devices (a shard), sit
     python anchor_lib.py active    --port P --count 50 ...  version report -> push loop, print JSON
     python anchor_lib.py responder --port P --size B        paho: answer every report with a push
 
-The client speaks just what the benchmark needs (CONNECT, SUBSCRIBE, PUBLISH QoS 0/1, PUBACK,
-PINGREQ) on asyncio protocols, with TCP_NODELAY, so one process drives thousands of round
+The devices are devicekit.mqtt_client's compact asyncio MQTT client (CONNECT, SUBSCRIBE,
+PUBLISH QoS 0/1, PUBACK, PINGREQ, with TCP_NODELAY), so one process drives thousands of round
 trips per second. The active role reports its own CPU use over the measured window so a
 saturated client shows up in the results. Imports nothing from the server.
 """
@@ -15,215 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import resource
 import socket
-import struct
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
-HOST = "127.0.0.1"  # loopback only, always
-
-# ---------------------------------------------------------------------------- wire format
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _str(text: str | bytes) -> bytes:
-    raw = text.encode() if isinstance(text, str) else text
-    return struct.pack(">H", len(raw)) + raw
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
-
-
-def encode_connect(client_id: str, username: str | None, password: str | None, keepalive: int) -> bytes:
-    flags = 0x02 | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
-    body = _str("MQTT") + bytes([4, flags]) + struct.pack(">H", keepalive) + _str(client_id)
-    if username is not None:
-        body += _str(username)
-    if password is not None:
-        body += _str(password)
-    return _packet(0x10, body)
-
-
-def encode_subscribe(pid: int, topic: str, qos: int) -> bytes:
-    return _packet(0x82, struct.pack(">H", pid) + _str(topic) + bytes([qos]))
-
-
-def encode_publish(topic: str, payload: bytes, qos: int, pid: int = 0) -> bytes:
-    head = _str(topic) + (struct.pack(">H", pid) if qos else b"")
-    return _packet(0x30 | (qos << 1), head + payload)
-
-
-def encode_puback(pid: int) -> bytes:
-    return b"\x40\x02" + struct.pack(">H", pid)
-
-
-PINGREQ = b"\xc0\x00"
-
-
-class MqttError(Exception):
-    pass
-
-
-def _fixed_header(buf: bytearray, pos: int, end: int) -> tuple[int, int] | None:
-    """(body start, body length) of the packet at `pos`, or None while its header is incomplete."""
-    length, shift, i = 0, 0, pos + 1
-    while i < end:
-        byte = buf[i]
-        i += 1
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return i, length
-        shift += 7
-    return None
-
-
-# ---------------------------------------------------------------------------- the client
-
-
-class MqttClient(asyncio.Protocol):
-    """One MQTT 3.1.1 connection. `on_message(topic, payload)` gets every PUBLISH (QoS 1 is
-    acknowledged before the callback runs)."""
-
-    def __init__(self, on_message: Callable[[str, bytes], None] | None) -> None:
-        loop = asyncio.get_running_loop()
-        self.on_message = on_message
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.connack: asyncio.Future[int] = loop.create_future()
-        self.waiters: dict[int, asyncio.Future[int]] = {}
-        self.pid = 0
-
-    @classmethod
-    async def open(cls, port: int, client_id: str, username: str | None = None, password: str | None = None,
-                   keepalive: int = 600, on_message: Callable[[str, bytes], None] | None = None,
-                   timeout: float = 60.0) -> MqttClient:
-        """Connect and wait for CONNACK; MqttError if refused."""
-        loop = asyncio.get_running_loop()
-        _, client = await asyncio.wait_for(loop.create_connection(lambda: cls(on_message), HOST, port), timeout)
-        client.transport.write(encode_connect(client_id, username, password, keepalive))
-        code = await asyncio.wait_for(client.connack, timeout)
-        if code != 0:
-            client.close()
-            raise MqttError(f"CONNACK return code {code}")
-        return client
-
-    # asyncio.Protocol -------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        error = MqttError(f"connection lost: {exc or 'closed by peer'}")
-        for future in [self.connack, *self.waiters.values()]:
-            if not future.done():
-                future.set_exception(error)
-        self.waiters.clear()
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buffer
-        buf += data
-        pos, end = 0, len(buf)
-        while (header := _fixed_header(buf, pos, end)) is not None:
-            start, length = header
-            if start + length > end:
-                break
-            self._dispatch(buf[pos], bytes(buf[start:start + length]))
-            pos = start + length
-        if pos:
-            del buf[:pos]
-
-    def _dispatch(self, first: int, body: bytes) -> None:
-        kind = first >> 4
-        if kind == 3:
-            (tlen,) = struct.unpack_from(">H", body)
-            topic = body[2:2 + tlen].decode()
-            rest = 2 + tlen
-            if first & 0x06:
-                (pid,) = struct.unpack_from(">H", body, rest)
-                rest += 2
-                self.transport.write(encode_puback(pid))
-            if self.on_message is not None:
-                self.on_message(topic, body[rest:])
-        elif kind in (4, 9):  # PUBACK, SUBACK
-            (pid,) = struct.unpack_from(">H", body)
-            future = self.waiters.pop(pid, None)
-            if future is not None and not future.done():
-                future.set_result(body[2] if kind == 9 else 0)
-        elif kind == 2 and not self.connack.done():
-            self.connack.set_result(body[1])
-
-    # requests ---------------------------------------------------------------------------
-    def _next_pid(self) -> int:
-        self.pid = self.pid % 65535 + 1
-        return self.pid
-
-    def _expect(self, pid: int) -> asyncio.Future[int]:
-        future = asyncio.get_running_loop().create_future()
-        self.waiters[pid] = future
-        return future
-
-    async def subscribe(self, topic: str, qos: int = 1) -> int:
-        """The granted QoS (0x80: refused)."""
-        pid = self._next_pid()
-        future = self._expect(pid)
-        self.transport.write(encode_subscribe(pid, topic, qos))
-        return await future
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1) -> asyncio.Future[int] | None:
-        """Send now; for QoS 1 returns the future of its PUBACK."""
-        if qos == 0:
-            self.transport.write(encode_publish(topic, payload, 0))
-            return None
-        pid = self._next_pid()
-        future = self._expect(pid)
-        self.transport.write(encode_publish(topic, payload, 1, pid))
-        return future
-
-    def ping(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(PINGREQ)
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"\xe0\x00")  # DISCONNECT
-            self.transport.close()
-
-
-# ---------------------------------------------------------------------------- devices
-
-
-def device_password(product_secret: str, device_name: str) -> str:
-    """The plain device secret the OTA server accepts: hex(HMAC-SHA256(productSecret, dn))."""
-    return hmac.new(product_secret.encode(), device_name.encode(), hashlib.sha256).hexdigest()
-
-
-async def open_device(port: int, pk: str, dn: str, product_secret: str, keepalive: int,
-                      on_message: Callable[[str, bytes], None] | None = None) -> MqttClient:
-    """Connect as device `dn` and subscribe to its upgrade topic at QoS 1."""
-    client = await MqttClient.open(port, dn, f"{dn}&{pk}", device_password(product_secret, dn), keepalive,
-                                   on_message)
-    granted = await asyncio.wait_for(client.subscribe(f"/ota/device/upgrade/{pk}/{dn}", 1), 60)
-    if granted >= 0x80:
-        client.close()
-        raise MqttError(f"SUBSCRIBE refused ({granted:#x})")
-    return client
+from devicekit.mqtt_client import HOST, MqttClient, MqttError, open_device
 
 
 def cpu_seconds() -> float:

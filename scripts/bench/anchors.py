@@ -14,11 +14,11 @@ topic; default N = 10, 1,000 and 10,000).
   - anchor: mosquitto plus one paho-mqtt "responder" process subscribed to
     /ota/device/inform/#, which answers each report with a push-shaped payload of the
     same size as ota-server's push, at QoS 1, to the device's upgrade topic.
-  Same client code for both (scripts/bench/anchor_lib.py: a compact asyncio MQTT client),
-  idle devices in one process, active devices in another; the active process reports its
-  own CPU over the measured window so a saturated client is visible. Reported: round
-  trips/s, p50/p99 latency, connect rate of the idle fleet (CONNECT + SUBSCRIBE), and the
-  broker's VmRSS with the idle fleet connected.
+  Same client code for both (scripts/bench/anchor_lib.py: devicekit.mqtt_client, a compact
+  asyncio MQTT client), idle devices in one process, active devices in another; the active
+  process reports its own CPU over the measured window so a saturated client is visible.
+  Reported: round trips/s, p50/p99 latency, connect rate of the idle fleet (CONNECT +
+  SUBSCRIBE), and the broker's VmRSS with the idle fleet connected.
 
 Data plane: one file (default 1 GiB of random bytes, cached under /tmp) served by ota-server
 (as the batch's package, through the REAL signed URL a device receives in its push) and by
@@ -58,13 +58,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devicekit.loopback import free_port, write_broker_yaml
+from devicekit.mqtt_client import open_device
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import anchor_lib  # noqa: E402
-from loopback_server import free_port, write_broker_yaml  # noqa: E402
 
 PK, PRODUCT_SECRET = "a1Anchor", "anchor-secret"
 CACHE = Path("/tmp/ota-anchor-cache")
@@ -505,8 +503,8 @@ async def signed_url(port: int, device: str = "http-0000") -> tuple[str, bytes]:
     """Report 1.0.0 as a fresh device and return the url of the push it receives (and the push)."""
     loop = asyncio.get_running_loop()
     push: asyncio.Future[bytes] = loop.create_future()
-    client = await anchor_lib.open_device(port, PK, device, PRODUCT_SECRET, 60,
-                                          lambda topic, payload: push.done() or push.set_result(payload))
+    client = await open_device(port, PK, device, PRODUCT_SECRET, 60,
+                               lambda topic, payload: push.done() or push.set_result(payload))
     try:
         client.publish(f"/ota/device/inform/{PK}/{device}", b'{"id":"1","params":{"version":"1.0.0"}}')
         payload = await asyncio.wait_for(push, 60)

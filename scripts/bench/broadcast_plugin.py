@@ -6,13 +6,10 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from broker_plugin import ota, server  # noqa: E402
-from otacore.protocol.credentials import DeviceId  # noqa: E402
+from broker_plugin import ota, server
+from otacore.protocol.credentials import DeviceId
 
 
 class BroadcastOtaPlugin(ota.OtaPlugin):

@@ -15,26 +15,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import multiprocessing
 import os
 import random
 import resource
 import re
 import sqlite3
-import sys
 import tempfile
 import time
 import urllib.request
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import device_sim  # noqa: E402
-from loopback_server import ServerProcess, free_port, write_broker_yaml  # noqa: E402
+from devicekit import simulator
+from devicekit.loopback import ServerProcess, free_port, write_broker_yaml
 
 
 def add_batch(root: Path, protocol: str) -> None:
@@ -91,23 +85,6 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_slice(cfgs: list[device_sim.DeviceConfig], concurrency: int) -> list[device_sim.DeviceResult]:
-    return asyncio.run(device_sim.run_fleet(cfgs, concurrency))
-
-
-async def run_devices(cfgs: list[device_sim.DeviceConfig], concurrency: int,
-                      procs: int) -> list[device_sim.DeviceResult]:
-    """The fleet, split over `procs` processes: one Python process of simulated devices is
-    saturated long before the server is, and the benchmark must measure the server."""
-    if procs <= 1:
-        return await device_sim.run_fleet(cfgs, concurrency)
-    loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts = await asyncio.gather(*(loop.run_in_executor(pool, run_slice, cfgs[i::procs], max(1, concurrency // procs))
-                                       for i in range(procs)))
-    return [result for part in parts for result in part]
-
-
 async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="ota-bench-") as tmp:
         root = Path(tmp)
@@ -120,12 +97,12 @@ async def run(args: argparse.Namespace) -> None:
             idle_rss = peak_rss_mib(server.pid)
             server_cpu_before = cpu_seconds(server.pid)
             own_cpu_before = time.process_time() + children_cpu_seconds()
-            cfgs = [device_sim.DeviceConfig(device_name=f"bench-{i:05d}", product_key="a1Bench",
+            cfgs = [simulator.DeviceConfig(device_name=f"bench-{i:05d}", product_key="a1Bench",
                                             product_secret="bench-secret", mqtt_port=mqtt_port,
                                             chunk=args.chunk, timeout=args.timeout)
                     for i in range(args.devices)]
             started = time.perf_counter()
-            fleet = asyncio.ensure_future(run_devices(cfgs, args.concurrency, args.procs))
+            fleet = asyncio.ensure_future(simulator.run_fleet_split(cfgs, args.concurrency, args.procs))
             while db_scalar(root, "SELECT count(*) FROM device_versions")[0] < args.devices:
                 if fleet.done():
                     break

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import hmac
 import json
 import socket
 import sys
@@ -23,16 +21,10 @@ from pathlib import Path
 
 import aiomqtt
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from loopback_server import ServerProcess, free_port, write_broker_yaml  # noqa: E402
+from devicekit.loopback import ServerProcess, free_port, write_broker_yaml
+from devicekit.signing import derive_device_secret
 
 PK, PRODUCT_SECRET = "a1Reply", "reply-secret"
-
-
-def secret(name: str) -> str:
-    return hmac.new(PRODUCT_SECRET.encode(), name.encode(), hashlib.sha256).hexdigest()
 
 
 def start_server(root: Path, broadcast: bool) -> tuple[ServerProcess, int]:
@@ -49,7 +41,8 @@ def start_server(root: Path, broadcast: bool) -> tuple[ServerProcess, int]:
 
 def client(port: int, name: str) -> aiomqtt.Client:
     # TCP_NODELAY: paho leaves Nagle on, which adds ~40 ms to each small request/reply turn.
-    return aiomqtt.Client("127.0.0.1", port, identifier=name, username=f"{name}&{PK}", password=secret(name),
+    return aiomqtt.Client("127.0.0.1", port, identifier=name, username=f"{name}&{PK}",
+                          password=derive_device_secret(PRODUCT_SECRET, name),
                           socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
 

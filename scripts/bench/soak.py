@@ -58,11 +58,8 @@ from typing import Any
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import device_sim  # noqa: E402
-from loopback_server import ServerProcess, free_port, write_broker_yaml  # noqa: E402
+from devicekit import simulator
+from devicekit.loopback import ServerProcess, free_port, write_broker_yaml
 
 PRODUCT, PRODUCT_SECRET = "a1Soak", "soak-product-secret"
 MIB = 1024 * 1024
@@ -319,24 +316,6 @@ async def process_start_ms(server: Server, times: int = 3) -> float:
     return statistics.median(values)
 
 
-# ------------------------------------------------------------------------------ devices
-
-
-def run_slice(cfgs: list[device_sim.DeviceConfig], concurrency: int) -> list[device_sim.DeviceResult]:
-    return asyncio.run(device_sim.run_fleet(cfgs, concurrency))
-
-
-async def run_devices(pool: ProcessPoolExecutor | None, cfgs: list[device_sim.DeviceConfig], concurrency: int,
-                      procs: int) -> list[device_sim.DeviceResult]:
-    if pool is None:
-        return await device_sim.run_fleet(cfgs, concurrency)
-    loop = asyncio.get_running_loop()
-    parts = await asyncio.gather(*(loop.run_in_executor(pool, run_slice, cfgs[i::procs], max(1, concurrency // procs))
-                                   for i in range(procs)))
-    results = {r.device_name: r for part in parts for r in part}
-    return [results[c.device_name] for c in cfgs]
-
-
 @dataclass
 class Plan:
     """What each device does this round."""
@@ -391,8 +370,8 @@ class Soak:
                                headers=self.server.headers) as resp:
             return int((await resp.json())["total"])
 
-    def device_configs(self, plan: Plan) -> list[device_sim.DeviceConfig]:
-        return [device_sim.DeviceConfig(
+    def device_configs(self, plan: Plan) -> list[simulator.DeviceConfig]:
+        return [simulator.DeviceConfig(
             device_name=name, product_key=PRODUCT, product_secret=PRODUCT_SECRET, version=self.versions[name],
             mqtt_port=self.server.mqtt_port, chunk=self.args.chunk, timeout=self.args.timeout,
             fail_step=plan.fail.get(name), drop_at=plan.drop.get(name)) for name in self.names]
@@ -411,7 +390,7 @@ class Soak:
         # 2. the fleet comes online and reports; the batches start; each device upgrades
         if self.poller is not None:
             self.poller.busy = True
-        fleet = asyncio.ensure_future(run_devices(self.pool, cfgs, args.concurrency, args.procs))
+        fleet = asyncio.ensure_future(simulator.run_fleet_split(cfgs, args.concurrency, args.procs, self.pool))
         deadline = time.monotonic() + 60
         while not fleet.done() and time.monotonic() < deadline and await self.online(session) < len(self.names):
             await asyncio.sleep(0.2)

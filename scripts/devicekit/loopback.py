@@ -1,4 +1,5 @@
-"""An `ota-server` process on free 127.0.0.1 ports, for the tests and the benchmarks."""
+"""An `ota-server` process on free 127.0.0.1 ports, for the tests and the benchmarks: the
+server the simulated devices talk to, run as its own process (it is not imported)."""
 from __future__ import annotations
 
 import signal
@@ -9,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the server's working directory
 
 
 def free_port() -> int:

@@ -2,37 +2,37 @@
 
 `OtaServer` runs amqtt's Broker with our plugins in the test's event loop, on 127.0.0.1,
 with a catalog and data dir under tmp_path. `Device` is an aiomqtt (paho) client that
-speaks docs/protocol.md like firmware would.
+speaks docs/protocol.md like firmware would. `write_catalog` writes the test catalog
+(product a1Test, firmware 1.0.0 and 1.1.0) with the batches a test needs.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import json
 import random
 import socket
 import ssl
-import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import aiomqtt
 from amqtt.broker import Broker
 
 from broker_plugin.ota import OtaPlugin
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from loopback_server import free_port  # noqa: E402,F401  (re-exported for the tests)
+from devicekit.loopback import free_port  # noqa: F401  (re-exported for the tests)
+from devicekit.signing import derive_device_secret
 
 PK = "a1Test"
 PRODUCT_SECRET = "test-product-secret"
 
 
 def device_secret(device_name: str, product_secret: str = PRODUCT_SECRET) -> str:
-    return hmac.new(product_secret.encode(), device_name.encode(), hashlib.sha256).hexdigest()
+    """The secret of a test device: derived from the product secret, as devices do."""
+    return derive_device_secret(product_secret, device_name)
 
 
 def make_firmware(path: Path, size: int, seed: int) -> bytes:
@@ -40,6 +40,16 @@ def make_firmware(path: Path, size: int, seed: int) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return data
+
+
+def url_job(url: str) -> int:
+    """The job id a download URL names: its `job` parameter."""
+    return int(parse_qs(urlsplit(url).query)["job"][0])
+
+
+def job_of(push: dict[str, Any]) -> int:
+    """The job id a push names: its URL's `job` parameter."""
+    return url_job(push["data"]["url"])
 
 
 BASE_CATALOG = """
@@ -54,6 +64,16 @@ packages:
   - {id: fw-1.0.0, product: a1Test, version: 1.0.0, file: fw-1.0.0.bin, sign_method: SHA256}
   - {id: fw-1.1.0, product: a1Test, version: 1.1.0, file: fw-1.1.0.bin, sign_method: MD5}
 """
+# A pushed, dynamic upgrade to fw-1.1.0 over http (the `server` fixture's), and one over MQTT blocks.
+UPGRADE_BATCH = """
+- name: up-1.1.0
+  package: fw-1.1.0
+  type: upgrade
+  protocol: http
+  mode: dynamic
+  push: true
+"""
+MQTT_BATCH = "- {name: over-mqtt, package: fw-1.1.0, type: upgrade, protocol: mqtt, mode: dynamic, push: true}\n"
 
 
 def write_catalog(root: Path, batches_yaml: str = "", extra: str = "", base: str = BASE_CATALOG) -> Path:
@@ -68,6 +88,16 @@ def write_catalog(root: Path, batches_yaml: str = "", extra: str = "", base: str
         text += "batches:\n" + textwrap.indent(textwrap.dedent(batches_yaml), "  ")
     path.write_text(text, encoding="utf-8")
     return path
+
+
+async def until(check: Callable[[], Any], timeout: float = 5.0) -> bool:
+    """Poll `check` every 50 ms until it holds (True) or `timeout` s have passed (its last answer)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if check():
+            return True
+        await asyncio.sleep(0.05)
+    return bool(check())
 
 
 class OtaServer:
@@ -103,6 +133,12 @@ class OtaServer:
         if self.broker is not None:
             await self.broker.shutdown()
             self.broker = None
+
+    async def __aenter__(self) -> "OtaServer":
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
 
     @property
     def plugin(self) -> OtaPlugin:

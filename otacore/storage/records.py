@@ -1,0 +1,35 @@
+"""What the journal writes: the latest value of every row that changed and the history
+events, as plain tuples per table, taken from memory in the event loop (so a writer thread
+never reads state that decisions are changing). Shared by every journal backend."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from otacore.fleet.state import Changes, FleetState
+
+Records = dict[str, list[tuple[Any, ...]]]  # table -> rows, in its columns' order (storage/store.py)
+
+
+def records(state: FleetState, changes: Changes, now: float) -> Records:
+    jobs = [state.jobs[job_id] for job_id in sorted(changes.jobs)]  # older jobs first
+    versions = []
+    for device, module in changes.versions:
+        version, at = state.versions[(device, module)]
+        versions.append((device.product_key, device.device_name, module, version, at))
+    batches = [(row.name, row.package_id, json.dumps(row.fingerprint, sort_keys=True), row.state.value,
+                row.created_at, row.started_at, row.ended_at, row.reason, json.dumps(row.control, sort_keys=True))
+               for row in (state.batches[name] for name in changes.batches)]
+    return {
+        "jobs": [(j.id, j.batch, j.device.product_key, j.device.device_name, j.module, j.package_id,
+                  j.from_version, j.target_version, j.state.value, j.progress, j.code, j.message,
+                  j.file_key, j.file_size, j.bytes_served, j.created_at, j.updated_at, j.superseded)
+                 for j in jobs],
+        "events": changes.events,
+        "versions": versions,
+        "batches": batches,
+        "targets": changes.targets,
+        "packages": [(package_id, state.package_status[package_id][0], now, state.package_status[package_id][1])
+                     for package_id in changes.packages],
+        "counters": [(name, state.counters[name]) for name in sorted(changes.counters)],
+    }
