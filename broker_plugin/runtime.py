@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from amqtt.session import Session
 
+from fileserver.aiohttp_internals import http_listening_sockets
 from fileserver.app import create_app
 from fileserver.connection_guard import HttpSite
 from fileserver.metrics import BrokerFigures
@@ -77,10 +78,10 @@ class OtaRuntime:
         await asyncio.to_thread(check_database, database)  # a damaged one: refused with what to do
         self.store = await Store.open(database)  # makes or migrates the schema first
         self.journal = journal = await asyncio.to_thread(Journal.open, database, time.time)  # SQLite backend
-        self.engine = OtaEngine(settings, self.store, journal, self.delivery, url_signing_key(settings.data_dir))
+        self.engine = OtaEngine(settings, self.store, journal, self.delivery, url_signing_key(settings.data_dir),
+                                last_seen=self.seen_at)
         self.engine.start()
         self.engine.on_reload(self._drop_revoked_sessions)
-        self.engine.last_seen = self.seen_at
         loaded = await self.engine.reload()
         self.messages = DeviceMessages(self.engine, self.delivery, self.spawn)
         self.admin_token = admin_token(settings.data_dir, settings.admin_token)
@@ -186,8 +187,7 @@ class OtaRuntime:
         return mqtt_connections(self.delivery.broker) + http
 
     def _listening_sockets(self) -> list[Any]:
-        sites = self._runner.sites if self._runner is not None else ()
-        http = [sock for site in sites for sock in (getattr(getattr(site, "_server", None), "sockets", None) or ())]
+        http = http_listening_sockets(self._runner) if self._runner is not None else []
         return [*mqtt_listening_sockets(self.delivery.broker), *http]
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:

@@ -65,15 +65,16 @@ class OtaEngine:
     """Owns the live catalog, the state, the journal and the outbox."""
 
     def __init__(self, settings: Settings, store: Store, journal: Journal, link: DeviceLink, url_key: bytes,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 last_seen: Callable[[DeviceId], float | None] = lambda device: None) -> None:
         self.settings = settings
         self.store = store  # reads for admins and history
         self.journal = journal
         self.state: FleetState = journal.state
         self.link = link
         # When a device last sent an MQTT message or connected (epoch seconds; None: not since
-        # the start). The broker side knows; broker_plugin/runtime.py sets it.
-        self.last_seen: Callable[[DeviceId], float | None] = lambda device: None
+        # the start). The broker side knows (broker_plugin/runtime.py).
+        self.last_seen = last_seen
         self.downloads = Downloads(self.state, url_key, clock)
         self.live = LiveFleet(settings, self.state, self.downloads, link.is_online, clock)
         self._reload_lock = asyncio.Lock()
@@ -82,7 +83,7 @@ class OtaEngine:
         self._tasks: list[asyncio.Task[None]] = []
         # Called with the new catalog after each successful reload (e.g. to drop sessions
         # of devices that were removed or whose secret changed).
-        self.reload_listeners: list[Callable[[Catalog], None]] = []
+        self._reload_listeners: list[Callable[[Catalog], None]] = []
         # For GET /metrics: upgrade pushes handed to a live session, reloads by result.
         self.pushes_sent = 0
         self.reloads = {"ok": 0, "error": 0}
@@ -116,7 +117,7 @@ class OtaEngine:
 
     def on_reload(self, listener: Callable[[Catalog], None]) -> None:
         """Call `listener(catalog)` after each successful reload, before its commit."""
-        self.reload_listeners.append(listener)
+        self._reload_listeners.append(listener)
 
     def rollout_view(self, batch_name: str) -> dict[str, Any] | None:
         """What a batch's rollout is doing now (state, reason, waves, rate), for views."""
@@ -207,7 +208,7 @@ class OtaEngine:
             self.post(batches.apply_catalog(self.live, loaded.catalog, loaded.files))
             # Before the commit: a revoked device loses its sessions even if the disk fills
             # now and the answer is "done in memory, not yet on disk".
-            for listener in self.reload_listeners:
+            for listener in self._reload_listeners:
                 listener(loaded.catalog)
             await self._admin_settled()
             self._forget_removed_batches(loaded.catalog)

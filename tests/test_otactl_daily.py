@@ -19,7 +19,6 @@ import signal
 import struct
 import subprocess
 import termios
-import textwrap
 import time
 from pathlib import Path
 

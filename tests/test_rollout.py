@@ -7,7 +7,7 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from support.world import BASE, C, F, N, Q, S, T0, World, dev
+from support.world import BASE, C, F, N, Q, S, T0, World
 
 from otacore.catalog.model import load_catalog
 from otacore.decisions import admin, ticks

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from support.harness import Device, OtaServer, write_catalog
 from support.processes import LiveServer, otactl
 

@@ -28,7 +28,7 @@ _CONSUMER = "_ota_upstream_consumer"
 # Called with (session, topic, payload) for each QoS 0/1 PUBLISH before it is acknowledged:
 # False when the message is not the consumer's (amqtt routes it); True when it consumed it;
 # or an awaitable when it consumed it and the PUBACK must wait for it (a promise being written).
-UpstreamConsumer = Callable[[Session, str, bytes], "bool | Awaitable[Any]"]
+UpstreamConsumer = Callable[[Session, str, bytes], bool | Awaitable[Any]]
 
 
 def set_upstream_consumer(broker: Broker, consumer: UpstreamConsumer | None) -> None:

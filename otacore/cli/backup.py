@@ -297,7 +297,7 @@ def _open_archive(archive: Path) -> Iterator[tarfile.TarFile]:
         raise BackupError(f"{archive} does not exist") from None
     except OSError as exc:
         raise BackupError(f"cannot read {archive} ({exc.strerror or exc})") from None
-    except (tarfile.TarError, EOFError) as exc:
+    except (tarfile.TarError, EOFError):
         raise BackupError(f"{archive} is not an ota-server backup (not a tar archive, plain or gzip'ed)") from None
     try:
         yield tar

@@ -44,7 +44,6 @@ import json
 import multiprocessing
 import os
 import random
-import re
 import sqlite3
 import statistics
 import sys
