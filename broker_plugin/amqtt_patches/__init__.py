@@ -11,7 +11,8 @@ Two kinds of change, applied two ways:
 - `harden(broker)` changes one Broker instance (connect, edge, retained, subscriptions)
   and keeps that broker's state on it (limits, edge, keep-alive watch, stored sessions,
   upstream consumer), so brokers in one process never share it. It calls `install()`
-  first and is idempotent per broker; DeviceAuthPlugin calls it as the broker builds it.
+  first and is idempotent per broker; the composition root (broker_plugin/assembly.py) calls
+  it as amqtt builds the OTA plugin.
 
 The rest is per broker and called by the OTA plugin and the runtime: limits
 (`set_limits`), the MQTT listeners' TLS contexts (`set_tls_contexts`), the OTA topics on
