@@ -48,6 +48,12 @@ class OtaPlugin(BasePlugin):
         self.runtime = assemble(broker_of(context), settings)
 
     async def on_broker_pre_start(self) -> None:
+        # Every plugin is built by now. A session's device is its username: trusted only when
+        # DeviceAuthPlugin checked it, so without it the OTA topics are the broker's to route.
+        self.runtime.logins_checked = broker_of(self.context).plugins_manager.get_plugin("DeviceAuthPlugin") is not None
+        if not self.runtime.logins_checked:
+            log.warning("broker_plugin.auth.DeviceAuthPlugin is not in this broker's plugins: the OTA plugin "
+                        "leaves device OTA topics alone (it acts only on logins it checked); add it")
         try:
             await self.runtime.start()
         except Exception as exc:  # the broker ignores hook errors: record it for ota-server

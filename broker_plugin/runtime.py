@@ -41,6 +41,7 @@ from .amqtt_patches import (SessionDelivery, connections_replaced, mqtt_connecti
 from .connection_budget import ConnectionBudget
 
 log = logging.getLogger("ota.server")
+mqtt_log = logging.getLogger("ota.mqtt")  # lines a device can cause per message: burst-limited (log_hygiene)
 
 WATCH_SECONDS = 1.0
 
@@ -57,6 +58,9 @@ class OtaRuntime:
         self.startup_error: BaseException | None = None
         # In someone's own broker the log is the only report; ota-server prints it itself.
         self.log_startup_error = True
+        # The OTA topics are taken only where DeviceAuthPlugin checked who each session is
+        # (OtaPlugin finds out as the broker starts); elsewhere the broker routes them.
+        self.logins_checked = False
         self.fatal_error: str | None = None  # why it stopped writing while running
         self.on_fatal: Callable[[], None] | None = None  # ota-server: stop the process
         # Username `{dn}&{pk}` -> when that device last sent an MQTT message or connected
@@ -162,16 +166,16 @@ class OtaRuntime:
         report that made a promise is acknowledged once it is on disk."""
         self.last_seen[session.username] = time.time()  # any PUBLISH: the device is alive
         ota_topic = parse_upstream(topic)
-        if ota_topic is None:
+        if ota_topic is None or not self.logins_checked:
             return False
         device = session_device(session)
         messages = self.messages
         if messages is None:
-            log.warning("%s from %s dropped: the OTA plugin is not running", topic, device)
+            mqtt_log.warning("%s from %s dropped: the OTA plugin is not running", topic, device)
             return True
         if device != ota_topic.device:
-            log.warning("client %r (%s) published to %s, which is not its own topic; ignored",
-                        session.client_id, device, topic)
+            mqtt_log.warning("client %r (%s) published to %s, which is not its own topic; ignored",
+                             session.client_id, device, topic)
             return True
         return messages.receive(device, ota_topic.kind, topic, data)
 

@@ -88,11 +88,12 @@ async def serve(broker_config: dict[str, Any], settings: Settings) -> int:
     # Imported late so `--help` and config errors stay fast.
     from amqtt.errors import BrokerError, PluginError, PluginLoadError
 
+    from .amqtt_patches import AmqttInternalsChanged
     from .assembly import build_broker
 
     try:
         broker, runtime = build_broker(broker_config, settings)  # the composition root
-    except (PluginError, PluginLoadError, ValueError, TypeError) as exc:
+    except (PluginError, PluginLoadError, ValueError, TypeError, AmqttInternalsChanged) as exc:
         cause = exc.__cause__ or exc
         print(f"ota-server: cannot build the broker from its config: {cause}", file=sys.stderr)
         return 1

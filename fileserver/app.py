@@ -548,11 +548,12 @@ async def admin_batch(request: web.Request) -> web.Response:
         return _error(400, str(exc))
     engine = request.app[ENGINE]
     name = request.match_info["name"]
-    if not engine.is_live_batch(name):  # a removed one: its history on disk
+    live = engine.is_live_batch(name)  # a batch of the catalog: from memory
+    if not live:  # a removed one: its history on disk
         behind = await _database_behind(engine)
         if behind is not None:
             return behind
-    report = await engine.batch_report(name)  # a batch of the catalog: from memory
+    report = await engine.batch_report(name, live=live)
     if report is None:
         return _error(404, f"no batch named {name!r}")
     devices = report["devices"] if state is None else [d for d in report["devices"] if d["state"] == state]

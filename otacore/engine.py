@@ -304,10 +304,10 @@ class OtaEngine:
         return await batch_summaries(source, self.live.catalog, sha_of=self.current_sha,
                                      schedule=self.live.rollout.schedule, removed=removed)
 
-    async def batch_report(self, name: str) -> dict[str, Any] | None:
-        """A batch's summary and every device's row: from memory for a batch of the catalog,
-        from the database for a removed one (`database_behind` first)."""
-        source: Any = FleetView(self.state) if self.is_live_batch(name) else self.store
+    async def batch_report(self, name: str, *, live: bool) -> dict[str, Any] | None:
+        """A batch's summary and every device's row: from memory for a batch of the catalog
+        (`live`, as `is_live_batch` said), from the database for a removed one (`database_behind` first)."""
+        source: Any = FleetView(self.state) if live else self.store
         return await batch_report(source, self.live.catalog, name, sha_of=self.current_sha,
                                   schedule=self.live.rollout.schedule)
 

@@ -111,7 +111,13 @@ _BATCH_SELECT = ("SELECT name, package_id, fingerprint, state, created_at, start
 
 
 def _batch(row: Any) -> BatchRow:
-    return BatchRow(row[0], row[1], json.loads(row[2]), BatchState(row[3]), *row[4:8], json.loads(row[8]))
+    try:
+        state = BatchState(row[3])
+    except ValueError:
+        raise StoreError(f"the database holds batch {row[0]!r} in state {row[3]!r}, which this version of "
+                         "ota-server does not know (a newer version wrote it); run that version, or restore a "
+                         "backup made with this one (otactl restore)") from None
+    return BatchRow(row[0], row[1], json.loads(row[2]), state, *row[4:8], json.loads(row[8]))
 
 
 def load_state(db: sqlite3.Connection) -> FleetState:
