@@ -7,7 +7,7 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseTopicPlugin
 from amqtt.session import Session
 
-from otacore.protocol.topics import in_namespace, is_ota_topic
+from otacore.protocol.access import Access, device_may
 
 from .amqtt_patches import session_device
 
@@ -24,9 +24,8 @@ class DeviceTopicPlugin(BaseTopicPlugin):
         device = session_device(session)
         if device is None or not topic:
             return False
-        if not in_namespace(device, topic):
-            return False
-        # Upstream OTA topics are the server's to consume (it takes them from the packet path,
-        # so denying the PUBLISH keeps them from other subscribers); downstream ones are the
-        # server's to send: a device publishing its own upgrade push could forge one.
-        return not (action == Action.PUBLISH and is_ota_topic(topic))
+        # The OTA plugin takes the upstream OTA topics from the packet path (amqtt_patches/upstream.py).
+        access = Access.PUBLISH if action == Action.PUBLISH else Access.RECEIVE if action == Action.RECEIVE \
+            else Access.SUBSCRIBE
+        return device_may(device, topic, access, upstream_taken_in_broker=True)
+

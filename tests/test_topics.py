@@ -178,3 +178,26 @@ def test_filters_matching_is_complete_for_a_product_named_sys():
     device, topic = DeviceId("sys", "sys"), "/sys/sys/sys/x"
     expected = {f for f in candidate_filters(topic) if in_namespace(device, f) and mqtt_matches(f, topic)}
     assert expected <= set(filters_matching(device, topic))
+
+
+# -- what a device may do (otacore/protocol/access.py) -----------------------------------------
+
+def test_device_access_is_its_namespace_and_never_a_downstream_ota_topic() -> None:
+    from otacore.protocol.access import Access, device_may
+
+    me = DeviceId("a1Test", "d1")
+    inform, upgrade = "/ota/device/inform/a1Test/d1", "/ota/device/upgrade/a1Test/d1"
+    get, get_reply = "/sys/a1Test/d1/thing/ota/firmware/get", "/sys/a1Test/d1/thing/ota/firmware/get_reply"
+    for taken_in_broker in (True, False):
+        def may(topic: str, access: Access) -> bool:
+            return device_may(me, topic, access, upstream_taken_in_broker=taken_in_broker)
+
+        assert not may(upgrade, Access.PUBLISH) and not may(get_reply, Access.PUBLISH)  # forged pushes/replies
+        assert may(upgrade, Access.SUBSCRIBE) and may(get_reply, Access.RECEIVE)
+        assert may("/sys/a1Test/d1/thing/event/property/post", Access.PUBLISH)
+        assert not may("/ota/device/inform/a1Test/d2", Access.PUBLISH)  # another device's topic
+        assert not may("/sys/a1Test/+/thing/#", Access.SUBSCRIBE) and not may("", Access.RECEIVE)
+        # Upstream OTA topics: consumed from the packet path in the embedded broker (routing
+        # denied), published like any topic where the server subscribes (a broker cluster).
+        assert may(inform, Access.PUBLISH) is (not taken_in_broker)
+        assert may(get, Access.PUBLISH) is (not taken_in_broker)
