@@ -264,8 +264,9 @@ class FleetState:
         self.promises += 1
         return row
 
-    def _set_batch_state(self, row: BatchRow, state: BatchState | str) -> None:
-        row.state = state = BatchState(state)
+    def _set_batch_state(self, row: BatchRow, state: BatchState) -> None:
+        """The one place a batch's state changes, keeping the `running` index true."""
+        row.state = state
         if state == BatchState.RUNNING:
             self.running.add(row.name)
         else:
