@@ -25,7 +25,9 @@ from amqtt.broker import Broker
 from otacore import log_hygiene
 from otacore.config.settings import Settings
 
-from . import amqtt_patches, tls
+from otaserver import tls
+
+from . import amqtt_patches
 from .amqtt_patches import BrokerLimits, SessionDelivery, set_limits, set_tls_contexts, set_upstream_consumer
 from .runtime import OtaRuntime
 

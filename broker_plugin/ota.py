@@ -34,7 +34,8 @@ class OtaPlugin(BasePlugin):
         auth: dict[str, Any] = field(default_factory=dict)
         admin: dict[str, Any] = field(default_factory=dict)
         metrics: dict[str, Any] = field(default_factory=dict)
-        tls: dict[str, Any] = field(default_factory=dict)  # both TLS endpoints (broker_plugin/tls.py)
+        tls: dict[str, Any] = field(default_factory=dict)  # both TLS endpoints (otaserver/tls.py)
+        cluster: dict[str, Any] = field(default_factory=dict)  # cluster mode (docs/cluster.md): ota-server only
         # Set by ota-server: the folder of broker.yaml, against which relative paths resolve.
         base_dir: str | None = None
 

@@ -1,4 +1,5 @@
-"""`ota-server`: runs the amqtt broker with the OTA plugins from broker.yaml (docs/configuration.md).
+"""`ota-server`: runs the amqtt broker with the OTA plugins from broker.yaml (docs/configuration.md),
+or, with `cluster:` among the OTA plugin's keys, a worker on a RabbitMQ cluster (docs/cluster.md).
 
 A thin wrapper: it reads broker.yaml, applies the command-line overrides, checks the OTA
 settings and the catalog (a bad config, a data_dir in use or a damaged database is a one-line
@@ -101,6 +102,7 @@ async def serve(broker_config: dict[str, Any], settings: Settings) -> int:
         print(f"ota-server: {PLUGIN_PATH} is not in broker.yaml plugins; add it", file=sys.stderr)
         return 2
     runtime.log_startup_error = False  # we print it as our one line
+    stop, ready = take_signals(runtime)
     broker_log = logging.getLogger("amqtt.broker")
     level = broker_log.level
     broker_log.setLevel(logging.CRITICAL)  # a listener that cannot bind: our one line, not its traceback
@@ -117,27 +119,35 @@ async def serve(broker_config: dict[str, Any], settings: Settings) -> int:
     finally:
         broker_log.setLevel(level)
     if runtime.startup_error is not None:
-        print(f"ota-server: {_one_line(runtime.startup_error)}", file=sys.stderr)
+        print(f"ota-server: {one_line(runtime.startup_error)}", file=sys.stderr)
         return 1
     for name, listener in broker.listeners_config.items():
         if "bind" in listener:
             log.info("MQTT listener %r on %s", name, listener["bind"])
     log.info("ready; admin token in %s (or admin.token in broker.yaml)", runtime.settings.data_dir / "admin-token")
-    stop = asyncio.Event()
     runtime.on_fatal = stop.set  # the runtime logged why
     if runtime.fatal_error is not None:
         stop.set()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(runtime)))
+    ready.set()
     await stop.wait()
     log.info("shutting down")
     await broker.shutdown()
     return 0 if runtime.fatal_error is None else 1
 
 
-def _one_line(error: BaseException) -> str:
+def take_signals(runtime: Any) -> tuple[asyncio.Event, asyncio.Event]:
+    """(stop, ready): SIGINT/SIGTERM set `stop`; SIGHUP reloads the catalog once `ready` is set.
+    Taken before any listener opens: a SIGHUP that arrives once a client can connect but before
+    the server is ready must reload, not kill the process with its default action."""
+    loop = asyncio.get_running_loop()
+    stop, ready = asyncio.Event(), asyncio.Event()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_when(ready, runtime)))
+    return stop, ready
+
+
+def one_line(error: BaseException) -> str:
     from otacore.storage.store import StoreError  # late, like the broker: it pulls in aiosqlite
 
     if isinstance(error, ConfigError):
@@ -147,7 +157,8 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-async def _reload(runtime: Any) -> None:
+async def _reload_when(ready: asyncio.Event, runtime: Any) -> None:
+    await ready.wait()
     try:
         loaded = await runtime.engine.reload()
         log.info("SIGHUP: catalog reloaded (%d batches)", len(loaded.catalog.batches))
@@ -185,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         broker_config = apply_overrides(config, args)
         settings = config.settings(broker_config)
         load_catalog(settings.catalog_path, settings)
+        if settings.cluster_mode:  # a worker on a RabbitMQ cluster: no MQTT listener of its own
+            broker_config = {**broker_config, "listeners": {}}
         busy = busy_addresses(broker_config, settings)
         if busy:
             print(f"ota-server: {', '.join(busy)} already in use (another ota-server?); stop it or pass "
@@ -200,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # asyncio's own loop, not uvloop: under uvloop aiohttp cannot sendfile and reads
         # package files through a thread pool instead (slower, and buffers in memory).
+        if settings.cluster_mode:
+            from cluster_worker.serve import serve_worker
+            return asyncio.run(serve_worker(settings))
         return asyncio.run(serve(broker_config, settings))
     except KeyboardInterrupt:
         return 0

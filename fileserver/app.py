@@ -29,6 +29,7 @@ from otacore.protocol.codec import (PayloadError, decode_json, parse_firmware_re
 from otacore.protocol.credentials import DeviceId
 from otacore.views.devices import QueryError, parse_device_query
 
+from . import accel
 from .aiohttp_internals import PackageResponse, plain_headers
 from .connection_guard import GUARD, ConnectionGuard
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, BrokerFigures, exposition, metrics_registry
@@ -80,6 +81,9 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
     app[DOWNLOAD_STATUSES] = {200: 0, 206: 0}  # shown from the start, so that rate() sees the first ones
     app[METRICS] = metrics_registry(engine, broker or BrokerFigures(), app[DOWNLOAD_STATUSES],
                                     lambda: open_files.count)
+    if engine.settings.accel is not None:  # nginx in front sends the bytes (fileserver/accel.py)
+        accel.install(app, engine.settings.accel, engine.settings.url_ttl_seconds, app[DOWNLOAD_STATUSES],
+                      app[METRICS])
     app.router.add_get("/metrics", metrics_page)
     app.on_response_prepare.append(_count_download_status)
     app.on_response_prepare.append(_protect_admin_answers)
@@ -281,8 +285,9 @@ async def _set_package_etag(request: web.Request, response: web.StreamResponse) 
 
 async def _count_download_status(request: web.Request, response: web.StreamResponse) -> None:
     """Every answer to a /files/ request, by status, for GET /metrics: counted as its headers
-    go out, when the status is final (a PackageResponse's 206, 304 or 416 is set then)."""
-    if request.path.startswith("/files/"):
+    go out, when the status is final (a PackageResponse's 206, 304 or 416 is set then). A
+    download handed to nginx is counted with the status nginx's log line gives (accel.py)."""
+    if request.path.startswith("/files/") and "X-Accel-Redirect" not in response.headers:
         statuses = request.app[DOWNLOAD_STATUSES]
         statuses[response.status] = statuses.get(response.status, 0) + 1
 
@@ -334,6 +339,9 @@ async def download(request: web.Request) -> web.StreamResponse:
     if isinstance(rewritten, web.StreamResponse):
         opened.release()  # answered without the file (304, 412, ...)
         return rewritten
+    if transfer is not None and accel.ACCEL in request.app and request.app[accel.ACCEL].takes(request):
+        opened.release()  # checked that it opens as hashed; nginx sends it
+        return request.app[accel.ACCEL].response(file, transfer, etag, opened.stat.st_mtime)
     response = PackageResponse(file, opened, etag, rewritten, transfer,
                                headers={"Cache-Control": "private, no-transform"})
     if request.app[CROWDED]():

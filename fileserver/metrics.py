@@ -41,6 +41,21 @@ class BrokerFigures:
     messages: Mapping[str, int] = field(default_factory=dict)  # upstream topic kind -> received
     tls_failures: Mapping[tuple[str, str], int] = field(default_factory=dict)  # (endpoint, reason) -> handshakes
     connections_replaced: Callable[[], int] = lambda: 0  # past limits.max_connections_per_device
+    # Cluster mode only (cluster_worker/): the worker's AMQP side and the broker's auth checks.
+    cluster: Callable[[], "ClusterFigures"] | None = None
+
+
+@dataclass(frozen=True)
+class ClusterFigures:
+    connected: bool  # to one of the cluster's nodes now
+    connects: int
+    rekeyed: int  # ingress messages copied onto a partition
+    consumed: int  # partition messages handed to the engine
+    ignored: int  # messages on no OTA topic the worker can name a device for
+    published: int  # pushes and replies published
+    returned: int  # of those, taken by no subscription
+    sessions_bound: int  # session queues given the OTA topics of a device that did not subscribe them
+    auth_answers: Mapping[tuple[str, str], int]  # (check, allow|deny) -> answers
 
 
 class OtaCollector(Collector):
@@ -95,6 +110,8 @@ class OtaCollector(Collector):
             reloads.add_metric([result], count)
         yield reloads
         yield from self._batches(figures)
+        if broker.cluster is not None:
+            yield from _cluster(broker.cluster())
 
     def _batches(self, figures: EngineFigures) -> Iterator[Metric]:
         jobs = GaugeMetricFamily("ota_jobs", "Devices per batch and job state, each counted once by its latest "
@@ -115,6 +132,29 @@ class OtaCollector(Collector):
             for rollout_state in ROLLOUT_STATES:
                 rollout.add_metric([batch_name, rollout_state], 1 if now_doing == rollout_state else 0)
         yield rollout
+
+
+def _cluster(figures: ClusterFigures) -> Iterator[Metric]:
+    yield GaugeMetricFamily("ota_cluster_connected", "1 while the worker is connected to a RabbitMQ node.",
+                            value=1 if figures.connected else 0)
+    for name, value, text in (
+            ("connects", figures.connects, "Connections made to a RabbitMQ node (the first, then each failover)."),
+            ("rekeyed", figures.rekeyed, "Device messages copied from ota.ingress onto their device's partition."),
+            ("consumed", figures.consumed, "Device messages taken from the partition queues and decided."),
+            ("ignored", figures.ignored, "Messages on no OTA topic the worker can name a device for (dropped)."),
+            ("published", figures.published, "Pushes and replies published to amq.topic."),
+            ("returned", figures.returned, "Pushes and replies that no subscription of their device took "
+                                           "(a device away with clean_session=1, or one that subscribes to "
+                                           "nothing)."),
+            ("sessions_bound", figures.sessions_bound, "Device sessions whose queue the worker bound to the OTA "
+                                                       "topics the device did not subscribe to itself.")):
+        yield CounterMetricFamily(f"ota_cluster_{name}", text, value=value)
+    answers = CounterMetricFamily("ota_cluster_auth_answers", "The broker's login and ACL checks answered, by check "
+                                  "(user, vhost, resource, topic, emqx_authn, emqx_authz) and answer.",
+                                  labels=["check", "answer"])
+    for (check, answer), count in sorted(figures.auth_answers.items()):
+        answers.add_metric([check, answer], count)
+    yield answers
 
 
 def metrics_registry(engine: OtaEngine, broker: BrokerFigures, download_statuses: Mapping[int, int],

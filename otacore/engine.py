@@ -54,6 +54,10 @@ class Transfer:
     def __init__(self, downloads: Downloads, job_id: int) -> None:
         self._downloads, self._job_id = downloads, job_id
 
+    @property
+    def job_id(self) -> int:
+        return self._job_id
+
     def started(self) -> None:
         self._downloads.started(self._job_id)
 

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from broker_plugin.connection_budget import ConnectionBudget
+from otaserver.connection_budget import ConnectionBudget
 
 
 async def test_listeners_pause_near_the_limit_and_resume(caplog: pytest.LogCaptureFixture) -> None:
@@ -48,7 +48,7 @@ async def test_listeners_pause_near_the_limit_and_resume(caplog: pytest.LogCaptu
 
 
 def test_accept_errors_are_reported_once_per_interval() -> None:
-    from broker_plugin.connection_budget import accept_error_filter
+    from otaserver.connection_budget import accept_error_filter
     accept_filter = accept_error_filter()
 
     def record(at: float, msg: str = "socket.accept() out of system resource") -> logging.LogRecord:

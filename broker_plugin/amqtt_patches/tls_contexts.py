@@ -2,7 +2,7 @@
 
 amqtt builds a listener's `ssl: on` context itself (`Broker._create_ssl_context`), with
 default TLS 1.2 suites no RSA-only device stack shares, and no say in versions or ciphers.
-`set_tls_contexts` replaces that method on one broker with broker_plugin/tls.py's contexts.
+`set_tls_contexts` replaces that method on one broker with otaserver/tls.py's contexts.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from amqtt.broker import Broker, BrokerError
 
 
 def set_tls_contexts(broker: Broker, make: Callable[[dict[str, Any]], Any]) -> None:
-    """Listeners with `ssl: on` get their context from `make(listener)` (broker_plugin/tls.py)
+    """Listeners with `ssl: on` get their context from `make(listener)` (otaserver/tls.py)
     instead of amqtt's default server context, whose TLS 1.2 suites no RSA-only device
     stack shares. A missing or unreadable file stays amqtt's BrokerError, which says so."""
     def create(listener: Any) -> Any:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from otacore.config.accel import AccelSettings, accel_settings
 from otacore.errors import ConfigError, ConfigIssue
 
 DEFAULT_EXTENSIONS = (".bin", ".dav", ".tar", ".gz", ".zip", ".gzip", ".apk", ".tar.gz", ".tar.xz", ".pack")
@@ -32,14 +33,18 @@ NETWORK_LIMITS: tuple[tuple[str, float, float, str], ...] = (
 
 _KNOWN = {
     "catalog": None, "data_dir": None, "url_ttl_seconds": None, "retention_days": None,
-    "http": {"bind", "public_url", "tls"},
+    "http": {"bind", "public_url", "tls", "accel"},
     "limits": {"max_file_mb", "extensions", *(name for name, *_ in NETWORK_LIMITS)},
     "auth": {"allow_plain_secret"},
     "admin": {"token"},
     "metrics": {"public"},
     "tls": {"compatibility", "min_version", "ciphers"},
+    "cluster": {"amqp", "vhost", "partitions", "queue_type"},
 }
-# How both TLS endpoints negotiate (broker_plugin/tls.py builds the contexts).
+# Cluster mode (docs/cluster.md): device partitions, fixed for the life of the cluster's queues.
+MAX_PARTITIONS = 1024
+QUEUE_TYPES = ("classic", "quorum")
+# How both TLS endpoints negotiate (otaserver/tls.py builds the contexts).
 TLS_LEVELS = ("iot", "intermediate", "modern")
 TLS_MIN_VERSIONS = ("1.2", "1.3")
 
@@ -78,6 +83,12 @@ class Settings:
     tls_min_version: str = "1.2"
     tls_ciphers: str | None = None  # OpenSSL list for TLS 1.2, replacing the level's
     retention_days: float | None = None  # finished history of removed batches kept this long; None: for ever
+    accel: AccelSettings | None = None  # http.accel: nginx serves authorized downloads (X-Accel-Redirect)
+    # Cluster mode: no embedded broker; a worker on these RabbitMQ nodes (tried in order).
+    cluster_amqp: tuple[str, ...] = ()
+    cluster_vhost: str = "/"  # the devices' vhost, the one the auth endpoints allow
+    cluster_partitions: int = 8
+    cluster_queue_type: str = "classic"
 
     @property
     def tls_enabled(self) -> bool:
@@ -93,6 +104,11 @@ class Settings:
         if self.tls_port is not None:  # HTTPS on its own port: same host, that port
             return f"https://{f'[{host}]' if ':' in host else host}:{self.tls_port}"
         return "https://" + self.public_url.split("://", 1)[1]
+
+    @property
+    def cluster_mode(self) -> bool:
+        """A worker on a RabbitMQ cluster, not a broker of its own."""
+        return bool(self.cluster_amqp)
 
     @property
     def plain_http(self) -> bool:
@@ -212,6 +228,8 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
                 if not file.is_file():
                     bad(f"http.tls.{name}", f"{file} does not exist")
 
+    accel = accel_settings(sub("http", "accel", None), bad, split_host_port)
+
     ttl = options.get("url_ttl_seconds", 86400)
     if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 60:
         bad("url_ttl_seconds", "must be a whole number of seconds, at least 60")
@@ -262,6 +280,8 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
                               "history for ever)")
         retention_days = None
 
+    cluster = _cluster(options.get("cluster"), bad)
+
     if issues:
         raise ConfigError(issues)
     return Settings(
@@ -271,8 +291,38 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
         url_ttl_seconds=ttl, max_file_mb=max_mb, extensions=ext_tuple,
         allow_plain_secret=allow_plain, admin_token=token, source=source, metrics_public=metrics_public,
         tls_compatibility=tls_compatibility, tls_min_version=tls_min_version, tls_ciphers=tls_ciphers,
-        retention_days=retention_days, **network_limits,
+        retention_days=retention_days, accel=accel, cluster_amqp=cluster[0], cluster_vhost=cluster[1],
+        cluster_partitions=cluster[2], cluster_queue_type=cluster[3], **network_limits,
     )
+
+
+def _cluster(cluster: Any, bad: Any) -> tuple[tuple[str, ...], str, int, str]:
+    """(amqp URLs, vhost, partitions, queue type) of the `cluster` mapping; no URLs: embedded."""
+    if not isinstance(cluster, dict):
+        return (), "/", 8, "classic"
+    amqp = cluster.get("amqp")
+    if isinstance(amqp, str):
+        amqp = [amqp]
+    urls: tuple[str, ...] = ()
+    if not isinstance(amqp, list) or not amqp or not all(isinstance(url, str) for url in amqp) \
+            or any(urlsplit(url).scheme not in ("amqp", "amqps") or not urlsplit(url).hostname for url in amqp):
+        bad("cluster.amqp", "must list the RabbitMQ nodes' AMQP URLs, like [amqp://ota-worker:PASSWORD@host1:5672/]")
+    else:
+        urls = tuple(amqp)
+    vhost = cluster.get("vhost", "/")
+    if not isinstance(vhost, str) or not vhost:
+        bad("cluster.vhost", "must be the devices' RabbitMQ vhost, like /")
+        vhost = "/"
+    partitions = cluster.get("partitions", 8)
+    if isinstance(partitions, bool) or not isinstance(partitions, int) or not 1 <= partitions <= MAX_PARTITIONS:
+        bad("cluster.partitions", f"must be a whole number from 1 to {MAX_PARTITIONS} (default 8); it is fixed "
+                                  "once the cluster's queues exist")
+        partitions = 8
+    queue_type = cluster.get("queue_type", "classic")
+    if queue_type not in QUEUE_TYPES:
+        bad("cluster.queue_type", f"must be one of {', '.join(QUEUE_TYPES)} (quorum on three nodes or more)")
+        queue_type = "classic"
+    return urls, vhost, partitions, queue_type
 
 
 def _tls_policy(tls: Any, bad: Any) -> tuple[str, str, str | None]:

@@ -5,7 +5,7 @@ works with firmware we did not write. Runs in its own venv (linkkit needs paho-m
     /tmp/linkkit-venv/bin/pip install aliyun-iot-linkkit==1.2.13 "paho-mqtt<2"
     /tmp/linkkit-venv/bin/python scripts/interop/linkkit_device.py --port 1883 cam-0100
 
-Reports 1.0.0, waits for the push (linkkit's on_ota_message_arrived), asks again with
+Subscribes to its application topic (user/get) as Aliyun's samples do, reports 1.0.0, waits for the push (linkkit's on_ota_message_arrived), asks again with
 query_ota_firmware (get_reply), downloads with linkkit's download_ota_firmware (which checks
 the sign), reports progress 100 and the new version. Prints one line; exit 0 on success.
 With --cafile it connects over TLS and downloads over https, trusting that CA.
@@ -58,6 +58,9 @@ def main() -> int:
     parser.add_argument("--version", default="1.0.0")
     parser.add_argument("--cafile", help="MQTT over TLS (and https downloads) trusting this CA, as linkkit's "
                                          "config_mqtt(secure='TLS', cadata=...) does")
+    parser.add_argument("--clean-session", type=int, choices=(0, 1), default=1,
+                        help="linkkit's config_mqtt(clean_session=...): 0 keeps the session, which a broker "
+                             "cluster needs to reach a device that never subscribes (docs/cluster.md)")
     args = parser.parse_args()
     secret = hmac.new(args.product_secret.encode(), args.device.encode(), hashlib.sha256).hexdigest()
     kit = linkkit.LinkKit(host_name="cn-shanghai", product_key=args.product, device_name=args.device,
@@ -65,9 +68,11 @@ def main() -> int:
     if args.cafile:
         serialize_tls_socket()
         with open(args.cafile, encoding="ascii") as ca:
-            kit.config_mqtt(port=args.port, secure="TLS", cadata=ca.read(), endpoint=args.host, keep_alive=60)
+            kit.config_mqtt(port=args.port, secure="TLS", cadata=ca.read(), endpoint=args.host, keep_alive=60,
+                            clean_session=bool(args.clean_session))
     else:
-        kit.config_mqtt(port=args.port, secure="", endpoint=args.host, keep_alive=60)
+        kit.config_mqtt(port=args.port, secure="", endpoint=args.host, keep_alive=60,
+                        clean_session=bool(args.clean_session))
     connected, offers = threading.Event(), []
     offered = threading.Semaphore(0)
     kit.on_connect = lambda session_flag, rc, userdata: rc == 0 and connected.set()
@@ -81,6 +86,15 @@ def main() -> int:
     kit.connect_async()
     if not connected.wait(10):
         print(f"{args.device} linkkit: not connected")
+        return 1
+    # As an application does (Aliyun's samples: the product's custom topic user/get). linkkit
+    # never subscribes to its OTA topics itself: Aliyun's cloud delivers them regardless; a
+    # broker cluster binds them to the session this subscription makes (docs/cluster.md).
+    subscribed = threading.Event()
+    kit.on_subscribe_topic = lambda mid, granted_qos, userdata: subscribed.set()
+    kit.subscribe_topic(kit.to_full_topic("user/get"), 1)
+    if not subscribed.wait(10):
+        print(f"{args.device} linkkit: subscription not acknowledged")
         return 1
     kit.ota_report_version(None, args.version)  # its return code misreads paho's; the message goes out
     if not offered.acquire(timeout=10):

@@ -134,6 +134,6 @@ def install() -> None:
     if getattr(protocol, "_on_handshake_complete", None) is not _on_handshake_complete:
         if not hasattr(protocol, "_process_outgoing"):
             raise RuntimeError("asyncio.sslproto changed: SSLProtocol._process_outgoing is gone; "
-                               "review broker_plugin/tls.py for this Python version")
+                               "review otaserver/tls.py for this Python version")
         protocol._on_handshake_complete = _on_handshake_complete  # type: ignore[method-assign]
     protocol.max_size = 32 * 1024

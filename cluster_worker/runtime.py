@@ -1,0 +1,79 @@
+"""The OTA server's runtime (otaserver/runtime.py) as a cluster worker: its MQTT side is a
+RabbitMQ cluster, reached over AMQP (worker.py, link.py), and its HTTP server also answers
+RabbitMQ's login and topic checks (fileserver/broker_auth.py)."""
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from fileserver.broker_auth import BrokerAuth
+from fileserver.metrics import BrokerFigures, ClusterFigures
+from otacore.config.settings import Settings
+from otacore.messaging import DeviceLink, DeviceMessages
+from otacore.protocol.credentials import DeviceId
+from otaserver.runtime import ServerRuntime
+
+from .link import AmqpLink
+from .sessions import SessionBindings
+from .worker import ClusterWorker
+
+
+class WorkerRuntime(ServerRuntime):
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.link = AmqpLink(self.spawn)
+        self.worker: ClusterWorker | None = None
+        self.auth: BrokerAuth | None = None
+        self.sessions = SessionBindings(self.link, lambda: self.worker.connection if self.worker else None)
+
+    def device_link(self) -> DeviceLink:
+        return self.link
+
+    def broker_figures(self, messages: DeviceMessages) -> BrokerFigures:
+        return BrokerFigures(devices_online=self.link.online_devices, messages=messages.received,
+                             tls_failures=self.tls_failures, cluster=self.cluster_figures)
+
+    def cluster_figures(self) -> ClusterFigures:
+        worker = self.worker
+        return ClusterFigures(
+            connected=worker is not None and worker.connected.is_set(), connects=worker.connects if worker else 0,
+            rekeyed=worker.rekeyed if worker else 0, consumed=worker.consumed if worker else 0,
+            ignored=worker.ignored if worker else 0, published=self.link.published, returned=self.link.returned,
+            sessions_bound=self.sessions.bound,
+            auth_answers=self.auth.answers if self.auth is not None else {})
+
+    def add_routes(self, app: web.Application) -> None:
+        assert self.engine is not None
+        self.auth = BrokerAuth(self.engine, self.settings.cluster_vhost, self.logged_in, self.sessions.subscribed)
+        self.auth.add_routes(app)
+
+    def logged_in(self, device: DeviceId, client_id: str) -> None:
+        """RabbitMQ let the device in (the auth endpoint said so)."""
+        self.seen(device)
+        self.sessions.logged_in(client_id)
+
+    def seen(self, device: DeviceId) -> None:
+        """The device logged in or sent a message: present, and alive now."""
+        self.link.seen(device)
+        self.last_seen[f"{device.device_name}&{device.product_key}"] = time.time()
+
+    def admits(self, device: DeviceId) -> bool:
+        """Is the device in the live catalog? A removed one keeps its open connection (the
+        worker cannot close it), but what it sends is ignored."""
+        catalog = self.engine.catalog if self.engine is not None else None
+        product = catalog.products.get(device.product_key) if catalog is not None else None
+        return product is not None and product.has_device(device.device_name)
+
+    async def start(self) -> None:
+        await super().start()
+        assert self.messages is not None
+        self.worker = ClusterWorker(self.settings, self.messages, self.link, self.seen, self.admits)
+        self.worker.start()
+
+    async def stop(self) -> None:
+        await self.sessions.stop()
+        if self.worker is not None:
+            await self.worker.stop()  # no new messages; what was decided is written below
+            self.worker = None
+        await super().stop()

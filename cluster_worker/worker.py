@@ -1,0 +1,198 @@
+"""The worker's AMQP side: connect to one of the cluster's nodes (the next when it goes),
+declare the topology, re-key the ingress queue onto the partitions, and hand each partition's
+messages to the device messages in order, acknowledging each once its promises are committed
+(the rule the embedded broker's PUBACK follows).
+
+Acknowledgements are at least once: a message whose acknowledgement did not reach RabbitMQ
+(the worker killed, a node stopped) is delivered again, and the engine's answer to a repeated
+report is the answer it gave the first time.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import aiormq
+from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+from pamqp.commands import Basic
+
+from otacore.config.settings import Settings
+from otacore.messaging import DeviceMessages
+from otacore.protocol.credentials import DeviceId
+from otacore.protocol.routing_keys import parse_upstream_key, partition_key, topic_of
+
+from .link import AmqpLink
+from .topology import INGRESS_QUEUE, PARTITION_EXCHANGE, TOPIC_EXCHANGE, TOPIC_HEADER, declare, partition_queue
+
+log = logging.getLogger("ota.cluster")
+
+INGRESS_PREFETCH = 512  # re-keyed in batches of up to this many, one confirm round trip each
+PARTITION_PREFETCH = 256  # per partition: messages decided and waiting for their commit
+RECONNECT_SECONDS = (0.2, 0.5, 1, 2, 5)  # after each failed round over every node
+CONNECT_TIMEOUT = 5.0
+
+
+def node_name(url: str) -> str:
+    """host:port of an AMQP URL, without its credentials (for logs and /metrics)."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 5672}"
+
+
+class ClusterWorker:
+    def __init__(self, settings: Settings, messages: DeviceMessages, link: AmqpLink,
+                 seen: Callable[[DeviceId], None], admits: Callable[[DeviceId], bool]) -> None:
+        self._settings = settings
+        self._messages = messages
+        self._link = link
+        self._seen = seen  # a message from the device: it is alive
+        self._admits = admits  # the device is in the live catalog
+        self._task: asyncio.Task[None] | None = None
+        self.node: str | None = None  # the node connected to now
+        self.connects = 0
+        self.rekeyed = 0
+        self.consumed = 0
+        self.ignored = 0  # not an OTA topic the worker can name a device for
+        self.connected = asyncio.Event()
+        self.connection: AbstractConnection | None = None  # while connected
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ota-cluster")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    # -- connection ----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        urls = self._settings.cluster_amqp
+        failures = 0
+        while True:
+            for url in urls:
+                try:
+                    connection = await asyncio.wait_for(aiormq.connect(url), CONNECT_TIMEOUT)
+                except (asyncio.TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+                    log.warning("cluster: cannot connect to %s: %r", node_name(url), exc)
+                    continue
+                failures = 0
+                try:
+                    await self._serve(connection, node_name(url))
+                except asyncio.CancelledError:
+                    await self._close(connection)
+                    raise
+                except Exception as exc:  # the node or the connection went: the next node
+                    log.warning("cluster: connection to %s lost: %r; trying the next node", node_name(url), exc)
+                finally:
+                    self.connected.clear()
+                    self._link.attach(None)
+                    self.connection = None
+                    self.node = None
+                await self._close(connection)
+            await asyncio.sleep(RECONNECT_SECONDS[min(failures, len(RECONNECT_SECONDS) - 1)])
+            failures += 1
+
+    @staticmethod
+    async def _close(connection: AbstractConnection) -> None:
+        try:
+            await asyncio.wait_for(connection.close(), 2)
+        except Exception:  # already gone
+            pass
+
+    async def _serve(self, connection: AbstractConnection, node: str) -> None:
+        settings = self._settings
+        setup = await connection.channel(publisher_confirms=False)
+        await declare(setup, settings.cluster_partitions, settings.cluster_queue_type)
+        await setup.close()
+        # Pushes and replies: confirmed, and what no queue takes comes back to the link.
+        outgoing = await connection.channel(publisher_confirms=True, on_return_raises=False)
+        ingress = await connection.channel(publisher_confirms=True)
+        await ingress.basic_qos(prefetch_count=INGRESS_PREFETCH)
+        partitions = await connection.channel(publisher_confirms=False)
+        await partitions.basic_qos(prefetch_count=PARTITION_PREFETCH)
+        self._link.attach(outgoing)
+        self.connection = connection
+        waiting: deque[DeliveredMessage] = deque()
+        arrived = asyncio.Event()
+
+        async def on_ingress(message: DeliveredMessage) -> None:
+            waiting.append(message)  # before any await: in delivery order
+            arrived.set()
+
+        await ingress.basic_consume(INGRESS_QUEUE, on_ingress)
+        for number in range(settings.cluster_partitions):
+            await partitions.basic_consume(partition_queue(number), self._on_partition)
+        self.node, self.connects = node, self.connects + 1
+        self.connected.set()
+        log.info("cluster: connected to %s; consuming %s and %d partition queue(s)", node, INGRESS_QUEUE,
+                 settings.cluster_partitions)
+        rekey = asyncio.get_running_loop().create_task(self._rekey(ingress, waiting, arrived))
+        closing = asyncio.ensure_future(connection.closing)
+        try:
+            done, _ = await asyncio.wait({rekey, closing}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # the reason it ended
+            raise ConnectionError("connection closed")
+        finally:
+            rekey.cancel()
+            closing.cancel()
+            await asyncio.gather(rekey, return_exceptions=True)
+
+    # -- ingress: re-key onto the partitions ----------------------------------------------------
+    async def _rekey(self, channel: AbstractChannel, waiting: deque[DeliveredMessage],
+                     arrived: asyncio.Event) -> None:
+        while True:
+            await arrived.wait()
+            arrived.clear()
+            while waiting:
+                batch = [waiting.popleft() for _ in range(len(waiting))]
+                confirms = []
+                for message in batch:
+                    key = message.routing_key or ""
+                    ota_topic = parse_upstream_key(key)
+                    if ota_topic is None:
+                        self.ignored += 1
+                        continue
+                    properties = Basic.Properties(delivery_mode=2, headers={TOPIC_HEADER: key})
+                    # Created in order: aiormq writes the frames in that order (FIFO lock).
+                    confirms.append(asyncio.ensure_future(channel.basic_publish(
+                        message.body, exchange=PARTITION_EXCHANGE, routing_key=partition_key(ota_topic.device),
+                        properties=properties)))
+                for confirm in await asyncio.gather(*confirms):
+                    if not isinstance(confirm, Basic.Ack):
+                        raise ConnectionError(f"RabbitMQ did not take a re-keyed message: {confirm!r}")
+                self.rekeyed += len(confirms)
+                await channel.basic_ack(batch[-1].delivery_tag, multiple=True)
+
+    # -- partitions: decide ---------------------------------------------------------------------
+    async def _on_partition(self, message: DeliveredMessage) -> None:
+        # Runs to its first await in delivery order: `receive` decides synchronously.
+        self.consumed += 1
+        headers = message.header.properties.headers or {}
+        key = headers.get(TOPIC_HEADER)
+        ota_topic = parse_upstream_key(key) if isinstance(key, str) else None
+        if ota_topic is None or not self._admits(ota_topic.device):
+            self.ignored += 1
+            await self._ack(message)
+            return
+        device = ota_topic.device
+        self._seen(device)
+        answer = self._messages.receive(device, ota_topic.kind, topic_of(key), message.body)
+        if answer is not True:
+            await _committed(answer)
+        await self._ack(message)
+
+    @staticmethod
+    async def _ack(message: DeliveredMessage) -> None:
+        try:
+            await message.channel.basic_ack(message.delivery.delivery_tag)
+        except Exception as exc:  # the channel went: RabbitMQ delivers it again, decided the same
+            log.info("cluster: acknowledgement lost (%r); the message comes again", exc)
+
+
+async def _committed(answer: bool | Awaitable[None]) -> None:
+    if not isinstance(answer, bool):
+        await answer

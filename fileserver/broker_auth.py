@@ -1,0 +1,146 @@
+"""Device login and topic ACL for a RabbitMQ cluster, in `rabbitmq_auth_backend_http`'s format
+(docs/cluster.md): RabbitMQ asks `POST /broker-auth/{user,vhost,resource,topic}` with form
+fields and reads `allow` or `deny` back. The rules are the embedded broker's (otacore/protocol/
+access.py), with one difference: the worker consumes the upstream OTA topics from the broker
+like any subscriber, so a device may publish its own.
+
+- user: an MQTT login (RabbitMQ sends the client id) by a device of the live catalog, with an
+  Aliyun signed password or, where allowed, its plain secret. AMQP logins by devices (no
+  client id) are refused: devices speak MQTT. A product key or device name holding `.` is
+  refused (otacore/protocol/routing_keys.py says why).
+- vhost: the devices' vhost only (`cluster.vhost`).
+- resource: what RabbitMQ's MQTT plugin does for a device: publish to and bind from
+  `amq.topic`, and its own `mqtt-subscription-*` queues; nothing else (not the worker's).
+- topic: the device's own topics, never a downstream OTA topic.
+
+EMQX's HTTP authenticator and authorizer ask the same questions in JSON: `POST
+/broker-auth/emqx/authn` (username, password, client_id) and `/broker-auth/emqx/authz`
+(username, client_id, topic with `/`, action publish|subscribe), answered `{"result": ...}`.
+
+These endpoints answer a password oracle's questions, so nginx does not pass them on to the
+outside (config/nginx); RabbitMQ reaches the worker directly.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+
+from otacore.engine import OtaEngine
+from otacore.protocol.access import Access, device_may
+from otacore.protocol.credentials import DeviceId, parse_username
+from otacore.protocol.routing_keys import name_fits, topic_of
+
+log = logging.getLogger("ota.auth")
+
+PREFIX = "/broker-auth"
+MQTT_QUEUE_PREFIX = "mqtt-subscription-"  # RabbitMQ 3.10's MQTT plugin names each client's queues so
+DEVICE_EXCHANGE = "amq.topic"
+MAX_FIELD = 1024  # any field longer than this is no device's
+
+
+class BrokerAuth:
+    def __init__(self, engine: OtaEngine, vhost: str, logged_in: Callable[[DeviceId, str], None],
+                 subscribed: Callable[[DeviceId, str, str], None] = lambda device, client_id, topic: None) -> None:
+        self._engine = engine
+        self._vhost = vhost
+        self._logged_in = logged_in  # (device, client id): present now
+        self._subscribed = subscribed  # (device, client id, filter): its session has a queue now
+        self.answers: dict[tuple[str, str], int] = {}  # (check, allow|deny) -> count, for /metrics
+
+    def add_routes(self, app: web.Application) -> None:
+        for check, handler in (("user", self.user), ("vhost", self.vhost), ("resource", self.resource),
+                               ("topic", self.topic)):
+            app.router.add_route("POST", f"{PREFIX}/{check}", self._answering(check, handler))
+            app.router.add_route("GET", f"{PREFIX}/{check}", self._answering(check, handler))
+        app.router.add_post(f"{PREFIX}/emqx/authn", self._emqx("emqx_authn", self.emqx_authn))
+        app.router.add_post(f"{PREFIX}/emqx/authz", self._emqx("emqx_authz", self.emqx_authz))
+
+    def _answering(self, check: str, decide: Callable[[dict[str, str]], bool]):  # type: ignore[no-untyped-def]
+        async def handler(request: web.Request) -> web.Response:
+            fields = dict(request.query)
+            if request.method == "POST":
+                try:
+                    fields.update(await request.post())
+                except (ValueError, web.HTTPException):
+                    fields = {}
+            plain = {k: v for k, v in fields.items() if isinstance(v, str) and len(v) <= MAX_FIELD}
+            allowed = len(plain) == len(fields) and decide(plain)
+            outcome = (check, "allow" if allowed else "deny")
+            self.answers[outcome] = self.answers.get(outcome, 0) + 1
+            return web.Response(text=outcome[1])  # a fresh one each time: a response is sent once
+        return handler
+
+    def _emqx(self, check: str, decide: Callable[[dict[str, str]], bool]):  # type: ignore[no-untyped-def]
+        async def handler(request: web.Request) -> web.Response:
+            try:
+                body = await request.json()
+            except (ValueError, web.HTTPException):
+                body = None
+            fields = body if isinstance(body, dict) else {}
+            plain = {k: v for k, v in fields.items() if isinstance(v, str) and len(v) <= MAX_FIELD}
+            allowed = bool(plain) and len(plain) == len(fields) and decide(plain)
+            outcome = (check, "allow" if allowed else "deny")
+            self.answers[outcome] = self.answers.get(outcome, 0) + 1
+            return web.json_response({"result": outcome[1]})
+        return handler
+
+    def emqx_authn(self, fields: dict[str, str]) -> bool:
+        return "client_id" in fields and self.user(fields)
+
+    def emqx_authz(self, fields: dict[str, str]) -> bool:
+        device = self._device({"username": fields.get("username", "")})
+        access = {"publish": Access.PUBLISH, "subscribe": Access.SUBSCRIBE}.get(fields.get("action", ""))
+        topic = fields.get("topic", "")
+        return device is not None and access is not None and bool(topic) and \
+            device_may(device, topic, access, upstream_taken_in_broker=False)
+
+    def _device(self, fields: dict[str, str]) -> DeviceId | None:
+        """The catalog device a request's username names, on the devices' vhost."""
+        device = parse_username(fields.get("username"))
+        catalog = self._engine.catalog
+        if device is None or catalog is None or fields.get("vhost", self._vhost) != self._vhost:
+            return None
+        product = catalog.products.get(device.product_key)
+        return device if product is not None and product.has_device(device.device_name) and name_fits(device) \
+            else None
+
+    def user(self, fields: dict[str, str]) -> bool:
+        client_id = fields.get("client_id")
+        if client_id is None:
+            return False  # an AMQP login: devices speak MQTT
+        device = self._engine.mqtt_login(client_id, fields.get("username"), fields.get("password"))
+        if device is None or not name_fits(device):
+            return False
+        self._logged_in(device, client_id)
+        return True
+
+    def vhost(self, fields: dict[str, str]) -> bool:
+        return self._device(fields) is not None
+
+    def resource(self, fields: dict[str, str]) -> bool:
+        if self._device(fields) is None:
+            return False
+        kind, name, permission = fields.get("resource"), fields.get("name", ""), fields.get("permission")
+        if kind == "exchange":
+            return name == DEVICE_EXCHANGE and permission in ("read", "write")
+        if kind == "queue":
+            return name.startswith(MQTT_QUEUE_PREFIX) and permission in ("configure", "read", "write")
+        return False
+
+    def topic(self, fields: dict[str, str]) -> bool:
+        device = self._device(fields)
+        if device is None or fields.get("resource") != "topic" or fields.get("name") != DEVICE_EXCHANGE:
+            return False
+        access = {"write": Access.PUBLISH, "read": Access.SUBSCRIBE}.get(fields.get("permission", ""))
+        key = fields.get("routing_key", "")
+        if access is None or not key:
+            return False
+        topic = topic_of(key)
+        if not device_may(device, topic, access, upstream_taken_in_broker=False):
+            return False
+        client_id = fields.get("variable_map.client_id")
+        if access == Access.SUBSCRIBE and client_id:
+            self._subscribed(device, client_id, topic)
+        return True

@@ -1,0 +1,202 @@
+"""The cluster mode as a user runs it (docs/cluster.md): `scripts/cluster-up` on loopback (two
+RabbitMQ nodes, nginx, the OTA worker), its printed lines, the worker's process, and a device
+that rides out a node or the worker going away (clean_session=0, the other node, HTTP retries).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import aiomqtt
+import yarl
+
+from devicekit.signing import signed_login
+from support.harness import PK, device_secret
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Cluster:
+    dir: Path
+    mqtt_ports: list[int]
+    http_url: str
+    config: Path
+    catalog: Path
+    down: str
+    lines: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def admin_token(self) -> str:
+        return (self.dir / "var" / "admin-token").read_text().strip()
+
+    @property
+    def worker_pid(self) -> int:
+        return int((self.dir / "worker.pid").read_text())
+
+    def otactl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "otactl"), "--config", str(self.config), "--catalog", str(self.catalog),
+                               *args], capture_output=True, text=True, timeout=60)
+
+    def rabbitmqctl(self, node: int, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(ROOT / "scripts" / "cluster" / "rabbitmq-nodes"), "ctl", str(self.dir / "rabbit"),
+                               str(node), *args], capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+
+    def kill_worker(self) -> None:
+        """SIGKILL: a crash, nothing written on the way out."""
+        pid = self.worker_pid
+        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+    def start_worker(self) -> None:
+        """Start the worker again as cluster-up does (cluster-down stops it by its PID file)."""
+        log = open(self.dir / "worker.log", "ab")  # noqa: SIM115 -- the child keeps it
+        process = subprocess.Popen([str(BIN / "ota-server"), "--config", str(self.config)], stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        (self.dir / "worker.pid").write_text(f"{process.pid}\n")
+
+    async def admin(self, path: str) -> Any:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(self.http_url + path,
+                                   headers={"Authorization": f"Bearer {self.admin_token}"}) as response:
+                assert response.status == 200, (path, response.status, await response.text())
+                return await response.json()
+
+    async def metrics(self) -> dict[str, float]:
+        """GET /metrics through nginx: unlabelled series by name."""
+        async with aiohttp.ClientSession() as session:
+            async with session.get(self.http_url + "/metrics",
+                                   headers={"Authorization": f"Bearer {self.admin_token}"}) as response:
+                text = await response.text()
+        return {name: float(value) for name, _, value in
+                (line.partition(" ") for line in text.splitlines() if line and not line.startswith("#"))
+                if "{" not in name}
+
+    async def reload(self) -> None:
+        result = await asyncio.to_thread(self.otactl, "reload")
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+class CannotInstall(Exception):
+    """RabbitMQ or nginx is missing and cannot be installed here (cluster-up's exit status 3)."""
+
+
+def cluster_up(root: Path, catalog: Path) -> Cluster:
+    """`scripts/cluster-up --dir root/cluster --catalog catalog`, its printed lines parsed."""
+    result = subprocess.run([str(ROOT / "scripts" / "cluster-up"), "--dir", str(root / "cluster"),
+                             "--catalog", str(catalog)], capture_output=True, text=True, timeout=300)
+    if result.returncode == 3:
+        raise CannotInstall(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "exit status 3")
+    if result.returncode != 0:
+        raise RuntimeError(f"cluster-up failed ({result.returncode}): {result.stderr[-3000:]}")
+    lines = dict(line.split("=", 1) for line in result.stdout.splitlines() if line.startswith("OTA_CLUSTER_"))
+    return Cluster(dir=root / "cluster", mqtt_ports=[int(a.rsplit(":", 1)[1]) for a in lines["OTA_CLUSTER_MQTT"].split(",")],
+                   http_url=lines["OTA_CLUSTER_HTTP"], config=Path(lines["OTA_CLUSTER_CONFIG"]),
+                   catalog=Path(lines["OTA_CLUSTER_CATALOG"]), down=lines["OTA_CLUSTER_DOWN"], lines=lines)
+
+
+def cluster_down(cluster: Cluster) -> None:
+    subprocess.run(cluster.down, shell=True, capture_output=True, timeout=120)
+
+
+class ResilientDevice:
+    """A device that upgrades over HTTP however often its connections go: MQTT with
+    clean_session=0 and a stable client id, to the next node when one goes; downloads resumed
+    with Range after any failure. `steps` records what it did, for the test's verdict."""
+
+    def __init__(self, cluster: Cluster, name: str, first_node: int, *, version: str = "1.0.0",
+                 start_after: float = 0.0, install_seconds: float = 0.0) -> None:
+        self.cluster, self.name = cluster, name
+        self.start_after = start_after
+        self.install_seconds = install_seconds  # between the download and its report, connected
+        self.node = first_node
+        self.version = version
+        self.secret = device_secret(name)
+        self.client_id, self.password = signed_login(self.secret, name, PK, None)
+        self.steps: list[str] = []
+        self.connects = 0
+        self.pushes: list[dict[str, Any]] = []
+
+    @property
+    def upgrade_topic(self) -> str:
+        return f"/ota/device/upgrade/{PK}/{self.name}"
+
+    async def run(self, target: str, timeout: float = 120) -> None:
+        await asyncio.sleep(self.start_after)
+        deadline = time.monotonic() + timeout
+        image = b""
+        offer: dict[str, Any] | None = None
+        while self.version != target:
+            assert time.monotonic() < deadline, f"{self.name}: not upgraded in {timeout:g} s: {self.steps[-8:]}"
+            port = self.cluster.mqtt_ports[self.node % len(self.cluster.mqtt_ports)]
+            try:
+                async with aiomqtt.Client("127.0.0.1", port, identifier=self.client_id,
+                                          username=f"{self.name}&{PK}", password=self.password,
+                                          clean_session=False, timeout=10) as client:
+                    self.connects += 1
+                    self.steps.append(f"connected to {port}")
+                    await client.subscribe(self.upgrade_topic, qos=1)
+                    messages = client.messages
+                    while offer is None:
+                        await self._publish(client, f"/ota/device/inform/{PK}/{self.name}",
+                                            {"id": "1", "params": {"version": self.version}})
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(5):
+                                async for message in messages:
+                                    if str(message.topic) == self.upgrade_topic:
+                                        offer = json.loads(bytes(message.payload))["data"]
+                                        self.pushes.append(offer)
+                                        break
+                    if len(image) < int(offer["size"]):
+                        image = await self._download(offer, image)
+                        await asyncio.sleep(self.install_seconds)  # a node may go meanwhile
+                    await self._publish(client, f"/ota/device/progress/{PK}/{self.name}",
+                                        {"id": "2", "params": {"step": "100", "desc": ""}})
+                    self.version = offer["version"]
+                    await self._publish(client, f"/ota/device/inform/{PK}/{self.name}",
+                                        {"id": "3", "params": {"version": self.version}})
+                    self.steps.append(f"upgraded to {self.version}")
+            except aiomqtt.MqttError as exc:
+                self.steps.append(f"MQTT on {port}: {exc}")
+                self.node += 1  # the other node
+                await asyncio.sleep(0.3)
+
+    async def _publish(self, client: aiomqtt.Client, topic: str, payload: dict[str, Any]) -> None:
+        await client.publish(topic, json.dumps(payload), qos=1)
+        self.steps.append(f"published {topic.split('/')[3]}")
+
+    async def _download(self, offer: dict[str, Any], image: bytes) -> bytes:
+        """The whole file, resumed with Range after each failure (the worker or nginx gone)."""
+        url = yarl.URL(offer["url"], encoded=True)
+        async with aiohttp.ClientSession() as session:
+            for attempt in range(200):
+                try:
+                    headers = {"Range": f"bytes={len(image)}-"} if image else {}
+                    async with session.get(url, headers=headers) as response:
+                        if response.status not in (200, 206):
+                            raise aiohttp.ClientResponseError(response.request_info, (), status=response.status)
+                        if response.status == 200:
+                            image = b""
+                        image += await response.read()
+                    if len(image) >= int(offer["size"]):
+                        break
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    self.steps.append(f"download attempt {attempt}: {exc!r}"[:200])
+                    await asyncio.sleep(0.3)
+        digest = hashlib.sha256 if str(offer.get("signMethod", "")).upper() == "SHA256" else hashlib.md5
+        assert digest(image).hexdigest() == offer["sign"], f"{self.name}: image does not match its sign"
+        return image
