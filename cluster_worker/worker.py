@@ -25,7 +25,7 @@ from otacore.protocol.credentials import DeviceId
 from otacore.protocol.routing_keys import parse_upstream_key, partition_key, topic_of
 
 from .link import AmqpLink
-from .topology import INGRESS_QUEUE, PARTITION_EXCHANGE, TOPIC_EXCHANGE, TOPIC_HEADER, declare, partition_queue
+from .topology import INGRESS_QUEUE, PARTITION_EXCHANGE, TOPIC_HEADER, declare, partition_queue
 
 log = logging.getLogger("ota.cluster")
 

@@ -21,6 +21,7 @@ from devicekit.simulator import DeviceConfig, run_fleet
 from support.cluster import CannotInstall, Cluster, ResilientDevice, cluster_down, cluster_up
 from otacore.protocol.codec import decode_block_reply
 from support.harness import PK, PRODUCT_SECRET, Device, OtaServer, device_secret, write_catalog
+from support.processes import linkkit_python
 
 pytestmark = pytest.mark.cluster
 
@@ -82,13 +83,9 @@ async def test_linkkit_sdk_device_upgrades_through_the_cluster(cluster: Cluster,
     reach it unchanged."""
     batches(cluster, "- {name: linkkit, package: fw-1.1.0, type: upgrade, protocol: http, mode: dynamic, push: true}\n")
     await cluster.reload()
-    venv = tmp_path / "linkkit"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "aliyun-iot-linkkit==1.2.13", "paho-mqtt<2"],
-                             capture_output=True, text=True)
-    assert install.returncode == 0, install.stderr[-2000:]
+    python = await asyncio.to_thread(linkkit_python)
     result = await asyncio.to_thread(
-        subprocess.run, [str(venv / "bin" / "python"), str(LINKKIT), "lk-c1", "--port", str(cluster.mqtt_ports[1]),
+        subprocess.run, [str(python), str(LINKKIT), "lk-c1", "--port", str(cluster.mqtt_ports[1]),
                          "--product", PK, "--product-secret", PRODUCT_SECRET],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

@@ -6,24 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from support.harness import PK, PRODUCT_SECRET, UPGRADE_BATCH, OtaServer, free_port, write_catalog
+from support.processes import linkkit_python
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "interop" / "linkkit_device.py"
 
 
-@pytest.fixture(scope="module")
-def linkkit_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    venv = tmp_path_factory.mktemp("linkkit") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "aliyun-iot-linkkit==1.2.13", "paho-mqtt<2"],
-                   check=True, capture_output=True)
-    return venv / "bin" / "python"
+@pytest.fixture(scope="module", name="linkkit_python")
+def linkkit_python_fixture() -> Path:
+    return linkkit_python()
 
 
 async def test_linkkit_device_upgrades(tmp_path: Path, linkkit_python: Path) -> None:

@@ -94,3 +94,21 @@ def ordinary_user(tmp_path: Path, prefix: str) -> Iterator[tuple[list[str], Path
         yield ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"], root
     finally:
         shutil.rmtree(root)
+
+
+LINKKIT_VERSION = "1.2.13"
+
+
+def linkkit_python() -> Path:
+    """A Python with Aliyun's linkkit SDK (it needs paho-mqtt < 2; the project uses 2.x): a venv
+    of its own beside the project's, made once (.venv/linkkit-VERSION) and kept for later runs."""
+    root = Path(__file__).resolve().parents[2]
+    venv = root / ".venv" / f"linkkit-{LINKKIT_VERSION}"
+    ready = venv / ".installed"
+    if not ready.exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"aliyun-iot-linkkit=={LINKKIT_VERSION}",
+                        "paho-mqtt<2"], check=True, capture_output=True)
+        ready.touch()
+    return venv / "bin" / "python"
