@@ -40,6 +40,7 @@ ENGINE = web.AppKey("engine", OtaEngine)
 ADMIN_TOKEN = web.AppKey("admin_token", str)
 CROWDED = web.AppKey("crowded", Callable[[], bool])
 METRICS = web.AppKey("metrics", CollectorRegistry)
+BROKER = web.AppKey("broker", BrokerFigures)  # what the MQTT side knows (GET /metrics, /healthz)
 DOWNLOAD_STATUSES = web.AppKey("download_statuses", dict[int, int])  # HTTP status -> /files/ answers
 MAX_DEVICE_BODY = 64 * 1024
 ADMIN_READ_WAIT = 5.0  # seconds an admin read waits for the database to catch up with memory
@@ -79,7 +80,8 @@ def create_app(engine: OtaEngine, admin_token: str, crowded: Callable[[], bool] 
     app.router.add_get("/healthz", healthz)
     app.on_response_prepare.append(_set_package_etag)
     app[DOWNLOAD_STATUSES] = {200: 0, 206: 0}  # shown from the start, so that rate() sees the first ones
-    app[METRICS] = metrics_registry(engine, broker or BrokerFigures(), app[DOWNLOAD_STATUSES],
+    app[BROKER] = broker or BrokerFigures()
+    app[METRICS] = metrics_registry(engine, app[BROKER], app[DOWNLOAD_STATUSES],
                                     lambda: open_files.count)
     if engine.settings.accel is not None:  # nginx in front sends the bytes (fileserver/accel.py)
         accel.install(app, engine.settings.accel, engine.settings.url_ttl_seconds, app[DOWNLOAD_STATUSES],
@@ -803,8 +805,12 @@ async def _database_behind(engine: OtaEngine) -> web.Response | None:
 
 async def healthz(request: web.Request) -> web.Response:
     """200 while the database takes writes; 503 with the reason while it does not (the journal
-    keeps the changes and retries) or was abandoned (data_dir deleted or replaced)."""
+    keeps the changes and retries) or was abandoned (data_dir deleted or replaced), and, for a
+    cluster worker, while it is connected to none of the cluster's nodes."""
     trouble = request.app[ENGINE].trouble()
+    cluster = request.app[BROKER].cluster
+    if trouble is None and cluster is not None and not cluster().connected:
+        trouble = "connected to none of the RabbitMQ nodes in cluster.amqp; it keeps trying (see its log)"
     if trouble is None:
         return web.Response(text=json.dumps({"ok": True, "status": "ok"}), content_type="application/json")
     body = {"ok": False, "status": "degraded", "reason": trouble}

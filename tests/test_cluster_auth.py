@@ -131,6 +131,8 @@ async def test_emqx_authenticator_and_authorizer(worker) -> None:  # type: ignor
                            headers={"Authorization": f"Bearer {runtime.admin_token}"}) as response:
         text = await response.text()
     assert "ota_cluster_connected 0.0" in text
+    async with session.get(runtime.http_url + "/healthz") as response:  # no node reachable
+        assert response.status == 503 and "RabbitMQ" in (await response.json())["reason"]
     assert 'ota_cluster_auth_answers_total{answer="deny",check="emqx_authz"} 3.0' in text
 
 
