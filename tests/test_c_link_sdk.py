@@ -6,16 +6,11 @@ from __future__ import annotations
 
 import hashlib
 
+from support.c_link_sdk import FIRST_REQUEST, NEXT_REQUEST, STARTED
 from support.harness import Device, OtaServer
 
 from otacore.protocol.codec import decode_block_reply
 
-# As the SDK's mqtt_download component writes it (streamId 1: the first job of a fresh server).
-FIRST_REQUEST = (b'{"id":"1","version":"1.0","params":{"fileToken":"default","fileInfo":{"streamId":1,"fileId":1,},'
-                 b'"fileBlock":{"size":10240,"offset":0}}}')
-NEXT_REQUEST = ('{{"id":"{id}","version":"1.0","params":{{"fileToken":"default","fileInfo":{{"streamId":{stream},'
-                '"fileId":1,}},"fileBlock":{{"size":10240,"offset":{offset}}}}}}}')
-STARTED = b'{"id":2,"params":{"step":"0","desc":""}}'
 
 
 async def test_the_c_link_sdk_upgrades_over_mqtt_blocks(mqtt_server: OtaServer) -> None:

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from devicekit.simulator import DeviceConfig, run_fleet
+from support import c_link_sdk
 from support.cluster import CannotInstall, Cluster, ResilientDevice, cluster_down, cluster_up
 from otacore.protocol.codec import decode_block_reply
 from support.harness import PK, PRODUCT_SECRET, Device, OtaServer, device_secret, write_catalog
@@ -210,11 +211,11 @@ async def test_c_link_sdk_sequence_through_the_cluster_and_the_limit_without_sub
         await device.subscribe(f"/{PK}/c-sdk-1/user/get")
         await device.inform("1.0.0")
         push = (await device.next_push(timeout=10))["data"]
-        await device.publish(f"/ota/device/progress/{PK}/c-sdk-1", C_SDK_STARTED)
+        await device.publish(f"/ota/device/progress/{PK}/c-sdk-1", c_link_sdk.STARTED)
         # The SDK's first request names stream 1 (the first job of a fresh server); here the
         # pushed one, with every byte of the SDK's format kept.
         image, number = b"", 1
-        request = C_SDK_FIRST_REQUEST.replace(b'"streamId":1,', f'"streamId":{push["streamId"]},'.encode())
+        request = c_link_sdk.first_request(push["streamId"])
         while True:
             await device.publish(f"/sys/{PK}/c-sdk-1/thing/file/download", request)
             header, block = decode_block_reply(await device.receive("download_reply", timeout=10))
@@ -224,7 +225,7 @@ async def test_c_link_sdk_sequence_through_the_cluster_and_the_limit_without_sub
             if len(image) >= header["data"]["fileLength"]:
                 break
             number += 1
-            request = C_SDK_NEXT_REQUEST.format(id=number, stream=push["streamId"], offset=len(image)).encode()
+            request = c_link_sdk.NEXT_REQUEST.format(id=number, stream=push["streamId"], offset=len(image)).encode()
         assert hashlib.md5(image).hexdigest() == push["sign"]
         await device.progress(100)
         await device.inform("1.1.0")
@@ -245,12 +246,6 @@ async def test_c_link_sdk_sequence_through_the_cluster_and_the_limit_without_sub
     assert metrics["ota_cluster_sessions_bound_total"] >= 1
 
 
-# As Aliyun's C Link SDK 4.x writes them (tests/test_c_link_sdk.py replays the same bytes).
-C_SDK_FIRST_REQUEST = (b'{"id":"1","version":"1.0","params":{"fileToken":"default","fileInfo":{"streamId":1,'
-                       b'"fileId":1,},"fileBlock":{"size":10240,"offset":0}}}')
-C_SDK_NEXT_REQUEST = ('{{"id":"{id}","version":"1.0","params":{{"fileToken":"default","fileInfo":{{"streamId":'
-                      '{stream},"fileId":1,}},"fileBlock":{{"size":10240,"offset":{offset}}}}}}}')
-C_SDK_STARTED = b'{"id":2,"params":{"step":"0","desc":""}}'
 
 
 async def test_a_node_stopped_mid_rollout_its_devices_and_the_worker_finish_on_the_other(cluster: Cluster) -> None:
