@@ -3,6 +3,7 @@ RabbitMQ cluster, reached over AMQP (worker.py, link.py), and its HTTP server al
 RabbitMQ's login and topic checks (fileserver/broker_auth.py)."""
 from __future__ import annotations
 
+import logging
 import time
 
 from aiohttp import web
@@ -17,6 +18,8 @@ from otaserver.runtime import ServerRuntime
 from .link import AmqpLink
 from .sessions import SessionBindings
 from .worker import ClusterWorker
+
+log = logging.getLogger("ota.cluster")
 
 
 class WorkerRuntime(ServerRuntime):
@@ -45,7 +48,11 @@ class WorkerRuntime(ServerRuntime):
 
     def add_routes(self, app: web.Application) -> None:
         assert self.engine is not None
-        self.auth = BrokerAuth(self.engine, self.settings.cluster_vhost, self.logged_in, self.sessions.subscribed)
+        self.auth = BrokerAuth(self.engine, self.settings.cluster_vhost, self.logged_in, self.sessions.subscribed,
+                               token=self.settings.cluster_auth_token)
+        if self.settings.cluster_auth_token is None:
+            log.warning("cluster.auth_token is not set: anyone who reaches http.bind can ask the login endpoints "
+                        "(/broker-auth/...); set it, and put it in RabbitMQ's auth_http URLs (docs/cluster.md)")
         self.auth.add_routes(app)
 
     def logged_in(self, device: DeviceId, client_id: str) -> None:
@@ -58,6 +65,13 @@ class WorkerRuntime(ServerRuntime):
         self.link.seen(device)
         self.last_seen[f"{device.device_name}&{device.product_key}"] = time.time()
 
+    def stop_serving(self, reason: str) -> None:
+        """A cluster misconfiguration: said once, and ota-server stops (exit status 1)."""
+        log.error("cluster: %s", reason)
+        self.fatal_error = reason
+        if self.on_fatal is not None:
+            self.on_fatal()
+
     def admits(self, device: DeviceId) -> bool:
         """Is the device in the live catalog? A removed one keeps its open connection (the
         worker cannot close it), but what it sends is ignored."""
@@ -68,7 +82,7 @@ class WorkerRuntime(ServerRuntime):
     async def start(self) -> None:
         await super().start()
         assert self.messages is not None
-        self.worker = ClusterWorker(self.settings, self.messages, self.link, self.seen, self.admits)
+        self.worker = ClusterWorker(self.settings, self.messages, self.link, self.seen, self.admits, self.stop_serving)
         self.worker.start()
 
     async def stop(self) -> None:

@@ -24,6 +24,8 @@ async def serve_worker(settings: Settings) -> int:
         print(f"ota-server: {one_line(exc)}", file=sys.stderr)
         return 1
     runtime.on_fatal = stop.set  # the runtime logged why
+    if runtime.fatal_error is not None:
+        stop.set()
     log.info("ready (cluster worker on %s); admin token in %s (or admin.token in broker.yaml)",
              ", ".join(node_name(url) for url in settings.cluster_amqp), settings.data_dir / "admin-token")
     ready.set()

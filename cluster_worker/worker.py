@@ -21,6 +21,7 @@ from pamqp.commands import Basic
 
 from otacore.config.settings import Settings
 from otacore.messaging import DeviceMessages
+from otacore.protocol.codec import MAX_JSON_BYTES
 from otacore.protocol.credentials import DeviceId
 from otacore.protocol.routing_keys import parse_upstream_key, partition_key, topic_of
 
@@ -29,7 +30,7 @@ from .topology import INGRESS_QUEUE, PARTITION_EXCHANGE, TOPIC_HEADER, declare, 
 
 log = logging.getLogger("ota.cluster")
 
-INGRESS_PREFETCH = 512  # re-keyed in batches of up to this many, one confirm round trip each
+INGRESS_PREFETCH = 256  # re-keyed in batches of up to this many, one confirm round trip each
 PARTITION_PREFETCH = 256  # per partition: messages decided and waiting for their commit
 RECONNECT_SECONDS = (0.2, 0.5, 1, 2, 5)  # after each failed round over every node
 CONNECT_TIMEOUT = 5.0
@@ -43,12 +44,14 @@ def node_name(url: str) -> str:
 
 class ClusterWorker:
     def __init__(self, settings: Settings, messages: DeviceMessages, link: AmqpLink,
-                 seen: Callable[[DeviceId], None], admits: Callable[[DeviceId], bool]) -> None:
+                 seen: Callable[[DeviceId], None], admits: Callable[[DeviceId], bool],
+                 fatal: Callable[[str], None]) -> None:
         self._settings = settings
         self._messages = messages
         self._link = link
         self._seen = seen  # a message from the device: it is alive
         self._admits = admits  # the device is in the live catalog
+        self._fatal = fatal  # a misconfiguration no reconnect can cure: stop the worker
         self._task: asyncio.Task[None] | None = None
         self.node: str | None = None  # the node connected to now
         self.connects = 0
@@ -78,12 +81,16 @@ class ClusterWorker:
                 except (asyncio.TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
                     log.warning("cluster: cannot connect to %s: %r", node_name(url), exc)
                     continue
-                failures = 0
+                connects = self.connects
                 try:
                     await self._serve(connection, node_name(url))
                 except asyncio.CancelledError:
                     await self._close(connection)
                     raise
+                except WrongPartitions as exc:
+                    await self._close(connection)
+                    self._fatal(str(exc))
+                    return
                 except Exception as exc:  # the node or the connection went: the next node
                     log.warning("cluster: connection to %s lost: %r; trying the next node", node_name(url), exc)
                 finally:
@@ -92,6 +99,8 @@ class ClusterWorker:
                     self.connection = None
                     self.node = None
                 await self._close(connection)
+                if self.connects > connects:
+                    failures = 0  # it served: a fresh loss, not a node that keeps refusing
             await asyncio.sleep(RECONNECT_SECONDS[min(failures, len(RECONNECT_SECONDS) - 1)])
             failures += 1
 
@@ -107,6 +116,7 @@ class ClusterWorker:
         setup = await connection.channel(publisher_confirms=False)
         await declare(setup, settings.cluster_partitions, settings.cluster_queue_type)
         await setup.close()
+        await self._check_no_more_partitions(connection, settings.cluster_partitions)
         # Pushes and replies: confirmed, and what no queue takes comes back to the link.
         outgoing = await connection.channel(publisher_confirms=True, on_return_raises=False)
         ingress = await connection.channel(publisher_confirms=True)
@@ -141,6 +151,21 @@ class ClusterWorker:
             closing.cancel()
             await asyncio.gather(rekey, return_exceptions=True)
 
+    @staticmethod
+    async def _check_no_more_partitions(connection: AbstractConnection, partitions: int) -> None:
+        """A queue past the last partition means the cluster's queues were made with more: the
+        devices the hash sends there would wait for ever."""
+        probe = await connection.channel(publisher_confirms=False)
+        try:
+            await probe.queue_declare(partition_queue(partitions), passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return  # as it should be (and the 404 closed the probe channel)
+        await probe.close()
+        raise WrongPartitions(
+            f"cluster.partitions is {partitions} but queue {partition_queue(partitions)} exists: the cluster's queues "
+            f"were made with more partitions, and devices hashed there would never be answered; set "
+            f"cluster.partitions back, or stop every worker and delete the ota.partition.* queues")
+
     # -- ingress: re-key onto the partitions ----------------------------------------------------
     async def _rekey(self, channel: AbstractChannel, waiting: deque[DeliveredMessage],
                      arrived: asyncio.Event) -> None:
@@ -153,7 +178,7 @@ class ClusterWorker:
                 for message in batch:
                     key = message.routing_key or ""
                     ota_topic = parse_upstream_key(key)
-                    if ota_topic is None:
+                    if ota_topic is None or len(message.body) > MAX_JSON_BYTES:  # no OTA message is larger
                         self.ignored += 1
                         continue
                     properties = Basic.Properties(delivery_mode=2, headers={TOPIC_HEADER: key})
@@ -191,6 +216,10 @@ class ClusterWorker:
             await message.channel.basic_ack(message.delivery.delivery_tag)
         except Exception as exc:  # the channel went: RabbitMQ delivers it again, decided the same
             log.info("cluster: acknowledgement lost (%r); the message comes again", exc)
+
+
+class WrongPartitions(Exception):
+    """The cluster's partition queues do not match cluster.partitions."""
 
 
 async def _committed(answer: bool | Awaitable[None]) -> None:

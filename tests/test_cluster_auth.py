@@ -4,6 +4,7 @@ and the topic <-> routing key rules (otacore/protocol/routing_keys.py). No Rabbi
 worker runs with its nodes unreachable (the cluster tests, tests/test_cluster.py, run the rest)."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,14 +21,15 @@ from otacore.protocol.topics import FILE_DOWNLOAD, FIRMWARE_GET, INFORM, PROGRES
 from support.harness import PK, device_secret, free_port, write_catalog
 
 
-@pytest.fixture
-async def worker(tmp_path: Path) -> AsyncIterator[tuple[WorkerRuntime, aiohttp.ClientSession, str]]:
-    write_catalog(tmp_path)
+@contextlib.asynccontextmanager
+async def running_worker(root: Path, **cluster: str) -> AsyncIterator[tuple[WorkerRuntime, aiohttp.ClientSession, str]]:
+    """A worker whose RabbitMQ nodes are unreachable; (runtime, session, its /broker-auth base)."""
+    write_catalog(root)
     port = free_port()
     settings = settings_from_mapping({
-        "catalog": str(tmp_path / "ota.yaml"), "data_dir": str(tmp_path / "var"),
+        "catalog": str(root / "ota.yaml"), "data_dir": str(root / "var"),
         "http": {"bind": f"127.0.0.1:{port}", "public_url": f"http://127.0.0.1:{port}"},
-        "cluster": {"amqp": [f"amqp://ota-worker:pw@127.0.0.1:{free_port()}/"]}}, tmp_path / "broker.yaml")
+        "cluster": {"amqp": [f"amqp://ota-worker:pw@127.0.0.1:{free_port()}/"], **cluster}}, root / "broker.yaml")
     runtime = WorkerRuntime(settings)
     await runtime.start()
     try:
@@ -35,6 +37,12 @@ async def worker(tmp_path: Path) -> AsyncIterator[tuple[WorkerRuntime, aiohttp.C
             yield runtime, session, f"http://127.0.0.1:{port}/broker-auth"
     finally:
         await runtime.stop()
+
+
+@pytest.fixture
+async def worker(tmp_path: Path) -> AsyncIterator[tuple[WorkerRuntime, aiohttp.ClientSession, str]]:
+    async with running_worker(tmp_path) as running:
+        yield running
 
 
 async def ask(session: aiohttp.ClientSession, url: str, **fields: str) -> str:
@@ -55,9 +63,8 @@ async def test_rabbitmq_login_checks_follow_the_embedded_rules(worker) -> None: 
     assert await ask(session, user, username=f"ac-1&{PK}", password=secret) == "deny"  # AMQP: no client id
     assert await ask(session, user, username="guest", password="guest", client_id="x") == "deny"
     assert await ask(session, user, username=f"ac-1&{PK}", password=secret, client_id="a" * 5000) == "deny"
-    dotted = "ac.1"
-    assert await ask(session, user, username=f"{dotted}&{PK}", password=device_secret(dotted),
-                     client_id=dotted) == "deny"  # its topics cannot cross RabbitMQ unchanged
+    for odd in ("ac.1", "ac:1"):  # its topics cannot cross RabbitMQ unchanged; RabbitMQ reads `:` as a vhost
+        assert await ask(session, user, username=f"{odd}&{PK}", password=device_secret(odd), client_id=odd) == "deny"
     assert runtime.link.is_online(DeviceId(PK, "ac-1"))  # a login makes it present
     assert not runtime.link.is_online(DeviceId(PK, "ac.1"))
     async with session.post(user, data=b"\xff\xfe garbage", headers={"Content-Type": "text/plain"}) as response:
@@ -136,6 +143,41 @@ async def test_emqx_authenticator_and_authorizer(worker) -> None:  # type: ignor
     assert 'ota_cluster_auth_answers_total{answer="deny",check="emqx_authz"} 3.0' in text
 
 
+async def test_a_client_id_belongs_to_the_first_device_that_logs_in_with_it(worker) -> None:  # type: ignore[no-untyped-def]
+    """RabbitMQ hands a client id's session (its subscriptions, queued pushes, the OTA bindings)
+    to whoever logs in with it: another device's valid login on it is refused."""
+    runtime, session, base = worker
+    user = f"{base}/user"
+    victim = {"username": f"v-1&{PK}", "password": device_secret("v-1"), "client_id": "v-1|securemode=2|"}
+    assert await ask(session, user, **victim) == "allow"
+    thief = {"username": f"t-1&{PK}", "password": device_secret("t-1"), "client_id": "v-1|securemode=2|"}
+    assert await ask(session, user, **thief) == "deny"
+    assert await ask(session, user, **victim) == "allow"  # its own again
+    # A topic check naming the victim's client id for another device binds nothing.
+    bound: list[tuple[DeviceId, str, str]] = []
+    runtime.auth._subscribed = lambda *args: bound.append(args)  # what the sessions would bind
+    topic = {"resource": "topic", "name": "amq.topic", "permission": "read", "vhost": "/",
+             "variable_map.client_id": "v-1|securemode=2|"}
+    assert await ask(session, f"{base}/topic", **topic, username=f"t-1&{PK}", routing_key=f".{PK}.t-1.user.get") == "allow"
+    assert bound == []
+    assert await ask(session, f"{base}/topic", **topic, username=f"v-1&{PK}", routing_key=f".{PK}.v-1.user.get") == "allow"
+    assert bound == [(DeviceId(PK, "v-1"), "v-1|securemode=2|", f"/{PK}/v-1/user/get")]
+
+
+async def test_with_an_auth_token_only_its_paths_answer(tmp_path: Path) -> None:
+    async with running_worker(tmp_path, auth_token="s3cret-token-0123456789") as (_, session, base):
+        fields = {"username": f"tk-1&{PK}", "password": device_secret("tk-1"), "client_id": "tk-1"}
+        async with session.post(f"{base}/user", data=fields) as response:
+            assert response.status == 404
+        async with session.post(f"{base}/wrong-token-0123456789/user", data=fields) as response:
+            assert response.status == 404
+        assert await ask(session, f"{base}/s3cret-token-0123456789/user", **fields) == "allow"
+        deep = "[" * 5000 + "]" * 5000  # nested past Python's recursion limit: a deny, not a 500
+        async with session.post(f"{base}/s3cret-token-0123456789/emqx/authn", data=deep,
+                                headers={"Content-Type": "application/json"}) as response:
+            assert response.status == 200 and (await response.json())["result"] == "deny"
+
+
 def test_topics_and_routing_keys() -> None:
     device = DeviceId(PK, "dev-1")
     assert routing_key(f"/ota/device/inform/{PK}/dev-1") == f".ota.device.inform.{PK}.dev-1"
@@ -157,6 +199,8 @@ def test_topics_and_routing_keys() -> None:
     ({"amqp": ["amqp://u:p@127.0.0.1:5672/"], "queue_type": "stream"}, "cluster.queue_type"),
     ({"amqp": ["amqp://u:p@127.0.0.1:5672/"], "vhost": ""}, "cluster.vhost"),
     ({"amqp": ["amqp://u:p@127.0.0.1:5672/"], "nodes": 3}, "cluster.nodes"),
+    ({"amqp": ["amqp://u:p@127.0.0.1:5672/"], "auth_token": "short"}, "cluster.auth_token"),
+    ({"amqp": ["amqp://u:p@127.0.0.1:5672/"], "auth_token": "has/a/slash/in/it/xx"}, "cluster.auth_token"),
 ])
 def test_bad_cluster_settings_are_one_line_errors(tmp_path: Path, cluster: dict, message: str) -> None:
     with pytest.raises(ConfigError) as error:

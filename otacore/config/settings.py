@@ -39,7 +39,7 @@ _KNOWN = {
     "admin": {"token"},
     "metrics": {"public"},
     "tls": {"compatibility", "min_version", "ciphers"},
-    "cluster": {"amqp", "vhost", "partitions", "queue_type"},
+    "cluster": {"amqp", "vhost", "partitions", "queue_type", "auth_token"},
 }
 # Cluster mode (docs/cluster.md): device partitions, fixed for the life of the cluster's queues.
 MAX_PARTITIONS = 1024
@@ -89,6 +89,7 @@ class Settings:
     cluster_vhost: str = "/"  # the devices' vhost, the one the auth endpoints allow
     cluster_partitions: int = 8
     cluster_queue_type: str = "classic"
+    cluster_auth_token: str | None = None  # the login endpoints live under /broker-auth/{token}/
 
     @property
     def tls_enabled(self) -> bool:
@@ -292,14 +293,16 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
         allow_plain_secret=allow_plain, admin_token=token, source=source, metrics_public=metrics_public,
         tls_compatibility=tls_compatibility, tls_min_version=tls_min_version, tls_ciphers=tls_ciphers,
         retention_days=retention_days, accel=accel, cluster_amqp=cluster[0], cluster_vhost=cluster[1],
-        cluster_partitions=cluster[2], cluster_queue_type=cluster[3], **network_limits,
+        cluster_partitions=cluster[2], cluster_queue_type=cluster[3], cluster_auth_token=cluster[4],
+        **network_limits,
     )
 
 
-def _cluster(cluster: Any, bad: Any) -> tuple[tuple[str, ...], str, int, str]:
-    """(amqp URLs, vhost, partitions, queue type) of the `cluster` mapping; no URLs: embedded."""
+def _cluster(cluster: Any, bad: Any) -> tuple[tuple[str, ...], str, int, str, str | None]:
+    """(amqp URLs, vhost, partitions, queue type, auth token) of the `cluster` mapping; no
+    URLs: embedded."""
     if not isinstance(cluster, dict):
-        return (), "/", 8, "classic"
+        return (), "/", 8, "classic", None
     amqp = cluster.get("amqp")
     if isinstance(amqp, str):
         amqp = [amqp]
@@ -322,7 +325,13 @@ def _cluster(cluster: Any, bad: Any) -> tuple[tuple[str, ...], str, int, str]:
     if queue_type not in QUEUE_TYPES:
         bad("cluster.queue_type", f"must be one of {', '.join(QUEUE_TYPES)} (quorum on three nodes or more)")
         queue_type = "classic"
-    return urls, vhost, partitions, queue_type
+    token = cluster.get("auth_token")
+    if token is not None and (not isinstance(token, str) or len(token) < 16
+                              or not all(c.isalnum() or c in "-_" for c in token)):
+        bad("cluster.auth_token", "must be at least 16 letters, digits, - or _ (it goes in RabbitMQ's auth_http "
+                                  "URLs: /broker-auth/TOKEN/user)")
+        token = None
+    return urls, vhost, partitions, queue_type, token
 
 
 def _tls_policy(tls: Any, bad: Any) -> tuple[str, str, str | None]:

@@ -4,7 +4,9 @@ a topic into an AMQP routing key on `amq.topic` by writing `/` as `.` (and a fil
 
 Nothing escapes a `.` inside a level, so a device whose product key or name holds one could
 not be told apart from another device's topics, and would receive its pushes on a topic it
-never subscribed to: the cluster refuses such devices at login (`name_fits`).
+never subscribed to: the cluster refuses such devices at login (`name_fits`). RabbitMQ also
+reads a `:` in an MQTT username as `vhost:user`, so a name holding one never reaches the
+device's vhost: refused too.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ UPSTREAM_BINDINGS = (
 
 
 def name_fits(device: DeviceId) -> bool:
-    """Can this device's topics cross the cluster unchanged?"""
-    return "." not in device.product_key and "." not in device.device_name
+    """Can this device log in and its topics cross the cluster unchanged?"""
+    return not any(mark in name for mark in ".:" for name in (device.product_key, device.device_name))
 
 
 def routing_key(topic: str) -> str:

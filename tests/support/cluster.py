@@ -140,7 +140,8 @@ class ResilientDevice:
         deadline = time.monotonic() + timeout
         image = b""
         offer: dict[str, Any] | None = None
-        while self.version != target:
+        announced = False  # the new version reported and acknowledged
+        while not announced:
             assert time.monotonic() < deadline, f"{self.name}: not upgraded in {timeout:g} s: {self.steps[-8:]}"
             port = self.cluster.mqtt_ports[self.node % len(self.cluster.mqtt_ports)]
             try:
@@ -150,30 +151,36 @@ class ResilientDevice:
                     self.connects += 1
                     self.steps.append(f"connected to {port}")
                     await client.subscribe(self.upgrade_topic, qos=1)
-                    messages = client.messages
-                    while offer is None:
-                        await self._publish(client, f"/ota/device/inform/{PK}/{self.name}",
-                                            {"id": "1", "params": {"version": self.version}})
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(5):
-                                async for message in messages:
-                                    if str(message.topic) == self.upgrade_topic:
-                                        offer = json.loads(bytes(message.payload))["data"]
-                                        self.pushes.append(offer)
-                                        break
-                    if len(image) < int(offer["size"]):
-                        image = await self._download(offer, image)
-                        await asyncio.sleep(self.install_seconds)  # a node may go meanwhile
-                    await self._publish(client, f"/ota/device/progress/{PK}/{self.name}",
-                                        {"id": "2", "params": {"step": "100", "desc": ""}})
-                    self.version = offer["version"]
+                    if self.version != target:
+                        offer = await self._offer(client, offer)
+                        if len(image) < int(offer["size"]):
+                            image = await self._download(offer, image)
+                            await asyncio.sleep(self.install_seconds)  # a node may go meanwhile
+                        await self._publish(client, f"/ota/device/progress/{PK}/{self.name}",
+                                            {"id": "2", "params": {"step": "100", "desc": ""}})
+                        self.version = offer["version"]  # flashed: from now on it runs the new one
                     await self._publish(client, f"/ota/device/inform/{PK}/{self.name}",
                                         {"id": "3", "params": {"version": self.version}})
+                    announced = True
                     self.steps.append(f"upgraded to {self.version}")
             except aiomqtt.MqttError as exc:
                 self.steps.append(f"MQTT on {port}: {exc}")
                 self.node += 1  # the other node
                 await asyncio.sleep(0.3)
+
+    async def _offer(self, client: aiomqtt.Client, offer: dict[str, Any] | None) -> dict[str, Any]:
+        """The push (kept from an earlier connection, or asked for by reporting the version)."""
+        while offer is None:
+            await self._publish(client, f"/ota/device/inform/{PK}/{self.name}",
+                                {"id": "1", "params": {"version": self.version}})
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    async for message in client.messages:
+                        if str(message.topic) == self.upgrade_topic:
+                            offer = json.loads(bytes(message.payload))["data"]
+                            self.pushes.append(offer)
+                            break
+        return offer
 
     async def _publish(self, client: aiomqtt.Client, topic: str, payload: dict[str, Any]) -> None:
         await client.publish(topic, json.dumps(payload), qos=1)
