@@ -10,10 +10,13 @@ would not answer exactly as the server does is served by the server, as without 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import mimetypes
+import os
 import socket
+import stat
 from collections.abc import Iterator
 from urllib.parse import quote
 
@@ -46,13 +49,13 @@ def _content_type(name: str) -> str:
 
 
 class AccelDownloads:
-    """Hands downloads to nginx; with `log_port`, credits the bytes nginx reports per job."""
+    """Hands downloads to nginx; with a log address, credits the bytes nginx reports per job."""
 
     def __init__(self, settings: AccelSettings, max_age: float, statuses: dict[int, int]) -> None:
         """`max_age`: seconds a hand-off waits for its log line; `statuses`: /files/ answers by
         status for /metrics, counted here from nginx's lines (the server's own 200 is not the answer)."""
         self.settings = settings
-        self.handoffs = HandOffs(max_age) if settings.log_port is not None else None
+        self.handoffs = HandOffs(max_age) if settings.counts_bytes else None
         self._statuses = statuses
         self._transport: asyncio.DatagramTransport | None = None
         self._sweep: asyncio.Task[None] | None = None
@@ -109,12 +112,23 @@ class AccelDownloads:
     async def start(self) -> None:
         if self.handoffs is None:
             return
-        host, port = self.settings.log_host, self.settings.log_port
+        settings = self.settings
         loop = asyncio.get_running_loop()
         try:
-            self._transport, _ = await loop.create_datagram_endpoint(lambda: _LogLines(self), local_addr=(host, port))
+            if settings.log_path is not None:
+                # Only processes allowed to write the file can send lines (nginx's user: put
+                # it in this server's group); a UDP port takes them from any local process.
+                with contextlib.suppress(FileNotFoundError):
+                    if stat.S_ISSOCK(os.lstat(settings.log_path).st_mode):
+                        os.unlink(settings.log_path)  # a previous run's
+                self._transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _LogLines(self), local_addr=settings.log_path, family=socket.AF_UNIX)
+                os.chmod(settings.log_path, 0o660)
+            else:
+                self._transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _LogLines(self), local_addr=(settings.log_host, settings.log_port))
         except OSError as exc:
-            raise OSError(f"http.accel.log_bind {host}:{port}: cannot listen for nginx's access log "
+            raise OSError(f"http.accel.log_bind {settings.log_address}: cannot listen for nginx's access log "
                           f"({exc.strerror or exc})") from None
         sock = self._transport.get_extra_info("socket")
         try:
@@ -122,8 +136,8 @@ class AccelDownloads:
         except OSError:
             pass  # the system's default then
         self._sweep = loop.create_task(self._sweep_forever(), name="ota-accel-sweep")
-        log.info("OTA: downloads handed to nginx at %s; its access log lines on udp %s:%s", self.settings.prefix,
-                 host, port)
+        log.info("OTA: downloads handed to nginx at %s; its access log lines on %s", settings.prefix,
+                 settings.log_address)
 
     async def stop(self) -> None:
         if self._sweep is not None:
@@ -133,6 +147,9 @@ class AccelDownloads:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+            if self.settings.log_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.settings.log_path)
         if self.handoffs is not None:
             self.handoffs.close()
 
@@ -149,8 +166,7 @@ class AccelDownloads:
             if not warned and handoffs.settled == 0 and oldest is not None and oldest > SWEEP_SECONDS:
                 warned = True
                 log.warning("nginx has sent no access log line for the downloads handed to it: its access_log "
-                            "syslog:server= must be %s:%s (http.accel.log_bind)", self.settings.log_host,
-                            self.settings.log_port)
+                            "syslog:server= must be %s (http.accel.log_bind)", self.settings.log_address)
             if handoffs.ignored > ignored:
                 log.warning("%d datagram(s) on http.accel.log_bind named no download waiting (malformed, spoofed, "
                             "repeated or late); ignored", handoffs.ignored - ignored)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote
@@ -36,6 +37,8 @@ def test_setting_read() -> None:
     assert (accel.prefix, accel.log_host, accel.log_port) == ("/_ota_files/", "127.0.0.1", 8514)
     assert accel.redirect_path("/srv/p/fw.bin") == "/_ota_files/srv/p/fw.bin"
     assert settings({"prefix": "/internal/ota/"}).accel.log_port is None
+    unix = settings({"prefix": "/_ota_files/", "log_bind": "unix:/run/ota/log.sock"}).accel
+    assert (unix.log_path, unix.log_address, unix.counts_bytes) == ("/run/ota/log.sock", "unix:/run/ota/log.sock", True)
     assert settings_from_mapping({}, Path("/x/broker.yaml")).accel is None
 
 
@@ -48,6 +51,8 @@ def test_setting_read() -> None:
     ({}, "http.accel.prefix"),
     ({"prefix": "/_ota/", "log_bind": "127.0.0.1"}, "http.accel.log_bind"),
     ({"prefix": "/_ota/", "log_bind": "127.0.0.1:0"}, "http.accel.log_bind"),
+    ({"prefix": "/_ota/", "log_bind": "unix:relative.sock"}, "http.accel.log_bind"),
+    ({"prefix": "/_ota/", "log_bind": "unix:/a,b.sock"}, "http.accel.log_bind"),
     ({"prefix": "/_ota/", "log": "127.0.0.1:9"}, "http.accel.log"),
     ("/_ota/", "http.accel"),
 ])
@@ -213,3 +218,23 @@ async def test_log_bind_in_use_is_one_line(tmp_path: Path) -> None:
         with pytest.raises(OSError, match=r"http.accel.log_bind 127.0.0.1:\d+: cannot listen"):
             await server.start()
         await asyncio.sleep(0)
+
+
+async def test_log_lines_over_a_unix_socket(tmp_path: Path) -> None:
+    """log_bind unix:/PATH: the socket is made mode 0660, a line there credits its hand-off,
+    and the socket goes when the server stops."""
+    write_catalog(tmp_path, UPGRADE_BATCH)
+    server = OtaServer(tmp_path)
+    path = tmp_path / "log.sock"
+    server.options = {"http": {"bind": f"127.0.0.1:{server.http_port}", "public_url": server.http_url,
+                               "accel": {"prefix": PREFIX, "log_bind": f"unix:{path}"}}}
+    async with server:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+        async with Device(server, "acc-unix") as device:
+            await device.inform("1.0.0")
+            url = (await device.next_push())["data"]["url"]
+        _, headers, _ = await fetch("GET", url, **{ACCEL_HEADER: PREFIX})
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(line(headers[TRANSFER_HEADER.lower()], 206, 4096), str(path))
+        assert await until(lambda: server.engine.state.jobs[url_job(url)].bytes_served == 4096)
+    assert not path.exists()

@@ -18,13 +18,24 @@ _TAKEN = ("/files/", "/base-api/", "/admin/", "/metrics/", "/healthz/")
 @dataclass(frozen=True)
 class AccelSettings:
     """`prefix`: nginx's internal location the server redirects authorized downloads to,
-    `{prefix}{absolute file path}`; `log_host`/`log_port`: where the server listens (UDP)
-    for nginx's access log lines saying how many bytes each download sent (None: it does
-    not count them)."""
+    `{prefix}{absolute file path}`; `log_host`/`log_port` (UDP) or `log_path` (a unix
+    datagram socket, which only local processes with the file's permissions can write to):
+    where the server listens for nginx's access log lines saying how many bytes each
+    download sent (all None: it does not count them)."""
 
     prefix: str
     log_host: str | None = None
     log_port: int | None = None
+    log_path: str | None = None
+
+    @property
+    def counts_bytes(self) -> bool:
+        return self.log_port is not None or self.log_path is not None
+
+    @property
+    def log_address(self) -> str:
+        """As nginx's `syslog:server=` names it."""
+        return f"unix:{self.log_path}" if self.log_path else f"{self.log_host}:{self.log_port}"
 
     def redirect_path(self, file_path: str) -> str:
         """The internal location of an absolute, percent-encoded file path."""
@@ -50,6 +61,13 @@ def accel_settings(value: Any, bad: Callable[[str, str], None],
         return None
     host = port = None
     bind = value.get("log_bind")
+    if isinstance(bind, str) and bind.startswith("unix:"):
+        path = bind[len("unix:"):]
+        if not path.startswith("/") or len(path.encode()) > 100 or "," in path or " " in path:
+            bad("http.accel.log_bind", f"{bind!r}: a unix socket is unix:/absolute/path (at most 100 bytes, no "
+                                       "comma or space: nginx's syslog:server= names it)")
+            return None
+        return AccelSettings(prefix, log_path=path)
     if bind is not None:
         try:
             host, port = split_host_port(str(bind))
