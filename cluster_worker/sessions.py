@@ -16,11 +16,12 @@ of reach of pushes and replies, and gets its upgrade through the HTTP device API
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
 import aiormq
-from aiormq.abc import AbstractConnection
+from aiormq.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Queue
 
 from otacore.protocol.credentials import DeviceId
@@ -49,6 +50,11 @@ class SessionBindings:
         self._own: dict[str, set[str]] = {}
         self._bound: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # One channel at a time for all bindings: a missing queue's 404 closes the channel, and
+        # channels opened and closed concurrently by the hundred made aiormq reuse a number
+        # RabbitMQ still held open ("second 'channel.open' seen"), which closes the connection.
+        self._lock = asyncio.Lock()
+        self._channel: AbstractChannel | None = None
         self.bound = 0
 
     def subscribed(self, device: DeviceId, client_id: str, topic_filter: str) -> None:
@@ -77,6 +83,9 @@ class SessionBindings:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
 
     async def _bind(self, device: DeviceId, client_id: str) -> None:
         self._link.binding(device)  # a push coming back meanwhile is sent again once bound
@@ -95,30 +104,40 @@ class SessionBindings:
             keys = [routing_key(topic) for topic in _downstream(device) if topic not in own]
             if not keys:
                 return True  # it subscribed to them all itself meanwhile
-            for name in SESSION_QUEUES:
-                queue = name.format(client_id=client_id)
-                connection = self._connection()
-                if connection is None:
-                    return False
-                try:
-                    channel = await connection.channel(publisher_confirms=False)
-                except Exception:  # the connection is going: the next subscription binds again
-                    return False
-                try:
-                    await channel.rpc(_DeclareAnyName(queue=queue, passive=True))  # a 404 closes this channel only
-                    for key in keys:
-                        await channel.rpc(_BindAnyName(queue=queue, exchange=TOPIC_EXCHANGE, routing_key=key))
-                    self.bound += 1
-                    return True
-                except aiormq.exceptions.ChannelNotFoundEntity:
-                    continue  # not made yet, or the session's other queue
-                except Exception as exc:
-                    log.info("cluster: cannot bind %s's OTA topics to its session queue: %r", device, exc)
-                    return False
-                finally:
-                    if not channel.is_closed:
-                        await channel.close()
+            async with self._lock:
+                for name in SESSION_QUEUES:
+                    outcome = await self._try_bind(device, name.format(client_id=client_id), keys)
+                    if outcome is not None:
+                        return outcome
         return False
+
+    async def _try_bind(self, device: DeviceId, queue: str, keys: list[str]) -> bool | None:
+        """True: bound; False: give up; None: no such queue (yet)."""
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            connection = self._connection()
+            if connection is None:
+                return False
+            try:
+                channel = self._channel = await connection.channel(publisher_confirms=False)
+            except Exception:  # the connection is going: the next subscription binds again
+                return False
+        try:
+            await channel.rpc(_DeclareAnyName(queue=queue, passive=True))
+            for key in keys:
+                await channel.rpc(_BindAnyName(queue=queue, exchange=TOPIC_EXCHANGE, routing_key=key))
+            self.bound += 1
+            return True
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            # RabbitMQ closed the channel: wait until aiormq has too, before the next opens.
+            self._channel = None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(channel.closing), 5)
+            return None
+        except Exception as exc:
+            log.info("cluster: cannot bind %s's OTA topics to its session queue: %r", device, exc)
+            self._channel = None
+            return False
 
 
 def _downstream(device: DeviceId) -> tuple[str, str, str]:
