@@ -160,7 +160,7 @@ def one_line(error: BaseException) -> str:
 async def _reload_when(ready: asyncio.Event, runtime: Any) -> None:
     await ready.wait()
     try:
-        loaded = await runtime.engine.reload()
+        loaded = await runtime.reload_catalog()
         log.info("SIGHUP: catalog reloaded (%d batches)", len(loaded.catalog.batches))
     except ConfigError as exc:
         log.error("SIGHUP: reload refused, nothing changed: %s", exc.one_line())

@@ -10,6 +10,7 @@ server after a restart.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -24,6 +25,9 @@ from otacore.protocol.topics import parse_downstream
 from .topology import TOPIC_EXCHANGE
 
 log = logging.getLogger("ota.cluster")
+
+RETRIED_HEADER = "x-ota-retried"  # a returned push sent once more carries it
+RETRY_RETURNED_SECONDS = 1.5  # longer than a session binding takes (sessions.py BIND_DELAYS)
 
 
 class AmqpLink:
@@ -49,6 +53,15 @@ class AmqpLink:
     def seen(self, device: DeviceId) -> None:
         self._present.add(device)
 
+    def presume(self, devices: set[DeviceId]) -> None:
+        """Devices whose partition came to this worker: present until a push comes back (the
+        worker that held them knew; a push to one away costs a returned message)."""
+        self._present |= devices
+
+    def forget(self, holds: Callable[[DeviceId], bool]) -> None:
+        """Devices whose partition went to another worker."""
+        self._present = {device for device in self._present if not holds(device)}
+
     def online_devices(self) -> int:
         return len(self._present)
 
@@ -64,8 +77,24 @@ class AmqpLink:
         if waiting is not None:  # its session's queue is being bound: again once it is
             waiting.append((key, message.body, message.header.properties))
             return
+        properties = message.header.properties
+        headers = dict(properties.headers or {})
+        channel = self._channel
+        if not headers.get(RETRIED_HEADER) and channel is not None and not channel.is_closed:
+            # With several workers another one may be binding the device's session queue
+            # right now (it answered the device's topic check): once more, a moment later.
+            headers[RETRIED_HEADER] = 1
+            retry = Basic.Properties(delivery_mode=properties.delivery_mode, headers=headers)
+            self._spawn(self._publish_later(channel, key, message.body, retry))
+            return
         self.returned += 1
         self._present.discard(device)
+
+    async def _publish_later(self, channel: AbstractChannel, key: str, payload: bytes,
+                             properties: Basic.Properties) -> None:
+        await asyncio.sleep(RETRY_RETURNED_SECONDS)
+        if not channel.is_closed:
+            await self._publish(channel, key, payload, properties)
 
     def binding(self, device: DeviceId) -> None:
         """The device's session queue is about to be bound to its OTA topics."""

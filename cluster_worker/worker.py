@@ -23,10 +23,10 @@ from otacore.config.settings import Settings
 from otacore.messaging import DeviceMessages
 from otacore.protocol.codec import MAX_JSON_BYTES
 from otacore.protocol.credentials import DeviceId
-from otacore.protocol.routing_keys import parse_upstream_key, partition_key, topic_of
+from otacore.protocol.routing_keys import parse_upstream_key, partition_of, topic_of
 
 from .link import AmqpLink
-from .topology import INGRESS_QUEUE, PARTITION_EXCHANGE, TOPIC_HEADER, declare, partition_queue
+from .topology import INGRESS_QUEUE, TOPIC_HEADER, declare, partition_queue
 
 log = logging.getLogger("ota.cluster")
 
@@ -60,6 +60,12 @@ class ClusterWorker:
         self.ignored = 0  # not an OTA topic the worker can name a device for
         self.connected = asyncio.Event()
         self.connection: AbstractConnection | None = None  # while connected
+        # The partitions this worker consumes: all of them for a worker alone; with a
+        # PostgreSQL journal, the ones its membership holds (consume / stop_consuming).
+        self.consuming: set[int] = set(range(settings.cluster_partitions)) if settings.cluster_postgres is None \
+            else set()
+        self._consumers: dict[int, str] = {}  # partition -> consumer tag, while connected
+        self._partition_channel: AbstractChannel | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="ota-cluster")
@@ -133,12 +139,14 @@ class ClusterWorker:
             arrived.set()
 
         await ingress.basic_consume(INGRESS_QUEUE, on_ingress)
-        for number in range(settings.cluster_partitions):
-            await partitions.basic_consume(partition_queue(number), self._on_partition)
+        self._consumers = {}
+        self._partition_channel = partitions
+        for number in sorted(self.consuming):
+            await self._consume(number)
         self.node, self.connects = node, self.connects + 1
         self.connected.set()
         log.info("cluster: connected to %s; consuming %s and %d partition queue(s)", node, INGRESS_QUEUE,
-                 settings.cluster_partitions)
+                 len(self.consuming))
         rekey = asyncio.get_running_loop().create_task(self._rekey(ingress, waiting, arrived))
         closing = asyncio.ensure_future(connection.closing)
         try:
@@ -147,9 +155,37 @@ class ClusterWorker:
                 task.result()  # the reason it ended
             raise ConnectionError("connection closed")
         finally:
+            self._partition_channel = None
+            self._consumers = {}
             rekey.cancel()
             closing.cancel()
             await asyncio.gather(rekey, return_exceptions=True)
+
+    # -- which partitions -----------------------------------------------------------------------
+    async def consume(self, number: int) -> None:
+        """Start taking partition `number`'s messages (now, or at the next connect)."""
+        self.consuming.add(number)
+        if self._partition_channel is not None and number not in self._consumers:
+            await self._consume(number)
+
+    async def stop_consuming(self, number: int) -> None:
+        """Take no more of partition `number`'s messages. Those delivered before have been
+        decided when this returns (each is decided as it arrives); their acknowledgements
+        follow their commits."""
+        self.consuming.discard(number)
+        tag = self._consumers.pop(number, None)
+        channel = self._partition_channel
+        if tag is not None and channel is not None and not channel.is_closed:
+            try:
+                await channel.basic_cancel(tag)
+            except Exception as exc:  # the channel went: nothing more comes from it anyway
+                log.info("cluster: cancel of partition %d: %r", number, exc)
+
+    async def _consume(self, number: int) -> None:
+        channel = self._partition_channel
+        assert channel is not None
+        ok = await channel.basic_consume(partition_queue(number), self._on_partition)
+        self._consumers[number] = ok.consumer_tag
 
     @staticmethod
     async def _check_no_more_partitions(connection: AbstractConnection, partitions: int) -> None:
@@ -183,9 +219,11 @@ class ClusterWorker:
                         continue
                     properties = Basic.Properties(delivery_mode=2, headers={TOPIC_HEADER: key})
                     # Created in order: aiormq writes the frames in that order (FIFO lock).
+                    # To the device's partition queue through the default exchange: the same
+                    # partition_of the journal stores with its rows.
+                    queue = partition_queue(partition_of(ota_topic.device, self._settings.cluster_partitions))
                     confirms.append(asyncio.ensure_future(channel.basic_publish(
-                        message.body, exchange=PARTITION_EXCHANGE, routing_key=partition_key(ota_topic.device),
-                        properties=properties)))
+                        message.body, exchange="", routing_key=queue, properties=properties)))
                 for confirm in await asyncio.gather(*confirms):
                     if not isinstance(confirm, Basic.Ack):
                         raise ConnectionError(f"RabbitMQ did not take a re-keyed message: {confirm!r}")

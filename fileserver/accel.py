@@ -37,6 +37,10 @@ log = logging.getLogger("ota.http")
 ACCEL_HEADER = "X-Ota-Accel"
 # The hand-off's token, for nginx's access log line; nginx does not pass it to the client.
 TRANSFER_HEADER = "X-Ota-Transfer"
+# Which log_bind awaits the line: with several workers (each its own log_bind), nginx sends
+# the line to the worker that made the hand-off, whichever worker nginx asked (a download is
+# answered by the worker holding its device: cluster_worker/forwarding.py).
+LOG_BIND_HEADER = "X-Ota-Log-Bind"
 # nginx compares these with its own mtime-based tag or by other rules: the server answers them.
 _SERVER_ANSWERS = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
 SWEEP_SECONDS = 60.0
@@ -60,6 +64,7 @@ class AccelDownloads:
         self._transport: asyncio.DatagramTransport | None = None
         self._sweep: asyncio.Task[None] | None = None
         self._odd_header = False
+        self._log_bind = f"unix:{settings.log_path}" if settings.log_path else f"{settings.log_host}:{settings.log_port}"
 
     def takes(self, request: web.Request) -> bool:
         """Does nginx send this request's bytes? A GET that came through nginx (its header
@@ -91,6 +96,7 @@ class AccelDownloads:
                    "Cache-Control": "private, no-transform", "Content-Type": _content_type(file.name)}
         if self.handoffs is not None:
             headers[TRANSFER_HEADER] = self.handoffs.add(transfer, file.digest.size)
+            headers[LOG_BIND_HEADER] = self._log_bind
         else:  # nobody will say how many bytes went: the download is activity, and no bytes
             transfer.started()
             transfer.finished(0)

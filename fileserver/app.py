@@ -698,7 +698,7 @@ async def admin_devices(request: web.Request) -> web.Response:
     except QueryError as exc:
         return _error(400, str(exc))
     engine = request.app[ENGINE]
-    return web.json_response(engine.device_list(query))
+    return web.json_response(await engine.device_list(query))
 
 
 async def admin_device(request: web.Request) -> web.Response:
@@ -725,7 +725,7 @@ async def admin_versions(request: web.Request) -> web.Response:
     """GET /admin/api/versions: per product and module, devices per reported version."""
     if (denied := _admin_only(request)) is not None:
         return denied
-    return web.json_response(request.app[ENGINE].version_counts())
+    return web.json_response(await request.app[ENGINE].version_counts())
 
 
 async def admin_packages(request: web.Request) -> web.Response:

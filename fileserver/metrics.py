@@ -56,6 +56,11 @@ class ClusterFigures:
     returned: int  # of those, taken by no subscription
     sessions_bound: int  # session queues given the OTA topics of a device that did not subscribe them
     auth_answers: Mapping[tuple[str, str], int]  # (check, allow|deny) -> answers
+    # Several workers (cluster.postgres): None for a worker alone.
+    partitions_held: int | None = None
+    coordinator: bool = False
+    partition_moves: int = 0  # partitions taken or released by this worker
+    forwarded: int = 0  # HTTP requests passed to the worker that answers them
 
 
 class OtaCollector(Collector):
@@ -149,6 +154,16 @@ def _cluster(figures: ClusterFigures) -> Iterator[Metric]:
             ("sessions_bound", figures.sessions_bound, "Device sessions whose queue the worker bound to the OTA "
                                                        "topics the device did not subscribe to itself.")):
         yield CounterMetricFamily(f"ota_cluster_{name}", text, value=value)
+    if figures.partitions_held is not None:
+        yield GaugeMetricFamily("ota_cluster_partitions_held", "Device partitions this worker holds now.",
+                                value=figures.partitions_held)
+        yield GaugeMetricFamily("ota_cluster_coordinator", "1 while this worker is the coordinator (it decides "
+                                "for batches).", value=1 if figures.coordinator else 0)
+        yield CounterMetricFamily("ota_cluster_partition_moves", "Partitions this worker took or released.",
+                                  value=figures.partition_moves)
+        yield CounterMetricFamily("ota_cluster_forwarded", "HTTP requests this worker passed to the worker that "
+                                  "answers them (the device's, the client id's, the coordinator).",
+                                  value=figures.forwarded)
     answers = CounterMetricFamily("ota_cluster_auth_answers", "The broker's login and ACL checks answered, by check "
                                   "(user, vhost, resource, topic, emqx_authn, emqx_authz) and answer.",
                                   labels=["check", "answer"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from otacore.catalog.loading import LoadedCatalog, prepare_catalog
 from otacore.catalog.model import Catalog, Package
 from otacore.catalog.reload_rules import reload_issues
 from otacore.config.settings import Settings
-from otacore.decisions import admin, assignment, batches, reports, ticks
+from otacore.decisions import admin, assignment, batches, follow, reports, ticks
 from otacore.decisions.live import LiveFleet, Send
 from otacore.downloads.package_files import DownloadFile
 from otacore.downloads.serving import Downloads
@@ -92,6 +92,14 @@ class OtaEngine:
         self.pushes_sent = 0
         self.reloads = {"ok": 0, "error": 0}
         self._prune_lock = asyncio.Lock()
+        # Cluster mode (cluster_worker/): awaited before each rollout tick (fleet-wide figures,
+        # rate grants), and the reading of the whole fleet views show (None: this process's).
+        self.before_tick: Callable[[], Awaitable[None]] | None = None
+        self.fleet_reading: Callable[[], Awaitable[FleetState]] | None = None
+        # Awaited after each reload is applied and committed (a cluster's coordinator
+        # publishes the version there).
+        self.reloaded: Callable[[LoadedCatalog], Awaitable[None]] | None = None
+        self._tick_now = asyncio.Event()
 
     # -- running -----------------------------------------------------------------------
     def start(self, timeout_sweep_seconds: float = 30.0, rollout_tick_seconds: float | None = None) -> None:
@@ -171,6 +179,12 @@ class OtaEngine:
         except TimeoutError:
             return self.journal.trouble() or f"writes took over {wait:g} s"
 
+    def _deciding(self) -> None:
+        """Batch decisions are refused in a cluster worker that is not the coordinator (the
+        HTTP side sends them to the coordinator; this is the backstop)."""
+        if not self.live.decides_batches:
+            raise Refused(409, "this worker is not the cluster's coordinator; send this to the coordinator")
+
     def _writable(self) -> None:
         """An admin change is refused at once while the database takes no writes: it would
         wait for the disk with nobody told why."""
@@ -204,6 +218,7 @@ class OtaEngine:
     async def _reload(self, catalog_path: Path | None) -> LoadedCatalog:
         async with self._reload_lock:
             self._writable()
+            self._deciding()
             loaded = await asyncio.to_thread(prepare_catalog, self.settings, catalog_path)
             issues = reload_issues(loaded.catalog, loaded.files, self.state.batches)
             if issues:
@@ -216,6 +231,8 @@ class OtaEngine:
                 listener(loaded.catalog)
             await self._admin_settled()
             self._forget_removed_batches(loaded.catalog)
+            if self.reloaded is not None:
+                await self.reloaded(loaded)
             return loaded
 
     def _forget_removed_batches(self, catalog: Catalog) -> None:
@@ -228,6 +245,26 @@ class OtaEngine:
         if forgotten:
             log.info("%d finished jobs of %d removed batches left memory (their history stays in the database)",
                      forgotten, len(removed))
+
+    # -- cluster mode: what a worker that does not decide batches follows ---------------
+    def follow_catalog(self, loaded: LoadedCatalog) -> None:
+        """Take the catalog version the coordinator applied (decisions/follow.py)."""
+        self.post(follow.follow_catalog(self.live, loaded.catalog, loaded.files))
+        for listener in self._reload_listeners:
+            listener(loaded.catalog)
+
+    def follow_shared(self, rows: dict[str, Any], package_status: dict[str, tuple[str, str]],
+                      targets: dict[str, set[str]]) -> None:
+        """Take the shared rows the coordinator committed, and act for this worker's devices."""
+        self.post(follow.follow_rows(self.live, rows, package_status, targets))
+
+    def take_devices(self, devices: set[DeviceId]) -> None:
+        """These devices' partition came to this worker, their state loaded: what they are owed."""
+        self.post(follow.take_devices(self.live, devices))
+
+    async def views_state(self) -> FleetState:
+        """The fleet as views show it: this process's memory, or a cluster's reading of all."""
+        return self.state if self.fleet_reading is None else await self.fleet_reading()
 
     # -- device reports: synchronous, from the broker's packet path --------------------
     def decide_version(self, device: DeviceId, module: str, version: str, *, deliver: bool = True) -> None:
@@ -304,14 +341,14 @@ class OtaEngine:
     async def batch_summaries(self, *, removed: bool = False) -> list[dict[str, Any]]:
         """Every batch of the catalog from memory; with `removed`, also the batches that left
         it, read from the database (call `database_behind` first)."""
-        source: Any = self.store if removed else FleetView(self.state)
+        source: Any = self.store if removed else FleetView(await self.views_state())
         return await batch_summaries(source, self.live.catalog, sha_of=self.current_sha,
                                      schedule=self.live.rollout.schedule, removed=removed)
 
     async def batch_report(self, name: str, *, live: bool) -> dict[str, Any] | None:
         """A batch's summary and every device's row: from memory for a batch of the catalog
         (`live`, as `is_live_batch` said), from the database for a removed one (`database_behind` first)."""
-        source: Any = FleetView(self.state) if live else self.store
+        source: Any = FleetView(await self.views_state()) if live else self.store
         return await batch_report(source, self.live.catalog, name, sha_of=self.current_sha,
                                   schedule=self.live.rollout.schedule)
 
@@ -324,15 +361,15 @@ class OtaEngine:
         job = await self.store.job(job_id)
         return (job, await self.store.history(job.id)) if job is not None else None
 
-    def device_list(self, query: DeviceQuery) -> dict[str, Any]:
-        return device_list(self.state, self.live.catalog, query, self.link.is_online, self.last_seen)
+    async def device_list(self, query: DeviceQuery) -> dict[str, Any]:
+        return device_list(await self.views_state(), self.live.catalog, query, self.link.is_online, self.last_seen)
 
     async def device_detail(self, device: DeviceId, offset: int, limit: int) -> dict[str, Any] | None:
-        return await device_detail(self.store, self.state, self.live.catalog, device, self.link.is_online,
+        return await device_detail(self.store, await self.views_state(), self.live.catalog, device, self.link.is_online,
                                    self.last_seen, offset, limit)
 
-    def version_counts(self) -> dict[str, Any]:
-        return version_counts(self.state)
+    async def version_counts(self) -> dict[str, Any]:
+        return version_counts(await self.views_state())
 
     def package_list(self) -> dict[str, Any]:
         return package_list(self.live.catalog, self.live.files, self.package_status)
@@ -358,11 +395,13 @@ class OtaEngine:
 
     async def pause(self, batch_name: str) -> None:
         self._writable()
+        self._deciding()
         self.post(admin.pause(self.live, batch_name))
         await self._admin_settled()
 
     async def resume(self, batch_name: str) -> None:
         self._writable()
+        self._deciding()
         self.post(admin.resume(self.live, batch_name))
         await self._admin_settled()
 
@@ -371,11 +410,21 @@ class OtaEngine:
         """Waves, halts, retries, schedules, windows and rates move with time, not only with
         reports: one tick a second. Its sends leave after their commit, like any other."""
         while True:
-            await asyncio.sleep(every_seconds)
             try:
+                await asyncio.wait_for(self._tick_now.wait(), every_seconds)
+            except TimeoutError:
+                pass
+            self._tick_now.clear()
+            try:
+                if self.before_tick is not None:
+                    await self.before_tick()
                 self.post(ticks.rollout_tick(self.live))
             except Exception:  # keep the loop alive; the next tick retries
                 log.exception("rollout tick failed")
+
+    def tick_soon(self) -> None:
+        """Run the rollout tick now rather than at its second (a job ended somewhere in a cluster)."""
+        self._tick_now.set()
 
     # -- retention ---------------------------------------------------------------------
     async def prune(self, days: float, *, dry_run: bool = False) -> dict[str, int]:

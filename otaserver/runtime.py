@@ -30,6 +30,7 @@ from fileserver.aiohttp_internals import http_listening_sockets
 from fileserver.app import create_app
 from fileserver.connection_guard import HttpSite
 from fileserver.metrics import BrokerFigures
+from otacore.catalog.loading import LoadedCatalog
 from otacore.catalog.model import Catalog
 from otacore.config.settings import Settings
 from otacore.engine import OtaEngine
@@ -65,7 +66,9 @@ class ServerRuntime:
         # (epoch seconds): the MQTT side writes it, the admin API reads it through the engine.
         self.last_seen: dict[str, float] = {}
         self._runner: web.AppRunner | None = None
-        self._lock = DataDirLock(settings.data_dir)
+        # Workers sharing a PostgreSQL journal may share one data_dir (its catalog copies,
+        # diffs, URL key and admin token); an embedded server never shares it.
+        self._lock = DataDirLock(settings.data_dir, shared=settings.cluster_postgres is not None)
         self._tasks: set[asyncio.Task[None]] = set()
         self._budget: ConnectionBudget | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -93,20 +96,38 @@ class ServerRuntime:
     def add_routes(self, app: web.Application) -> None:
         """HTTP endpoints only this MQTT side serves."""
 
+    async def open_journal(self) -> tuple[Any, Journal]:
+        """The store (reads) and the journal (writes, with the state they hold): SQLite in data_dir."""
+        database = database_path(self.settings.data_dir)
+        await asyncio.to_thread(check_database, database)  # a damaged one: refused with what to do
+        store = await Store.open(database)  # makes or migrates the schema first
+        try:
+            return store, await asyncio.to_thread(Journal.open, database, time.time)
+        except BaseException:
+            await store.close()  # its worker thread would keep the process alive
+            raise
+
+    async def first_catalog(self) -> LoadedCatalog:
+        """The catalog at start: validated and applied (ConfigError: the server does not start)."""
+        assert self.engine is not None
+        return await self.engine.reload()
+
+    async def reload_catalog(self) -> LoadedCatalog:
+        """SIGHUP: validate and apply the catalog again."""
+        assert self.engine is not None
+        return await self.engine.reload()
+
     # -- start and stop ------------------------------------------------------------------------
     async def start(self) -> None:
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()  # before touching the database another server may be using
-        database = database_path(settings.data_dir)
-        await asyncio.to_thread(check_database, database)  # a damaged one: refused with what to do
-        self.store = await Store.open(database)  # makes or migrates the schema first
-        self.journal = journal = await asyncio.to_thread(Journal.open, database, time.time)  # SQLite backend
-        self.engine = OtaEngine(settings, self.store, journal, self.device_link(),
+        self.store, self.journal = await self.open_journal()
+        self.engine = OtaEngine(settings, self.store, self.journal, self.device_link(),
                                 url_signing_key(settings.data_dir), last_seen=self.seen_at)
         self.engine.start()
         self.engine.on_reload(self.drop_revoked_sessions)
-        loaded = await self.engine.reload()
+        loaded = await self.first_catalog()
         self.messages = DeviceMessages(self.engine, self.device_link(), self.spawn)
         self.admin_token = admin_token(settings.data_dir, settings.admin_token)
         app = create_app(self.engine, self.admin_token, crowded=self._crowded,

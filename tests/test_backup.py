@@ -22,6 +22,7 @@ from typing import Any
 
 
 from devicekit import simulator
+from otacore.storage.store import SCHEMA_VERSION
 from support.harness import PK, PRODUCT_SECRET, UPGRADE_BATCH, Device, OtaServer, free_port, write_catalog
 from support.processes import BIN, LiveServer, ordinary_user, otactl, write_broker_yaml
 
@@ -74,7 +75,7 @@ async def test_backup_mid_upgrade_restores_into_a_server_the_devices_agree_with(
             await asyncio.sleep(0.05)
         backup = await asyncio.to_thread(otactl, live_config, "backup", str(archive))
         assert backup.returncode == 0, backup.stderr
-        assert f"to {archive}" in backup.stdout and "schema 4" in backup.stdout
+        assert f"to {archive}" in backup.stdout and f"schema {SCHEMA_VERSION}" in backup.stdout
         results = await upgrade
         assert all(r.outcome == "upgraded" for r in results), [r.summary() for r in results if r.outcome != "upgraded"][:3]
         for _ in range(200):  # the last reports are acknowledged before the server is done with them

@@ -261,3 +261,11 @@ def test_anything_else_that_is_not_json_is_still_refused_with_the_reason(garbage
 def test_the_size_limit_holds_for_lenient_payloads_too():
     with pytest.raises(PayloadError, match="over"):
         decode_json(b'{"a":"' + b"x" * 70_000 + b'",}')
+
+
+def test_a_lone_surrogate_escape_is_refused_and_real_characters_are_kept():
+    """No database stores a lone surrogate (UTF-8 cannot carry one): a device writing one must
+    not make every later write of the journal fail."""
+    with pytest.raises(PayloadError, match="lone surrogate"):
+        decode_json(b'{"params": {"version": "1.\\ud800"}}')
+    assert decode_json(b'{"v": "\\u00e9\\ud83d\\ude00"}') == {"v": "\u00e9\U0001F600"}

@@ -194,14 +194,49 @@ async def _degraded(server: OtaServer) -> bool:
 
 # -- a damaged database -------------------------------------------------------------------------
 
-def overwrite_middle_page(db: Path) -> None:
+def leaf_pages(db: Path, table: str) -> list[int]:
+    """The leaf pages of `table`'s b-tree, in key order: from SQLite's dbstat where it is
+    compiled in, else by walking the b-tree from the table's root page."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        try:
+            return [page for (page,) in conn.execute(
+                "SELECT pageno FROM dbstat WHERE name = ? AND pagetype = 'leaf' ORDER BY path", (table,))]
+        except sqlite3.OperationalError:  # no dbstat in this SQLite
+            [(root,)] = conn.execute("SELECT rootpage FROM sqlite_master WHERE type = 'table' AND name = ?", (table,))
+    data = db.read_bytes()
+    page_size = int.from_bytes(data[16:18], "big") or 65536
+    leaves: list[int] = []
+
+    def walk(page: int) -> None:
+        start = (page - 1) * page_size
+        header = start + (100 if page == 1 else 0)
+        kind = data[header]
+        if kind == 0x0D:  # a table leaf
+            leaves.append(page)
+            return
+        assert kind == 0x05, f"page {page} of {table} is of kind {kind:#x}"  # a table interior page
+        cells = int.from_bytes(data[header + 3:header + 5], "big")
+        for i in range(cells):
+            cell = start + int.from_bytes(data[header + 12 + 2 * i:header + 14 + 2 * i], "big")
+            walk(int.from_bytes(data[cell:cell + 4], "big"))
+        walk(int.from_bytes(data[header + 8:header + 12], "big"))  # the right-most child
+
+    walk(root)
+    return leaves
+
+
+def overwrite_a_jobs_page(db: Path) -> None:
+    """Random bytes over a leaf page of `jobs` in the middle: a page `otactl status` reads
+    (it counts each device's latest job), as the server's quick_check at start does."""
     data = db.read_bytes()
     page_size = int.from_bytes(data[16:18], "big")
     pages = len(data) // page_size
     assert pages >= 8, f"only {pages} pages"
-    middle = pages // 2
+    leaves = leaf_pages(db, "jobs")
+    assert len(leaves) >= 3, f"only {len(leaves)} leaf pages of jobs"
+    middle = leaves[len(leaves) // 2]
     with db.open("r+b") as handle:
-        handle.seek(middle * page_size)
+        handle.seek((middle - 1) * page_size)  # pages are numbered from 1
         handle.write(random.Random(7).randbytes(page_size))
 
 
@@ -214,7 +249,7 @@ async def test_a_damaged_database_is_a_one_line_refusal_at_start(tmp_path: Path)
     await server.stop()
     db = tmp_path / "var" / "ota.sqlite3"
     assert not db.with_name("ota.sqlite3-wal").exists()  # all in the main file
-    overwrite_middle_page(db)
+    overwrite_a_jobs_page(db)
     config = write_broker_yaml(tmp_path, free_port(), free_port())
     result = await asyncio.to_thread(ota_server_exit, config)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr

@@ -115,8 +115,8 @@ def cmd_validate(settings: Settings, as_json: bool = False) -> int:
     try:
         loaded = prepare_catalog(settings)
         database = database_path(settings.data_dir)
-        if database.exists():
-            issues = asyncio.run(_reload_issues(loaded, database))
+        if settings.cluster_postgres or database.exists():
+            issues = asyncio.run(_reload_issues(loaded, settings))
             if issues:
                 raise ConfigError(issues)
     except ConfigError as exc:
@@ -152,8 +152,23 @@ def _print_issues(issues: list[ConfigIssue], as_json: bool) -> None:
         print(issue)
 
 
-async def _reload_issues(loaded: LoadedCatalog, database: Path) -> list[ConfigIssue]:
-    store = await Store.open(database)
+async def _open_store(settings: Settings) -> Store:
+    """The journal's reads: PostgreSQL when broker.yaml has cluster.postgres (the workers'
+    shared journal), else the SQLite database in data_dir. StoreError when it cannot be used."""
+    if settings.cluster_postgres:
+        from otacore.storage.pg_store import PgStore
+        return await PgStore.open(settings.cluster_postgres)
+    return await Store.open(database_path(settings.data_dir))
+
+
+async def _reload_issues(loaded: LoadedCatalog, settings: Settings) -> list[ConfigIssue]:
+    try:
+        store = await _open_store(settings)
+    except StoreError as exc:
+        from otacore.storage.postgres_backend import NoJournal
+        if isinstance(exc, NoJournal):
+            return []  # no worker has run yet: nothing to refuse
+        raise
     try:
         return reload_issues(loaded.catalog, loaded.files, await store.batches())
     finally:
@@ -267,14 +282,18 @@ def cmd_plan(settings: Settings, exit_code: bool, as_json: bool) -> int:
         _print_issues(exc.issues, as_json)
         print(f"{len(exc.issues)} error(s); a reload would change nothing", file=sys.stderr)
         return 1
-    database = database_path(settings.data_dir)
-    if not database.exists():
-        raise SystemExit(f"otactl: no database at {database}; has the server run with this data_dir?")
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
-            state = load_state(db)
-    except sqlite3.Error as exc:
-        raise SystemExit(f"otactl: {database_error(database, exc)}") from None
+    if settings.cluster_postgres:
+        from otacore.storage.postgres_backend import load_all
+        state = asyncio.run(load_all(settings.cluster_postgres))
+    else:
+        database = database_path(settings.data_dir)
+        if not database.exists():
+            raise SystemExit(f"otactl: no database at {database}; has the server run with this data_dir?")
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+                state = load_state(db)
+        except sqlite3.Error as exc:
+            raise SystemExit(f"otactl: {database_error(database, exc)}") from None
     issues = reload_issues(loaded.catalog, loaded.files, state.batches)
     if issues:
         _print_issues(issues, as_json)
@@ -303,13 +322,13 @@ def _rollout_line(rollout: dict[str, Any]) -> str:
 
 async def _status(settings: Settings, batch: str | None, removed: bool = False) -> dict[str, Any]:
     db = database_path(settings.data_dir)
-    if not db.exists():
+    if not settings.cluster_postgres and not db.exists():
         raise SystemExit(f"otactl: no database at {db}; has the server run with this data_dir?")
     try:
         catalog = load_catalog(settings.catalog_path, settings)
     except ConfigError:
         catalog = None  # still show what the database knows
-    store = await Store.open(db)
+    store = await _open_store(settings)
     try:
         hashes = HashCache(settings.data_dir / "file-hashes.json")  # as the server left it
 
@@ -507,9 +526,16 @@ def _add_backup_commands(commands: Any) -> None:
                          "differ from the backup's")
 
 
+_NOT_WITH_POSTGRES = ("otactl: {command} covers data_dir's SQLite database; this server's journal is in PostgreSQL "
+                      "(cluster.postgres): back it up and restore it with pg_dump and pg_restore")
+
+
 def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
     """`otactl backup FILE`: the catalog the running server serves, else the configured one."""
     from otacore.cli.backup import BackupError, create_backup
+    if settings.cluster_postgres:
+        print(_NOT_WITH_POSTGRES.format(command="backup"), file=sys.stderr)
+        return 1
     info = read_server_info(settings.data_dir) or {}
     catalog = Path(info["catalog"]) if info.get("catalog") else None
     try:
@@ -532,6 +558,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
             settings = load_settings(Path(args.config), catalog=args.catalog, data_dir=args.data_dir)
         except ConfigError as exc:
             print(f"otactl: {exc.one_line()} (or give restore both --data-dir and --catalog-dir)", file=sys.stderr)
+            return 1
+        if settings.cluster_postgres:
+            print(_NOT_WITH_POSTGRES.format(command="restore"), file=sys.stderr)
             return 1
         data_dir = data_dir or settings.data_dir
         catalog_path = None if args.catalog_dir else settings.catalog_path

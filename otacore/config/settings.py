@@ -39,7 +39,7 @@ _KNOWN = {
     "admin": {"token"},
     "metrics": {"public"},
     "tls": {"compatibility", "min_version", "ciphers"},
-    "cluster": {"amqp", "vhost", "partitions", "queue_type", "auth_token"},
+    "cluster": {"amqp", "vhost", "partitions", "queue_type", "auth_token", "postgres", "advertise"},
 }
 # Cluster mode (docs/cluster.md): device partitions, fixed for the life of the cluster's queues.
 MAX_PARTITIONS = 1024
@@ -90,6 +90,9 @@ class Settings:
     cluster_partitions: int = 8
     cluster_queue_type: str = "classic"
     cluster_auth_token: str | None = None  # the login endpoints live under /broker-auth/{token}/
+    # Several workers: the shared journal (PostgreSQL DSN) and how the others reach this one's HTTP.
+    cluster_postgres: str | None = None
+    cluster_advertise: str | None = None
 
     @property
     def tls_enabled(self) -> bool:
@@ -294,15 +297,16 @@ def settings_from_mapping(options: dict[str, Any] | None, source: Path, lines: A
         tls_compatibility=tls_compatibility, tls_min_version=tls_min_version, tls_ciphers=tls_ciphers,
         retention_days=retention_days, accel=accel, cluster_amqp=cluster[0], cluster_vhost=cluster[1],
         cluster_partitions=cluster[2], cluster_queue_type=cluster[3], cluster_auth_token=cluster[4],
+        cluster_postgres=cluster[5], cluster_advertise=cluster[6],
         **network_limits,
     )
 
 
-def _cluster(cluster: Any, bad: Any) -> tuple[tuple[str, ...], str, int, str, str | None]:
-    """(amqp URLs, vhost, partitions, queue type, auth token) of the `cluster` mapping; no
-    URLs: embedded."""
+def _cluster(cluster: Any, bad: Any) -> tuple[tuple[str, ...], str, int, str, str | None, str | None, str | None]:
+    """(amqp URLs, vhost, partitions, queue type, auth token, postgres DSN, advertised HTTP URL)
+    of the `cluster` mapping; no URLs: embedded."""
     if not isinstance(cluster, dict):
-        return (), "/", 8, "classic", None
+        return (), "/", 8, "classic", None, None, None
     amqp = cluster.get("amqp")
     if isinstance(amqp, str):
         amqp = [amqp]
@@ -331,7 +335,19 @@ def _cluster(cluster: Any, bad: Any) -> tuple[tuple[str, ...], str, int, str, st
         bad("cluster.auth_token", "must be at least 16 letters, digits, - or _ (it goes in RabbitMQ's auth_http "
                                   "URLs: /broker-auth/TOKEN/user)")
         token = None
-    return urls, vhost, partitions, queue_type, token
+    postgres = cluster.get("postgres")
+    if postgres is not None and (not isinstance(postgres, str)
+                                 or urlsplit(postgres).scheme not in ("postgresql", "postgres")):
+        bad("cluster.postgres", "must be a PostgreSQL URL, like postgresql://ota@db1:5432/ota (the workers' shared "
+                                "journal)")
+        postgres = None
+    advertise = cluster.get("advertise")
+    if advertise is not None and (not isinstance(advertise, str) or urlsplit(advertise).scheme not in ("http", "https")
+                                  or not urlsplit(advertise).hostname):
+        bad("cluster.advertise", "must be the URL other workers reach this worker's http.bind at, like "
+                                 "http://10.0.0.5:8080")
+        advertise = None
+    return urls, vhost, partitions, queue_type, token, postgres, advertise
 
 
 def _tls_policy(tls: Any, bad: Any) -> tuple[str, str, str | None]:

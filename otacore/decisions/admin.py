@@ -29,7 +29,7 @@ def retry(live: LiveFleet, batch_name: str, device_names: list[str] | None = Non
         raise Refused(409, f"batch {batch_name!r} is not running")
     package = catalog.packages[batch.package]
     failed = [job for job in state.current.get(batch_name, {}).values() if job.state == F
-              and (device_names is None or job.device.device_name in device_names)]
+              and (device_names is None or job.device.device_name in device_names) and live.holds(job.device)]
     for job in sorted(failed, key=lambda j: j.id):
         state.move(job, F, "retry requested by an admin", now, superseded=1)
         version = state.version(job.device, job.module)
@@ -55,6 +55,8 @@ def cancel_devices(live: LiveFleet, batch_name: str, device_names: list[str]) ->
     canceled = 0
     for name in dict.fromkeys(device_names):
         device = DeviceId(package.product, name)
+        if not live.holds(device):
+            continue  # another worker's: it cancels it (the request reaches every worker)
         job = state.latest_job_in_batch(batch_name, device)
         if job is not None and job.is_open:
             state.move(job, C, "canceled by an admin", now)

@@ -99,6 +99,19 @@ def start_batch(live: LiveFleet, batch: Batch, package: Package, now: float) -> 
         return  # the rollout tick gives devices their jobs once it may
     log.info("batch %s started (%s %s, %s, push %s)", batch.name, package.id, batch.protocol, batch.mode,
              "on" if batch.push else "off")
+    verified = give_started_jobs(live, batch, package, names, now)
+    if verified:
+        check_verification(live, batch, now)
+
+
+def give_started_jobs(live: LiveFleet, batch: Batch, package: Package, names: list[str] | None, now: float) -> int:
+    """Jobs for the devices this process holds that a batch just started takes (`names`: its
+    list; None: every device that reported a version it targets); returns how many devices
+    a verify batch found already on its version."""
+    state = live.state
+    known = state.reported_versions(package.product, package.module)
+    if names is None:
+        names = [n for n, v in known.items() if version_qualifies(batch, package, v)]
     reason = f"batch {batch.name} started; device reported a version it targets"
     created = verified = 0
     for name in names:
@@ -121,8 +134,7 @@ def start_batch(live: LiveFleet, batch: Batch, package: Package, now: float) -> 
                 if batch.push:
                     assignment.push(live, job, now)
     log.info("batch %s: %d jobs created", batch.name, created + verified)
-    if verified:
-        check_verification(live, batch, now)
+    return verified
 
 
 def cancel_batch(live: LiveFleet, name: str, reason: str, now: float, *, end_batch: bool = True) -> None:
@@ -137,9 +149,10 @@ def cancel_batch(live: LiveFleet, name: str, reason: str, now: float, *, end_bat
 
 # -- a job ended --------------------------------------------------------------------------------
 def after_final(live: LiveFleet, job: Job, now: float) -> None:
-    """A job ended: its verify batch may now decide its package's status, its batch may halt."""
+    """A job ended: its verify batch may now decide its package's status, its batch may halt.
+    (In a cluster the coordinator's tick asks, over the whole fleet's jobs.)"""
     batch = live.batch_of(job)
-    if batch is None:
+    if batch is None or not live.decides_batches:
         return
     if batch.type == "verify":
         check_verification(live, batch, now)
@@ -147,6 +160,8 @@ def after_final(live: LiveFleet, job: Job, now: float) -> None:
 
 
 def halt_if_due(live: LiveFleet, batch: Batch, now: float) -> None:
+    if not live.decides_batches:
+        return
     due = live.rollout.abort_due(batch)
     if due is not None:
         reason, figures = due
@@ -159,10 +174,9 @@ def check_verification(live: LiveFleet, batch: Batch, now: float) -> None:
     (a canceled job decides nothing)."""
     catalog, state = live.catalog, live.state
     assert catalog is not None
-    if batch.devices is None or batch.name not in live.running:
+    if batch.devices is None or batch.name not in live.running or not live.decides_batches:
         return
-    jobs = {j.device.device_name: j for j in state.latest_in_batch.get(batch.name, {}).values()
-            if j.state != C}
+    jobs = {j.device.device_name: j for j in live.rollout.figures.latest_in_batch(batch.name) if j.state != C}
     if any(j.state == F and name in batch.devices for name, j in jobs.items()):
         status = "verify_failed"
     elif all(name in jobs and jobs[name].state == S for name in batch.devices):

@@ -48,6 +48,19 @@ class LiveFleet:
         self.catalog: Catalog | None = None
         self.rollout = Rollout(state)
         self.gate_was_open: dict[str, bool] = {}  # batch -> could it start jobs at the last tick
+        self.wave_seen: dict[str, int] = {}  # batch -> the opened wave the last tick saw
+        # Does this process decide what happens to batches (start, halt, waves, verification)?
+        # Always with one process; in a cluster only the coordinator does, the others follow
+        # the shared rows it writes (decisions/follow.py).
+        self.decides_batches = True
+        # Cluster mode: push ids from blocks reserved in the shared database (several workers
+        # push); None: reserved in this process's counters.
+        self.push_ids: Callable[[], int] | None = None
+        # Cluster mode: does this worker hold the device (its partition)? Admin actions act
+        # for held devices only; the others' workers act for theirs.
+        self.holds: Callable[[DeviceId], bool] = lambda device: True
+        # Cluster mode, a worker that follows: the state of each batch it has acted on.
+        self.followed: dict[str, str] = {}
         self._last_push_id = state.counters.get(PUSH_IDS, 0)  # ids up to it may have left before a restart
         self._out: list[Send] = []
 
@@ -111,6 +124,8 @@ class LiveFleet:
         """1..2^31-1, so that firmware can keep it in a signed 32-bit int (Aliyun's fit too);
         never reused across restarts: ids are reserved on disk in blocks, and the reservation
         is committed with the push's own changes, before the push leaves."""
+        if self.push_ids is not None:
+            return self.push_ids()
         push_id = self._last_push_id % PUSH_ID_MAX + 1  # after 2^31-1 pushes, 1 again
         if push_id > self.state.counters.get(PUSH_IDS, 0) or push_id == 1:
             self.state.set_counter(PUSH_IDS, min(push_id + PUSH_ID_BLOCK - 1, PUSH_ID_MAX))

@@ -26,7 +26,12 @@ def rollout_tick(live: LiveFleet, now: float | None = None) -> list[Send]:
     now = live.clock() if now is None else now
     for name in sorted(live.running):
         batch = catalog.batches.get(name)
-        if batch is None or (batch.policy.empty and not live.rollout.control(name).get("by")):
+        if batch is not None and batch.type == "verify":
+            # Decided as each job ends in one process; a cluster's coordinator decides here,
+            # over the whole fleet's jobs (a no-op where it was decided already).
+            batches.check_verification(live, batch, now)
+        if batch is None or name not in live.running or (batch.policy.empty
+                                                          and not live.rollout.control(name).get("by")):
             continue  # no policy, never paused: everything happened when it was decided
         _tick_batch(live, batch, now)
     return live.take_out()
@@ -34,9 +39,12 @@ def rollout_tick(live: LiveFleet, now: float | None = None) -> list[Send]:
 
 def _tick_batch(live: LiveFleet, batch: Batch, now: float) -> None:
     rollout, state = live.rollout, live.state
-    opened_wave = rollout.advance_waves(batch, now)
-    if opened_wave:
+    if live.decides_batches and rollout.advance_waves(batch, now):
         log.info("batch %s: wave %d opened", batch.name, rollout.open_wave(batch) + 1)
+    # A wave opened here, or by the coordinator of a cluster (its shared row says so).
+    wave = rollout.open_wave(batch)
+    opened_wave = live.wave_seen.get(batch.name, wave) != wave
+    live.wave_seen[batch.name] = wave
     batches.halt_if_due(live, batch, now)
     block = rollout.blocked(batch, now)
     if block is not None and block.kind == "ended":

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from otacore.catalog.model import Batch, Catalog
 from otacore.protocol.credentials import DeviceId
@@ -84,12 +84,58 @@ def wave_met(policy: RolloutPolicy, figures: WaveFigures, index: int) -> bool:
     return 100 * figures.succeeded >= wanted * figures.jobs
 
 
-class Rollout:
-    """The run-time side of every batch's policy, over the fleet's state."""
+class LocalFigures:
+    """A batch's jobs as this process holds them: the whole fleet, for one process."""
 
     def __init__(self, state: FleetState) -> None:
+        self._state = state
+
+    def latest_in_batch(self, batch: str) -> Iterable[Job]:
+        return self._state.latest_in_batch.get(batch, {}).values()
+
+    def counts(self, batch: str) -> dict[str, int]:
+        return self._state.counts.get(batch, {})
+
+
+class SlidingWindow:
+    """`rate_per_minute` for one process: the starts of the last 60 s, in memory."""
+
+    def __init__(self) -> None:
+        self._starts: dict[str, deque[float]] = {}  # batch -> when its last jobs started
+
+    def left(self, batch: Batch, now: float) -> int:
+        starts = self._starts.setdefault(batch.name, deque())
+        while starts and starts[0] <= now - 60:
+            starts.popleft()
+        return max(0, (batch.policy.rate_per_minute or 0) - len(starts))
+
+    def spend(self, batch: Batch, now: float) -> None:
+        self._starts.setdefault(batch.name, deque()).append(now)
+
+
+class RateBudget(Protocol):
+    """Where a batch's starts are counted against `rate_per_minute` (SlidingWindow in one
+    process; grants from the shared database across workers: cluster_worker/rate_grants.py)."""
+
+    def left(self, batch: Batch, now: float) -> int: ...
+
+    def spend(self, batch: Batch, now: float) -> None: ...
+
+
+class Rollout:
+    """The run-time side of every batch's policy, over the fleet's state. `figures` are the
+    batch's jobs a fleet-wide rule reads (waves, abort): this process's own, or the whole
+    fleet's as the shared database holds them (cluster mode)."""
+
+    def __init__(self, state: FleetState, rate: RateBudget | None = None) -> None:
         self.state = state
-        self._starts: dict[str, deque[float]] = {}  # batch -> when its last jobs started (rate)
+        self.figures: LocalFigures | Any = LocalFigures(state)
+        self.rate: RateBudget = rate or SlidingWindow()
+        # Seconds after a batch starts or a wave opens before its waves are judged: 0 in one
+        # process (the jobs a start or an opening gives exist at once); a cluster's coordinator
+        # reads the whole fleet's jobs from the database, where the other workers' jobs for the
+        # newly chosen devices land a moment later (a wave with no job counts as succeeded).
+        self.settle_seconds = 0.0
         self._schedule: dict[str, tuple[int, RolloutPolicy, tuple[str, float | None] | None]] = {}
 
     # -- control (persisted in the batch row) ----------------------------------------
@@ -165,13 +211,9 @@ class Rollout:
 
     def rate_left(self, batch: Batch, now: float) -> int | None:
         """Jobs that may still start in the current minute (None: no limit)."""
-        rate = batch.policy.rate_per_minute
-        if rate is None:
+        if batch.policy.rate_per_minute is None:
             return None
-        starts = self._starts.setdefault(batch.name, deque())
-        while starts and starts[0] <= now - 60:
-            starts.popleft()
-        return max(0, rate - len(starts))
+        return self.rate.left(batch, now)
 
     def may_start(self, batch: Batch, now: float) -> bool:
         """May one more job of the batch start now (not blocked, within the rate)? Only asks."""
@@ -180,7 +222,7 @@ class Rollout:
     def note_start(self, batch: Batch, now: float) -> None:
         """A job of the batch started now: it counts against the rate."""
         if batch.policy.rate_per_minute is not None:
-            self._starts.setdefault(batch.name, deque()).append(now)
+            self.rate.spend(batch, now)
 
     # -- what the tick finds due -----------------------------------------------------
     def advance_waves(self, batch: Batch, now: float) -> bool:
@@ -191,9 +233,14 @@ class Rollout:
         opened = self.open_wave(batch)
         if not policy.waves or opened >= len(policy.waves) - 1:
             return False
-        jobs = self.state.latest_in_batch.get(batch.name, {}).values()
-        met_at = dict(self.control(batch.name).get("wave_met", {}))
+        jobs = self.figures.latest_in_batch(batch.name)
+        control = self.control(batch.name)
+        met_at = dict(control.get("wave_met", {}))
         key = str(opened)
+        row = self.state.batches.get(batch.name)
+        since = control.get("wave_opened_at") or (row.started_at if row is not None else None)
+        if self.settle_seconds and since is not None and now < since + self.settle_seconds:
+            return False
         if key not in met_at:
             if not wave_met(policy, wave_figures(policy, batch.name, jobs, opened), opened):
                 return False
@@ -201,7 +248,7 @@ class Rollout:
             self._set(batch.name, wave_met=met_at)
         if now < met_at[key] + policy.waves[opened].soak_minutes * 60:
             return False
-        self._set(batch.name, wave=opened + 1)
+        self._set(batch.name, wave=opened + 1, wave_opened_at=now)
         return True
 
     def abort_due(self, batch: Batch) -> tuple[str, dict[str, Any]] | None:
@@ -210,7 +257,7 @@ class Rollout:
         control = self.control(batch.name)
         if rule is None or control.get("paused"):
             return None
-        counts = self.state.counts.get(batch.name, {})
+        counts = self.figures.counts(batch.name)
         failed, succeeded = counts.get(JobState.FAILED, 0), counts.get(JobState.SUCCEEDED, 0)
         finished = failed + succeeded
         if finished < rule.min_finished or 100 * failed < rule.failure_percent * finished:
@@ -224,7 +271,7 @@ class Rollout:
         return reason, {"failed": failed, "finished": finished, "failure_percent": round(share, 1)}
 
     def note_resume(self, batch: Batch) -> None:
-        counts = self.state.counts.get(batch.name, {})
+        counts = self.figures.counts(batch.name)
         self._set(batch.name, resumed_at_failed=counts.get(JobState.FAILED, 0))
 
     def retries_due(self, batch: Batch, now: float) -> list[Job]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from otacore.protocol.credentials import DeviceId
@@ -80,6 +81,10 @@ class FleetState:
         self.package_status: dict[str, tuple[str, str]] = {}  # package -> (status, sha256 earned with)
         self.job_counts: Counter[tuple[str, DeviceId]] = Counter()  # (batch, device) -> jobs it had there
         self.next_job_id = next_job_id
+        # Cluster mode: job ids come in blocks reserved in the shared database (several
+        # workers create jobs); `id_limit` ends the block in use, None: ids never run out.
+        self.id_limit: int | None = None
+        self.id_blocks: list[range] = []
         self.counters: dict[str, int] = {}  # name -> highest value that may have been used
         self.changes = Changes()
         self.promises = 0  # counts promises made; the engine commits before they leave
@@ -149,14 +154,29 @@ class FleetState:
         if new.device in self.current.get(batch, {}):
             return None
         progress = 100 if new.state == JobState.SUCCEEDED else 0
-        job = Job(self.next_job_id, batch, new.device, new.module, new.package_id, new.from_version,
+        job = Job(self._new_job_id(), batch, new.device, new.module, new.package_id, new.from_version,
                   new.target_version, new.state, progress, None, "", new.file_key, new.file_size, 0, now, now)
-        self.next_job_id += 1
         self._index(job)
         self.changes.jobs.add(job.id)
         self.changes.events.append((job.id, now, None, job.state.value, job.progress, reason))
         self.promises += 1
         return job
+
+    def _new_job_id(self) -> int:
+        if self.id_limit is not None and self.next_job_id >= self.id_limit:
+            if not self.id_blocks:
+                raise RuntimeError("no job ids reserved: the shared database has not answered")
+            block = self.id_blocks.pop(0)
+            self.next_job_id, self.id_limit = block.start, block.stop
+        job_id = self.next_job_id
+        self.next_job_id += 1
+        return job_id
+
+    def ids_left(self) -> int:
+        """Job ids reserved and not used (cluster mode); a large number without a limit."""
+        if self.id_limit is None:
+            return 1 << 62
+        return self.id_limit - self.next_job_id + sum(len(block) for block in self.id_blocks)
 
     def move(self, job: Job, to: JobState, reason: str, now: float, **fields: Any) -> Job:
         """Move `job` to `to` (or update it in place), checked against the table of legal moves;
@@ -315,4 +335,50 @@ class FleetState:
 
     def load_job(self, job: Job) -> None:
         self._index(job)
-        self.next_job_id = max(self.next_job_id, job.id + 1)
+        if self.id_limit is None:
+            self.next_job_id = max(self.next_job_id, job.id + 1)
+
+    # -- cluster mode: devices come and go with their partition, batches are shared ------
+    def pending_for(self, holds: Callable[[DeviceId], bool]) -> bool:
+        """Are changes of these devices not yet taken by the journal?"""
+        changes = self.changes
+        return any(holds(device) for device, _ in changes.versions) or \
+            any(job_id in self.jobs and holds(self.jobs[job_id].device) for job_id in changes.jobs)
+
+    def drop_devices(self, holds: Callable[[DeviceId], bool]) -> int:
+        """Forget these devices (their partition went to another worker): versions, jobs and
+        every index and count. Call it once their changes are committed (`pending_for`).
+        Returns how many jobs left memory."""
+        for key in [key for key in self.versions if holds(key[0])]:
+            device, module = key
+            del self.versions[key]
+            names = self.versions_by_module.get((device.product_key, module))
+            if names is not None:
+                names.pop(device.device_name, None)
+        dropped = [job for job in self.jobs.values() if holds(job.device)]
+        for job in dropped:
+            del self.jobs[job.id]
+            key = (job.device, job.module)
+            if self.open_jobs.get(key) is job:
+                del self.open_jobs[key]
+            if self.latest_jobs.get(key) is job:
+                del self.latest_jobs[key]
+            if self.current.get(job.batch, {}).get(job.device) is job:
+                del self.current[job.batch][job.device]
+            self.open_in_batch.get(job.batch, {}).pop(job.id, None)
+            in_batch = self.latest_in_batch.get(job.batch, {})
+            if in_batch.get(job.device) is job:
+                del in_batch[job.device]
+                self.counts[job.batch][job.state] -= 1
+            self.job_counts.pop((job.batch, job.device), None)
+        return len(dropped)
+
+    def replace_shared(self, rows: dict[str, BatchRow], package_status: dict[str, tuple[str, str]],
+                       targets: dict[str, set[str]]) -> None:
+        """The shared rows as the deciding worker committed them (no change to write)."""
+        self.batches = {}
+        self.running = set()
+        for row in rows.values():
+            self.load_batch(row)
+        self.package_status = dict(package_status)
+        self.targets = {name: set(names) for name, names in targets.items()}

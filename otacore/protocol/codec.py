@@ -69,6 +69,12 @@ def decode_json(data: bytes | bytearray | None) -> dict[str, Any]:
         raise PayloadError("malformed JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise PayloadError("payload must be a JSON object")
+    if "\\u" in text:  # only an escape can name a lone surrogate, which no database can store
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise PayloadError("malformed JSON: a \\u escape names a lone surrogate (\\ud800-\\udfff alone), "
+                               "which UTF-8 cannot carry") from None
     return value
 
 

@@ -10,6 +10,8 @@ device's vhost: refused too.
 """
 from __future__ import annotations
 
+import zlib
+
 from otacore.protocol.credentials import DeviceId
 from otacore.protocol.topics import OtaTopic, parse_upstream
 
@@ -39,9 +41,16 @@ def topic_of(key: str) -> str:
 
 
 def partition_key(device: DeviceId) -> str:
-    """What the consistent-hash exchange hashes: the device alone, so all its topics land on
-    one partition (hashing the routing key would split them by topic kind)."""
+    """What a device's partition is worked out from: the device alone, so all its topics land
+    on one partition (hashing the routing key would split them by topic kind)."""
     return f"{device.product_key}/{device.device_name}"
+
+
+def partition_of(device: DeviceId, partitions: int) -> int:
+    """The device's partition, 0..partitions-1: the worker re-keys its messages to that
+    partition's queue, and the journal stores it beside the device's rows, so a worker that
+    takes the partition loads exactly those devices."""
+    return zlib.crc32(partition_key(device).encode()) % partitions
 
 
 def parse_upstream_key(key: str) -> OtaTopic | None:

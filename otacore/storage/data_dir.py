@@ -75,18 +75,21 @@ class DataDirLock:
     still runs (that one stops within a second, when it notices). `ota-server.lock` only holds
     the pid, for the message."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, shared: bool = False) -> None:
         self.data_dir = data_dir
+        # Shared: workers of one cluster on one machine (PostgreSQL journal) hold it together;
+        # a server of its own still cannot start beside them, nor they beside it.
+        self.shared = shared
         self.identity: FileId | None = None  # of the directory locked
         self._fd: int | None = None
         self._name: socket.socket | None = None
 
     def acquire(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        name = self._claim_name()
+        name = None if self.shared else self._claim_name()
         fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
             if name is not None:
@@ -97,7 +100,8 @@ class DataDirLock:
                                "filesystem") from None
         st = os.fstat(fd)
         self._fd, self._name, self.identity = fd, name, (st.st_dev, st.st_ino)
-        _write_new(self.data_dir / PID_FILE, str(os.getpid()), replace=True)
+        if not self.shared:
+            _write_new(self.data_dir / PID_FILE, str(os.getpid()), replace=True)
 
     def _claim_name(self) -> socket.socket | None:
         if not sys.platform.startswith("linux"):
@@ -124,7 +128,7 @@ class DataDirLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            if file_id(self.data_dir) == self.identity:  # not a new server's file in a new data_dir
+            if file_id(self.data_dir) == self.identity and not self.shared:  # not a new server's file in a new data_dir
                 (self.data_dir / PID_FILE).unlink(missing_ok=True)
             os.close(self._fd)  # closing drops the flock
             self._fd = None

@@ -13,12 +13,15 @@ they are written, and `trouble()` says why meanwhile (for /healthz). A backend t
 its database replaced raises `DatabaseMoved`: the journal is abandoned for good (waiters are
 canceled: what they were waiting for was never kept).
 
-Where the journal goes is the `JournalBackend` seam: SQLite today (storage/sqlite_backend.py).
+Where the journal goes is the `JournalBackend` seam: SQLite (storage/sqlite_backend.py), whose
+methods block and run in a worker thread, or PostgreSQL (storage/postgres_backend.py), an async
+backend (`is_async = True`) whose methods the journal awaits in the event loop.
 """
 from __future__ import annotations
 
 import asyncio
 import datetime
+import inspect
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -39,25 +42,29 @@ class DatabaseMoved(Exception):
 
 
 class JournalBackend(Protocol):
-    """Where the journal goes. Its methods block; the journal calls them from a worker thread,
-    one at a time."""
+    """Where the journal goes. With `is_async` False its methods block and the journal calls
+    them from a worker thread; with `is_async` True, `write`, `transaction`, `read` and `close`
+    are coroutine functions the journal awaits in the event loop (and `transaction`/`read`
+    await what `work` returns when it is awaitable). One call at a time either way."""
 
-    path: Path
+    path: Any  # a Path (SQLite), or what names the database in messages (PostgreSQL: its DSN, no password)
+    is_async: bool
+    partitions: int  # each job's and version's `part` is the device's partition of this many
     transient_errors: tuple[type[BaseException], ...]  # the storage's doing (disk, network), not a bug
 
-    def write(self, records: Records) -> None:
+    def write(self, records: Records) -> Any:
         """All of these records in one transaction, or none (raise)."""
 
-    def transaction(self, work: Callable[[Any], T]) -> T:
+    def transaction(self, work: Callable[[Any], Any]) -> Any:
         """`work(connection)` in one write transaction."""
 
-    def read(self, work: Callable[[Any], T]) -> T:
+    def read(self, work: Callable[[Any], Any]) -> Any:
         """`work(connection)` outside a write transaction (works while writes fail)."""
 
     def moved(self) -> str | None:
         """Why the database is no longer the one opened, or None."""
 
-    def close(self, *, abandoned: bool) -> None:
+    def close(self, *, abandoned: bool) -> Any:
         """Release the connection; `abandoned`: the database was replaced under us."""
 
 
@@ -69,6 +76,8 @@ class Journal:
         self.state = state
         self._clock = clock
         self.path = backend.path
+        self._async = bool(getattr(backend, "is_async", False))
+        self._partitions = int(getattr(backend, "partitions", 1))
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -82,11 +91,12 @@ class Journal:
         self.commits = 0
 
     @classmethod
-    def open(cls, path: Path, clock: Callable[[], float]) -> "Journal":
-        """A journal on the SQLite database at `path`, with the state it holds (blocking; once at start)."""
+    def open(cls, path: Path, clock: Callable[[], float], partitions: int = 1) -> "Journal":
+        """A journal on the SQLite database at `path`, with the state it holds (blocking; once at
+        start). `partitions`: what each row's `part` is computed with (1: all 0)."""
         from otacore.storage.sqlite_backend import SqliteBackend
 
-        backend, state = SqliteBackend.open(path)
+        backend, state = SqliteBackend.open(path, partitions)
         return cls(backend, state, clock)
 
     def start(self) -> None:
@@ -108,7 +118,9 @@ class Journal:
                       "report again and be offered their upgrade again")
         self._cancel_waiters()  # nobody is told what was not kept
         self._closed = True
-        self.backend.close(abandoned=self.abandoned is not None)
+        closed = self.backend.close(abandoned=self.abandoned is not None)
+        if inspect.isawaitable(closed):
+            await closed
 
     def moved(self) -> str | None:
         """Why the database is not the one the journal opened (deleted, replaced), or None."""
@@ -126,11 +138,16 @@ class Journal:
         """Run `work` on the journal's connection, in its worker thread, between two commits
         (retention deletes history this way: one writer, never a second connection waiting
         on the first), in one write transaction unless `write` is False (a read, which also
-        works while the disk refuses writes). Keep `work` short: commits wait for it."""
+        works while the disk refuses writes). Keep `work` short: commits wait for it. On an async
+        backend `work` runs in the event loop and may return an awaitable, which is awaited
+        inside the transaction (retention.py's functions do so on a PostgreSQL connection)."""
         if self.abandoned is not None or self._closed:
             raise RuntimeError("the journal is closed")
         async with self._connection:
-            return await asyncio.to_thread(self.backend.transaction if write else self.backend.read, work)
+            run = self.backend.transaction if write else self.backend.read
+            if self._async:
+                return await run(work)
+            return await asyncio.to_thread(run, work)
 
     @property
     def busy(self) -> bool:
@@ -192,7 +209,11 @@ class Journal:
             self._writing = True
             try:
                 async with self._connection:  # not while maintenance (retention) uses it
-                    await asyncio.to_thread(self.backend.write, records(self.state, changes, self._clock()))
+                    taken = records(self.state, changes, self._clock(), self._partitions)
+                    if self._async:
+                        await self.backend.write(taken)
+                    else:
+                        await asyncio.to_thread(self.backend.write, taken)
             except Exception as exc:  # noqa: BLE001  (whatever it was, the changes are kept)
                 self.state.give_back(changes)
                 self._waiters[:0] = waiters

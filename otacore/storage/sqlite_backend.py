@@ -25,33 +25,36 @@ from otacore.storage.store import StoreError, database_error, load_state
 log = logging.getLogger("ota.journal")
 T = TypeVar("T")
 
+# Shared with the PostgreSQL backend (postgres_schema.pg_sql translates them).
 _JOB_UPSERT = (
     "INSERT INTO jobs (id, batch, product_key, device_name, module, package_id, from_version, target_version, "
-    "state, progress, code, message, file_key, file_size, bytes_served, created_at, updated_at, superseded) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+    "state, progress, code, message, file_key, file_size, bytes_served, created_at, updated_at, superseded, part) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
     "from_version = excluded.from_version, state = excluded.state, progress = excluded.progress, "
     "code = excluded.code, message = excluded.message, file_key = excluded.file_key, "
     "file_size = excluded.file_size, bytes_served = excluded.bytes_served, updated_at = excluded.updated_at, "
-    "superseded = excluded.superseded")
+    "superseded = excluded.superseded, part = excluded.part")
 _EVENT_INSERT = "INSERT INTO job_events (job_id, at, from_state, to_state, progress, reason) VALUES (?, ?, ?, ?, ?, ?)"
 _VERSION_UPSERT = (
-    "INSERT INTO device_versions VALUES (?, ?, ?, ?, ?) ON CONFLICT (product_key, device_name, module) "
-    "DO UPDATE SET version = excluded.version, reported_at = excluded.reported_at")
+    "INSERT INTO device_versions (product_key, device_name, module, version, reported_at, part) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (product_key, device_name, module) "
+    "DO UPDATE SET version = excluded.version, reported_at = excluded.reported_at, part = excluded.part")
 _BATCH_UPSERT = (
     "INSERT INTO batches (name, package_id, fingerprint, state, created_at, started_at, ended_at, reason, control) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET package_id = excluded.package_id, "
     "fingerprint = excluded.fingerprint, state = excluded.state, started_at = excluded.started_at, "
     "ended_at = excluded.ended_at, reason = excluded.reason, control = excluded.control")
-_TARGET_INSERT = "INSERT OR IGNORE INTO batch_targets VALUES (?, ?, ?)"
+_TARGET_INSERT = "INSERT OR IGNORE INTO batch_targets (batch, product_key, device_name) VALUES (?, ?, ?)"
 _PACKAGE_UPSERT = (
     "INSERT INTO package_status (package_id, status, updated_at, sha256) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (package_id) DO UPDATE SET status = excluded.status, updated_at = excluded.updated_at, "
     "sha256 = excluded.sha256")
-_COUNTER_UPSERT = "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+_COUNTER_UPSERT = ("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) "
+                   "DO UPDATE SET value = excluded.value")
 # In this order: a job's row before its events, so the history never names a missing job.
-_STATEMENTS = (("jobs", _JOB_UPSERT), ("events", _EVENT_INSERT), ("versions", _VERSION_UPSERT),
-               ("batches", _BATCH_UPSERT), ("targets", _TARGET_INSERT), ("packages", _PACKAGE_UPSERT),
-               ("counters", _COUNTER_UPSERT))
+STATEMENTS = (("jobs", _JOB_UPSERT), ("events", _EVENT_INSERT), ("versions", _VERSION_UPSERT),
+              ("batches", _BATCH_UPSERT), ("targets", _TARGET_INSERT), ("packages", _PACKAGE_UPSERT),
+              ("counters", _COUNTER_UPSERT))
 
 
 
@@ -61,15 +64,18 @@ class SqliteBackend:
 
     transient_errors = (sqlite3.Error, OSError)  # the disk's doing, not a bug: logged without a traceback
 
-    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+    is_async = False
+
+    def __init__(self, db: sqlite3.Connection, path: Path, partitions: int = 1) -> None:
         self.db = db
         self.path = path
+        self.partitions = partitions  # what the journal's records compute each row's `part` with
         # The -wal holds the latest commits until a checkpoint: deleting it loses them too.
         self._files = (path, path.with_name(path.name + "-wal"))
         self._ids = tuple(file_id(f) for f in self._files)
 
     @classmethod
-    def open(cls, path: Path) -> tuple["SqliteBackend", FleetState]:
+    def open(cls, path: Path, partitions: int = 1) -> tuple["SqliteBackend", FleetState]:
         """Connect and load the state the database holds (blocking; once at start)."""
         try:
             db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -83,12 +89,12 @@ class SqliteBackend:
                 raise
         except sqlite3.Error as exc:
             raise StoreError(database_error(path, exc)) from None
-        return cls(db, path), state
+        return cls(db, path, partitions), state
 
     # -- writing (blocking: called in a worker thread) -----------------------------------
     def write(self, records: Records) -> None:
         def write(db: sqlite3.Connection) -> None:
-            for table, statement in _STATEMENTS:
+            for table, statement in STATEMENTS:
                 if records[table]:
                     db.executemany(statement, records[table])
         self.transaction(write)

@@ -22,7 +22,7 @@ OPEN_STATES = tuple(state.value for state in ALL_STATES if state in OPEN)
 FINAL_STATES = tuple(state.value for state in ALL_STATES if state in FINAL)
 
 # Bump with a migration in Store.open whenever SCHEMA changes shape.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class StoreError(Exception):
@@ -66,7 +66,11 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS device_versions (
     product_key TEXT NOT NULL, device_name TEXT NOT NULL, module TEXT NOT NULL,
     version TEXT NOT NULL, reported_at REAL NOT NULL,
+    -- The device's partition (otacore.protocol.routing_keys.partition_of): what a cluster
+    -- worker loads when it takes a partition; 0 for one process.
+    part INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (product_key, device_name, module));
+CREATE INDEX IF NOT EXISTS device_versions_by_part ON device_versions (part);
 CREATE TABLE IF NOT EXISTS batches (
     name TEXT PRIMARY KEY, package_id TEXT NOT NULL, fingerprint TEXT NOT NULL,
     state TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL, ended_at REAL, reason TEXT NOT NULL DEFAULT '',
@@ -83,12 +87,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     bytes_served INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, updated_at REAL NOT NULL,
     -- 1 when a later job of the same batch may replace this one: an admin retry, or the
     -- device left the versions the batch targets, or a higher batch took it first.
-    superseded INTEGER NOT NULL DEFAULT 0);
+    superseded INTEGER NOT NULL DEFAULT 0,
+    part INTEGER NOT NULL DEFAULT 0);  -- the device's partition, as in device_versions
 -- One open job per device and module, one current job per batch and device: kept by the
 -- engine's memory (fleet_state.py), which the journal writes down; not indexes that could
 -- refuse a commit of promises already made.
 CREATE INDEX IF NOT EXISTS jobs_by_device ON jobs (product_key, device_name, module);
 CREATE INDEX IF NOT EXISTS jobs_by_batch ON jobs (batch, state);
+CREATE INDEX IF NOT EXISTS jobs_by_part ON jobs (part);
 CREATE TABLE IF NOT EXISTS job_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, job_id INTEGER NOT NULL REFERENCES jobs(id),
     at REAL NOT NULL, from_state TEXT, to_state TEXT NOT NULL, progress INTEGER, reason TEXT NOT NULL);
@@ -178,7 +184,7 @@ class Store:
             async with db.execute("PRAGMA user_version") as cursor:
                 row = await cursor.fetchone()
             version = row[0] if row else 0
-            if version not in (0, 1, 2, 3, SCHEMA_VERSION):
+            if version not in (0, 1, 2, 3, 4, SCHEMA_VERSION):
                 raise StoreError(f"{path} has database schema {version}; this server reads schema "
                                  f"{SCHEMA_VERSION}: use the matching server version or a new data_dir")
             if version == 0:
@@ -190,6 +196,13 @@ class Store:
             # Schema 1 -> 2: uniqueness of open and current jobs moved to the engine's memory.
             await db.execute("DROP INDEX IF EXISTS jobs_one_open_per_module")
             await db.execute("DROP INDEX IF EXISTS jobs_one_current_per_batch_device")
+            # Schema 4 -> 5: each device's partition on its rows (before SCHEMA indexes it);
+            # existing rows get partition 0, right for one process.
+            for table in ("jobs", "device_versions"):
+                async with db.execute(f"PRAGMA table_info({table})") as cursor:
+                    columns = {row[1] async for row in cursor}
+                if columns and "part" not in columns:
+                    await db.execute(f"ALTER TABLE {table} ADD COLUMN part INTEGER NOT NULL DEFAULT 0")
             await db.executescript(SCHEMA)
             # Schema 2 -> 3: each batch's rollout control (pauses, halts, opened waves).
             async with db.execute("PRAGMA table_info(batches)") as cursor:
@@ -206,38 +219,43 @@ class Store:
     async def close(self) -> None:
         await self._db.close()
 
+    # The two ways every read below runs its SQL (`?` parameters); PgStore (pg_store.py) runs
+    # the same text on PostgreSQL through these.
+    async def _rows(self, sql: str, args: Any = ()) -> list[Any]:
+        async with self._db.execute(sql, args) as cursor:
+            return list(await cursor.fetchall())
+
+    async def _row(self, sql: str, args: Any = ()) -> Any:
+        async with self._db.execute(sql, args) as cursor:
+            return await cursor.fetchone()
+
     # -- reported versions -------------------------------------------------------------
     async def reported_version(self, device: DeviceId, module: str) -> str | None:
-        async with self._db.execute(
-                "SELECT version FROM device_versions WHERE product_key = ? AND device_name = ? AND module = ?",
-                (device.product_key, device.device_name, module)) as cursor:
-            row = await cursor.fetchone()
+        row = await self._row(
+            "SELECT version FROM device_versions WHERE product_key = ? AND device_name = ? AND module = ?",
+            (device.product_key, device.device_name, module))
         return row[0] if row else None
 
     async def reported_versions(self, product_key: str, module: str) -> dict[str, str]:
-        async with self._db.execute(
-                "SELECT device_name, version FROM device_versions WHERE product_key = ? AND module = ?",
-                (product_key, module)) as cursor:
-            return {name: version async for name, version in cursor}
+        return {name: version for name, version in await self._rows(
+            "SELECT device_name, version FROM device_versions WHERE product_key = ? AND module = ?",
+            (product_key, module))}
 
     # -- batches -----------------------------------------------------------------------
     async def batches(self) -> dict[str, BatchRow]:
-        async with self._db.execute(_BATCH_SELECT) as cursor:
-            return {row[0]: _batch(row) async for row in cursor}
+        return {row[0]: _batch(row) for row in await self._rows(_BATCH_SELECT)}
 
     async def targets(self, batch: str) -> set[str]:
-        async with self._db.execute("SELECT device_name FROM batch_targets WHERE batch = ?", (batch,)) as cursor:
-            return {row[0] async for row in cursor}
+        return {row[0] for row in await self._rows("SELECT device_name FROM batch_targets WHERE batch = ?", (batch,))}
 
     # -- packages ----------------------------------------------------------------------
     async def package_statuses(self) -> dict[str, tuple[str, str]]:
         """package id -> (status, sha256 of the file the status was earned with)."""
-        async with self._db.execute("SELECT package_id, status, sha256 FROM package_status") as cursor:
-            return {row[0]: (row[1], row[2]) async for row in cursor}
+        return {row[0]: (row[1], row[2])
+                for row in await self._rows("SELECT package_id, status, sha256 FROM package_status")}
 
     async def job(self, job_id: int) -> Job | None:
-        async with self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)) as cursor:
-            row = await cursor.fetchone()
+        row = await self._row(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         return _job(row) if row else None
 
     async def jobs(self, batch: str | None = None, open_only: bool = False) -> list[Job]:
@@ -248,44 +266,44 @@ class Store:
         if open_only:
             where.append(f"state IN {OPEN_STATES}")
         sql = f"SELECT {_JOB_COLUMNS} FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id"
-        async with self._db.execute(sql, args) as cursor:
-            return [_job(row) async for row in cursor]
+        return [_job(row) for row in await self._rows(sql, args)]
 
     async def state_counts(self, batch: str | None = None) -> dict[str, dict[str, int]]:
         """batch -> state -> number of devices, counting each device's latest job once."""
         where, args = ("WHERE batch = ?", (batch,)) if batch is not None else ("", ())
-        async with self._db.execute(
+        counts: dict[str, dict[str, int]] = {}
+        for name, state, count in await self._rows(
                 f"SELECT batch, state, COUNT(*) FROM jobs WHERE id IN (SELECT MAX(id) FROM jobs {where} "
-                "GROUP BY batch, product_key, device_name, module) GROUP BY batch, state", args) as cursor:
-            counts: dict[str, dict[str, int]] = {}
-            async for name, state, count in cursor:
-                counts.setdefault(name, {})[state] = count
-            return counts
+                "GROUP BY batch, product_key, device_name, module) GROUP BY batch, state", args):
+            counts.setdefault(name, {})[state] = count
+        return counts
 
     async def latest_jobs(self, batch: str) -> list[Job]:
         """Each device's latest job in `batch` (a retried device shows its new job)."""
-        async with self._db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN (SELECT MAX(id) FROM jobs WHERE batch = ? "
-                "GROUP BY product_key, device_name, module) ORDER BY id", (batch,)) as cursor:
-            return [_job(row) async for row in cursor]
+        return [_job(row) for row in await self._rows(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id IN (SELECT MAX(id) FROM jobs WHERE batch = ? "
+            "GROUP BY product_key, device_name, module) ORDER BY id", (batch,))]
 
     async def history(self, job_id: int) -> list[tuple[float, str | None, str, int | None, str]]:
-        async with self._db.execute("SELECT at, from_state, to_state, progress, reason FROM job_events "
-                                    "WHERE job_id = ? ORDER BY id", (job_id,)) as cursor:
-            return [tuple(row) async for row in cursor]
+        return [tuple(row) for row in await self._rows(  # type: ignore[misc]
+            "SELECT at, from_state, to_state, progress, reason FROM job_events WHERE job_id = ? ORDER BY id",
+            (job_id,))]
 
     async def device_jobs(self, device: DeviceId, offset: int = 0, limit: int = -1) -> list[Job]:
         """The jobs the device had, any module and batch, newest first (index jobs_by_device);
         `limit` of them from `offset` (-1: all)."""
-        async with self._db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE product_key = ? AND device_name = ? ORDER BY id DESC "
-                "LIMIT ? OFFSET ?", (device.product_key, device.device_name, limit, offset)) as cursor:
-            return [_job(row) async for row in cursor]
+        return [_job(row) for row in await self._rows(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE product_key = ? AND device_name = ? ORDER BY id DESC "
+            "LIMIT ? OFFSET ?", (device.product_key, device.device_name, self._limit(limit), offset))]
+
+    @staticmethod
+    def _limit(limit: int) -> int | None:
+        """`LIMIT ?` for `limit` (-1: all, which SQLite writes -1 and PostgreSQL NULL)."""
+        return limit
 
     async def device_job_count(self, device: DeviceId) -> int:
-        async with self._db.execute("SELECT COUNT(*) FROM jobs WHERE product_key = ? AND device_name = ?",
-                                    (device.product_key, device.device_name)) as cursor:
-            row = await cursor.fetchone()
+        row = await self._row("SELECT COUNT(*) FROM jobs WHERE product_key = ? AND device_name = ?",
+                              (device.product_key, device.device_name))
         return int(row[0]) if row else 0
 
     async def histories(self, job_ids: list[int]) -> dict[int, list[tuple[float, str | None, str, int | None, str]]]:
@@ -293,9 +311,8 @@ class Store:
         events: dict[int, list[tuple[float, str | None, str, int | None, str]]] = {job_id: [] for job_id in job_ids}
         for start in range(0, len(job_ids), 500):
             chunk = job_ids[start:start + 500]
-            async with self._db.execute(
+            for job_id, *event in await self._rows(
                     "SELECT job_id, at, from_state, to_state, progress, reason FROM job_events WHERE job_id IN "
-                    f"({','.join('?' * len(chunk))}) ORDER BY id", chunk) as cursor:
-                async for job_id, *event in cursor:
-                    events[job_id].append(tuple(event))  # type: ignore[arg-type]
+                    f"({','.join('?' * len(chunk))}) ORDER BY id", chunk):
+                events[job_id].append(tuple(event))  # type: ignore[arg-type]
         return events

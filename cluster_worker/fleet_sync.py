@@ -1,0 +1,161 @@
+"""What the workers of a cluster read from PostgreSQL to act as one (docs/cluster.md):
+
+- the shared rows (batches, package statuses, static targets) the coordinator commits, which
+  every other worker takes when PostgreSQL notifies `ota_shared` (and every few seconds in
+  case a notification was lost while a connection was down);
+- the catalog version the coordinator applied (`ota_catalog`): its text, so every worker
+  applies the very same catalog, whatever its own copy of the file says;
+- the whole fleet's latest job per device in the batches a fleet-wide rule reads (waves,
+  abort, verification), for the coordinator's tick;
+- a reading of the whole fleet for views (status, devices, /metrics), a second old at most,
+  made only while someone looks.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+from otacore.fleet.jobs import Job
+from otacore.fleet.state import BatchRow, FleetState
+from otacore.storage.postgres_backend import load_partitions, load_shared
+from otacore.storage.store import _JOB_COLUMNS, _job
+
+log = logging.getLogger("ota.cluster")
+
+SHARED_CHANNEL = "ota_shared"  # the coordinator committed shared rows
+CATALOG_CHANNEL = "ota_catalog"  # the coordinator applied a catalog version
+FINAL_CHANNEL = "ota_final"  # a worker committed a job's final state (the coordinator looks again)
+VIEW_MAX_AGE = 1.0  # seconds a reading of the whole fleet serves views
+VIEW_IDLE = 10.0  # no view asked for this long: stop reading
+
+
+@dataclass
+class SharedRows:
+    batches: dict[str, BatchRow]
+    package_status: dict[str, tuple[str, str]]
+    targets: dict[str, set[str]]
+
+
+async def read_shared(conn: asyncpg.Connection) -> SharedRows:
+    state = FleetState()
+    async with conn.transaction(readonly=True, isolation="repeatable_read"):  # one moment for all three
+        await load_shared(conn, state)
+    return SharedRows(state.batches, state.package_status, state.targets)
+
+
+@dataclass
+class CatalogVersion:
+    id: int
+    sha256: str
+    text: str
+    path: str
+
+
+def catalog_sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def latest_catalog(conn: asyncpg.Connection) -> CatalogVersion | None:
+    row = await conn.fetchrow("SELECT id, sha256, text, path FROM ota_catalog ORDER BY id DESC LIMIT 1")
+    return CatalogVersion(row["id"], row["sha256"], row["text"], row["path"]) if row is not None else None
+
+
+async def publish_catalog(conn: asyncpg.Connection, text: str, path: Path) -> int:
+    """The coordinator applied this catalog (and committed what it decided): the others take it."""
+    async with conn.transaction():
+        version = await conn.fetchval("INSERT INTO ota_catalog (sha256, text, path) VALUES ($1, $2, $3) RETURNING id",
+                                      catalog_sha(text), text, str(path))
+        await conn.execute("DELETE FROM ota_catalog WHERE id < $1 - 100", version)  # a little history
+        await conn.execute(f"NOTIFY {CATALOG_CHANNEL}")
+    return int(version)
+
+
+def catalog_file_for(version: CatalogVersion, own: Path) -> Path:
+    """Where to read the version from: this worker's own catalog file when it holds the same
+    text; else a copy of the version's text beside it (so relative paths in it, like
+    packages_dir, mean the same), written once."""
+    try:
+        if catalog_sha(own.read_text(encoding="utf-8")) == version.sha256:
+            return own
+    except (OSError, UnicodeDecodeError):
+        pass
+    copy = own.with_name(f".{own.stem}.cluster-{version.sha256[:16]}{own.suffix or '.yaml'}")
+    if not copy.exists():
+        tmp = copy.with_name(copy.name + ".tmp")
+        tmp.write_text(version.text, encoding="utf-8")
+        tmp.replace(copy)
+    return copy
+
+
+@dataclass
+class SharedFigures:
+    """The whole fleet's latest job per device in some batches, as PostgreSQL has them: what
+    the coordinator's rules read (fleet/rollout.py LocalFigures is the one-process kind)."""
+
+    latest: dict[str, list[Job]] = field(default_factory=dict)
+    _counts: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def latest_in_batch(self, batch: str) -> Iterable[Job]:
+        return self.latest.get(batch, [])
+
+    def counts(self, batch: str) -> dict[str, int]:
+        counts = self._counts.get(batch)
+        if counts is None:
+            counts = self._counts[batch] = Counter(job.state for job in self.latest.get(batch, []))
+        return counts
+
+
+async def read_figures(conn: asyncpg.Connection, batches: list[str]) -> SharedFigures:
+    figures = SharedFigures({name: [] for name in batches})
+    if not batches:
+        return figures
+    rows = await conn.fetch(
+        f"SELECT DISTINCT ON (batch, product_key, device_name, module) {_JOB_COLUMNS} FROM jobs "
+        "WHERE batch = ANY($1::text[]) ORDER BY batch, product_key, device_name, module, id DESC", batches)
+    for row in rows:
+        job = _job(row)
+        figures.latest[job.batch].append(job)
+    return figures
+
+
+class FleetReading:
+    """The whole fleet as PostgreSQL holds it, for views; read again when older than
+    VIEW_MAX_AGE and someone asked within VIEW_IDLE."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.state: FleetState | None = None
+        self._read_at = 0.0
+        self._asked_at = 0.0
+        self._reading: asyncio.Task[None] | None = None
+
+    async def fresh(self) -> FleetState:
+        """A reading at most VIEW_MAX_AGE old (waits for one)."""
+        self._asked_at = time.monotonic()
+        if self.state is None or time.monotonic() - self._read_at > VIEW_MAX_AGE:
+            await self._read()
+        assert self.state is not None
+        return self.state
+
+    def latest(self) -> FleetState | None:
+        """The last reading, without waiting (a new one is started when it is old)."""
+        self._asked_at = time.monotonic()
+        if time.monotonic() - self._read_at > VIEW_MAX_AGE and (self._reading is None or self._reading.done()):
+            self._reading = asyncio.ensure_future(self._read())
+            self._reading.add_done_callback(lambda task: task.cancelled() or task.exception())
+        return self.state
+
+    async def _read(self) -> None:
+        state = FleetState()
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True, isolation="repeatable_read"):
+            await load_shared(conn, state)
+            await load_partitions(conn, state, None)
+        self.state, self._read_at = state, time.monotonic()

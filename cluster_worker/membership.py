@@ -1,0 +1,244 @@
+"""This worker's place among the workers that share the fleet through PostgreSQL: its row in
+`ota_workers` (a heartbeat twice a second), the device partitions it holds, and whether it is
+the coordinator (docs/cluster.md, "Several workers").
+
+Holding is a PostgreSQL session advisory lock per partition (and one for the coordinator),
+taken on the journal's own connection: the connection that writes a partition's rows is the
+one that holds it, so a worker killed with `kill -9` (its connection gone) frees its
+partitions at once, and a worker whose connection broke cannot write after another took
+them (it re-takes its locks before its next write, or stops: see `_relock`).
+
+How many partitions each worker holds is worked out by every worker alike from the live rows
+(seen in the last DEAD_AFTER seconds): P // n each, one more for the first P % n by id. A
+worker over its share releases (stop consuming, commit, forget, unlock); one under it takes
+free partitions (lock, load from PostgreSQL, consume). A dead worker's share is taken within
+DEAD_AFTER + one round; a new worker gets its share as soon as the others have released.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from otacore.storage.journal import Journal
+
+log = logging.getLogger("ota.cluster")
+
+LOCK_SPACE = 0x07A0  # the first key of every advisory lock the workers take
+COORDINATOR_LOCK = -1  # the second key of the coordinator's; a partition's is its number
+ROUND_SECONDS = 0.5
+DEAD_AFTER = 3.0  # seconds without a heartbeat: the worker is gone, its partitions are free
+FORGET_AFTER = 3600.0  # a dead worker's row is deleted after this
+
+NOW = "extract(epoch from clock_timestamp())"  # PostgreSQL's clock: the workers' shared one
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS ota_workers (
+    id TEXT PRIMARY KEY, url TEXT NOT NULL, started_at DOUBLE PRECISION NOT NULL,
+    seen_at DOUBLE PRECISION NOT NULL, partitions INTEGER[] NOT NULL DEFAULT '{{}}',
+    coordinator BOOLEAN NOT NULL DEFAULT false);
+CREATE TABLE IF NOT EXISTS ota_rate_grants (
+    batch TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, n INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS ota_rate_grants_by_batch ON ota_rate_grants (batch, at);
+CREATE TABLE IF NOT EXISTS ota_catalog (
+    id BIGSERIAL PRIMARY KEY, sha256 TEXT NOT NULL, text TEXT NOT NULL, path TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL DEFAULT {NOW});
+"""
+
+
+class LostLock(Exception):
+    """A lock this worker held is another's now (its connection to PostgreSQL broke)."""
+
+
+def preference(worker_id: str, partition: int) -> int:
+    """Rendezvous order: each worker prefers partitions in its own order, so two workers
+    taking free partitions at once mostly try different ones first."""
+    return int.from_bytes(hashlib.blake2b(f"{worker_id}/{partition}".encode(), digest_size=8).digest(), "big")
+
+
+def share(partitions: int, live: list[str], worker_id: str) -> int:
+    """How many partitions this worker should hold among the live ones."""
+    if worker_id not in live:
+        live = sorted([*live, worker_id])
+    base, extra = divmod(partitions, len(live))
+    return base + (1 if live.index(worker_id) < extra else 0)
+
+
+class Membership:
+    """Open with `await Membership.open(...)`; `start()` runs the rounds; `stop()` releases all."""
+
+    def __init__(self, pool: asyncpg.Pool, journal: Journal, url: str, partitions: int,
+                 take: Callable[[int], Awaitable[None]], release: Callable[[int], Awaitable[None]],
+                 coordinate: Callable[[], Awaitable[None]], fatal: Callable[[str], None]) -> None:
+        self.pool = pool
+        self.journal = journal
+        self.url = url
+        self.partitions = partitions
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._take, self._release, self._coordinate, self._fatal = take, release, coordinate, fatal
+        self.held: set[int] = set()
+        self.coordinator = False
+        self.holders: dict[int, str] = {}  # partition -> URL of the live worker holding it
+        self.coordinator_url: str | None = None
+        self.live_workers: list[str] = []
+        self.moves = 0  # partitions taken or released, for /metrics
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._changed = asyncio.Event()
+        self._rows: dict[str, list[int]] = {}  # live worker id -> the partitions its row lists
+        self._urls: list[str] = []
+
+    @classmethod
+    async def open(cls, pool: asyncpg.Pool, *args: Any, **kwargs: Any) -> "Membership":
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1, -2)", LOCK_SPACE)  # one worker's DDL at a time
+            await conn.execute(SCHEMA)
+        member = cls(pool, *args, **kwargs)
+        member.journal.backend.on_connect.append(member._relock)
+        await member._heartbeat()
+        return member
+
+    # -- locks, on the journal's connection --------------------------------------------------
+    async def _lock(self, key: int) -> bool:
+        async def work(conn: asyncpg.Connection) -> bool:
+            return bool(await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", LOCK_SPACE, key))
+        return await self.journal.maintain(work, write=False)
+
+    async def _unlock(self, key: int) -> None:
+        async def work(conn: asyncpg.Connection) -> None:
+            await conn.execute("SELECT pg_advisory_unlock($1, $2)", LOCK_SPACE, key)
+        await self.journal.maintain(work, write=False)
+
+    async def _relock(self, conn: asyncpg.Connection) -> None:
+        """The journal's connection is new (the old one broke): take this worker's locks again
+        before anything is written; one another worker took meanwhile means what this worker
+        holds in memory for it may be stale: stop (a supervisor starts it again, clean)."""
+        keys = sorted(self.held) + ([COORDINATOR_LOCK] if self.coordinator else [])
+        for key in keys:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", LOCK_SPACE, key):
+                what = "the coordinator's lock" if key == COORDINATOR_LOCK else f"partition {key}"
+                reason = (f"{what} went to another worker while this one's connection to PostgreSQL was broken; "
+                          "stopping without writing (start it again: it rejoins with a fresh share)")
+                self._fatal(reason)
+                raise LostLock(reason)
+        if keys:
+            log.warning("cluster: reconnected to PostgreSQL; kept %d partition lock(s)%s", len(self.held),
+                        " and the coordinator's" if self.coordinator else "")
+
+    # -- rounds --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ota-membership")
+
+    def nudge(self) -> None:
+        """Run a round now (a worker joined or left)."""
+        self._changed.set()
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self.round()
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("cluster: PostgreSQL round failed (%r); trying again", exc)
+            except LostLock:
+                return
+            except Exception:
+                log.exception("cluster: membership round failed")
+            try:
+                await asyncio.wait_for(self._changed.wait(), ROUND_SECONDS)
+            except TimeoutError:
+                pass
+            self._changed.clear()
+
+    async def round(self) -> None:
+        """One round: heartbeat, then release or take to reach this worker's share, then try to
+        become the coordinator if there is none."""
+        live = await self._heartbeat()
+        wanted = share(self.partitions, live, self.id)
+        while len(self.held) > wanted and not self._stopping:
+            await self.release(max(self.held, key=lambda p: -preference(self.id, p)))
+        if len(self.held) < wanted:
+            claimed = {p for url_p in self._claimed_by_others(live) for p in url_p}
+            free = sorted((p for p in range(self.partitions) if p not in self.held and p not in claimed),
+                          key=lambda p: -preference(self.id, p))
+            for partition in free:
+                if len(self.held) >= wanted or self._stopping:
+                    break
+                if await self._lock(partition):
+                    await self._hold(partition)
+        if not self.coordinator and not self._stopping and await self._lock(COORDINATOR_LOCK):
+            self.coordinator = True
+            log.info("cluster: this worker (%s) is the coordinator", self.id)
+            await self._heartbeat()
+            await self._coordinate()
+
+    async def _hold(self, partition: int) -> None:
+        try:
+            await self._take(partition)
+        except BaseException:
+            await self._unlock(partition)
+            raise
+        self.held.add(partition)
+        self.moves += 1
+        await self._heartbeat()
+        log.info("cluster: took partition %d (now %d: %s)", partition, len(self.held), sorted(self.held))
+
+    async def release(self, partition: int) -> None:
+        await self._release(partition)
+        self.held.discard(partition)
+        await self._unlock(partition)
+        self.moves += 1
+        await self._heartbeat()
+        log.info("cluster: released partition %d (now %d: %s)", partition, len(self.held), sorted(self.held))
+
+    def _claimed_by_others(self, live: list[str]) -> list[list[int]]:
+        return [list(parts) for worker, parts in self._rows.items() if worker != self.id and worker in live]
+
+    async def _heartbeat(self) -> list[str]:
+        """Write this worker's row; read the live ones (their partitions, the coordinator)."""
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                f"INSERT INTO ota_workers (id, url, started_at, seen_at, partitions, coordinator) "
+                f"VALUES ($1, $2, {NOW}, {NOW}, $3, $4) ON CONFLICT (id) DO UPDATE SET seen_at = {NOW}, "
+                "partitions = excluded.partitions, coordinator = excluded.coordinator",
+                self.id, self.url, sorted(self.held), self.coordinator)
+            rows = await conn.fetch(f"SELECT id, url, partitions, coordinator FROM ota_workers WHERE seen_at > {NOW} - $1 "
+                                    "ORDER BY id", DEAD_AFTER)
+            await conn.execute(f"DELETE FROM ota_workers WHERE seen_at < {NOW} - $1", FORGET_AFTER)
+        self._rows = {row["id"]: row["partitions"] for row in rows}
+        self.holders = {p: row["url"] for row in rows for p in row["partitions"]}
+        coordinators = [row["url"] for row in rows if row["coordinator"]]
+        self.coordinator_url = self.url if self.coordinator else (coordinators[0] if coordinators else None)
+        self.live_workers = [row["id"] for row in rows]
+        self._urls = [row["url"] for row in rows]
+        return self.live_workers
+
+    def worker_urls(self) -> list[str]:
+        """Every live worker's HTTP URL (this one's first)."""
+        return [self.url, *sorted({url for url in self._urls if url != self.url})]
+
+    async def stop(self) -> None:
+        """Release every partition (the others take them at once), then the coordinator's lock."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for partition in sorted(self.held):
+            try:
+                await self.release(partition)
+            except Exception as exc:  # noqa: BLE001  (the database may be gone: the locks go with the connection)
+                log.warning("cluster: could not release partition %d cleanly: %r", partition, exc)
+                break
+        try:
+            async with self.pool.acquire() as conn:
+                await conn.execute("DELETE FROM ota_workers WHERE id = $1", self.id)
+        except Exception:  # noqa: BLE001
+            pass
