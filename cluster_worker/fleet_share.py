@@ -206,9 +206,14 @@ class FleetShare:
     async def _listen(self) -> None:
         conn = await asyncpg.connect(self.dsn)
         for channel in (fleet_sync.SHARED_CHANNEL, fleet_sync.CATALOG_CHANNEL):
-            await conn.add_listener(channel, lambda *_: self._shared_due.set())
+            await conn.add_listener(channel, lambda *_: self._shared_changed())
         await conn.add_listener(fleet_sync.FINAL_CHANNEL, lambda *_: self._final())
         self._listener = conn
+
+    def _shared_changed(self) -> None:
+        self._shared_due.set()
+        if self.reading is not None:
+            self.reading.stale()
 
     def _final(self) -> None:
         """A job ended somewhere: the coordinator looks at the batch rules now, not in a second."""

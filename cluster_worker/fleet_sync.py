@@ -145,6 +145,10 @@ class FleetReading:
         assert self.state is not None
         return self.state
 
+    def stale(self) -> None:
+        """Something was committed that views show (a notification said so): read again."""
+        self._read_at = 0.0
+
     def latest(self) -> FleetState | None:
         """The last reading, without waiting (a new one is started when it is old)."""
         self._asked_at = time.monotonic()

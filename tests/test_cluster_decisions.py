@@ -162,3 +162,45 @@ async def test_a_worker_that_does_not_coordinate_refuses_batch_decisions(tmp_pat
     finally:
         await server.stop()
     assert batches  # (imported for the reader: where the coordinator's side lives)
+
+
+VERIFY = ("- {name: v, package: fw-2.0.0, type: verify, devices: [c1, f1], push: true}\n"
+          "- {name: up2, package: fw-2.0.0, mode: dynamic, push: true}\n")
+
+
+def test_a_verification_over_two_workers_gates_the_upgrade_on_both(tmp_path: Path) -> None:
+    """The verify batch's devices are held by two workers; the coordinator decides from the
+    whole fleet's jobs (what PostgreSQL holds: here both workers' memory), and the follower's
+    devices get the verified upgrade once it takes the rows."""
+    from cluster_worker.fleet_sync import SharedFigures  # noqa: PLC0415
+    coordinator = World(tmp_path / "c")
+    coordinator.online = {"c1", "c9"}
+    follower = _follower(tmp_path / "f", "", {"f1", "f9"})
+    for world, names in ((coordinator, ("c1", "c9")), (follower, ("f1", "f9"))):
+        for name in names:
+            world.report(name, "1.0.0")
+    coordinator.reload(VERIFY)
+    assert coordinator.state.batches["up2"].state == BatchState.WAITING_VERIFICATION
+    write_catalog(tmp_path / "f", VERIFY, base=BASE)
+    loaded = prepare_catalog(follower.settings)
+    follower.step(follow.follow_catalog, follower.live, loaded.catalog, loaded.files)
+    _share(coordinator, follower)
+    assert follower.job("f1").batch == "v" and follower.job("f9") is None  # waiting: no upgrade yet
+
+    def whole_fleet() -> SharedFigures:
+        jobs = [*coordinator.state.latest_in_batch.get("v", {}).values(),
+                *follower.state.latest_in_batch.get("v", {}).values()]
+        return SharedFigures({"v": jobs})
+
+    coordinator.report("c1", "2.0.0")
+    coordinator.live.rollout.figures = whole_fleet()
+    coordinator.step(ticks.rollout_tick, coordinator.live)
+    assert coordinator.state.batches["v"].state == BatchState.RUNNING  # f1 has not upgraded yet
+    follower.report("f1", "2.0.0")
+    coordinator.live.rollout.figures = whole_fleet()
+    coordinator.step(ticks.rollout_tick, coordinator.live)
+    assert coordinator.state.package_status["fw-2.0.0"][0] == "verified"
+    assert coordinator.state.batches["up2"].state == BatchState.RUNNING
+    assert coordinator.job("c9").batch == "up2"
+    sends = _share(coordinator, follower)
+    assert follower.job("f9").batch == "up2" and [send.device for send in sends] == [dev("f9")]

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiomqtt
 import asyncpg
 import pytest
@@ -215,3 +216,65 @@ async def _check_status_agrees(cluster: Cluster) -> None:
         outputs.append(result.stdout)
     assert outputs[0] == outputs[1] == outputs[2], outputs
     assert "waved" in outputs[0] and "aborted" in outputs[0]
+
+
+async def _post(cluster: Cluster, worker: int, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(cluster.worker_urls[worker - 1] + path, json=body,
+                                headers={"Authorization": f"Bearer {cluster.admin_token}"}) as response:
+            return response.status, await response.json(content_type=None)
+
+
+async def _coordinator(cluster: Cluster) -> int:
+    for k in range(1, 4):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(cluster.worker_urls[k - 1] + "/metrics",
+                                   headers={"Authorization": f"Bearer {cluster.admin_token}"}) as response:
+                if "\nota_cluster_coordinator 1.0" in await response.text():
+                    return k
+    raise AssertionError("no worker says it is the coordinator")
+
+
+async def test_admin_actions_and_reloads_work_from_any_worker(cluster: Cluster) -> None:
+    names = [f"d-{i:02d}" for i in range(20)]
+    write_catalog(cluster.catalog.parent, f"- {{name: adm, package: fw-1.1.0, mode: dynamic, push: true, "
+                                          f"devices: [{', '.join(names)}]}}\n")
+    others = [k for k in range(1, 4) if k != await _coordinator(cluster)]
+    result = await asyncio.to_thread(cluster.otactl_at, others[0], "reload")  # at a worker that does not decide
+    assert result.returncode == 0, result.stdout + result.stderr
+    clients = []
+    for i, name in enumerate(names):  # report 1.0.0 and stay: their jobs wait, told
+        client_id, password = signed_login(device_secret(name), name, PK, None)
+        client = aiomqtt.Client("127.0.0.1", cluster.mqtt_ports[i % 2], identifier=client_id,
+                                username=f"{name}&{PK}", password=password)
+        await client.__aenter__()
+        clients.append(client)
+        await client.publish(f"/ota/device/inform/{PK}/{name}", json.dumps({"id": "1", "params": {"version": "1.0.0"}}),
+                             qos=1)
+    try:
+        async def all_told() -> bool:
+            rows = (await cluster.admin("/admin/api/batches/adm?limit=50", worker=others[1]))["devices"]
+            return len(rows) == 20 and all(row["state"] == "notified" for row in rows)
+        await _until(all_told, 30, "20 devices told")
+        status, body = await _post(cluster, others[0], "/admin/api/batches/adm/pause")
+        assert status == 200 and body["rollout"]["state"] == "paused", body
+        async def paused_everywhere() -> bool:  # each worker's reading of the fleet is a second old at most
+            views = [(await cluster.admin("/admin/api/batches/adm", worker=k))["batch"] for k in range(1, 4)]
+            return all(view.get("rollout", {}).get("state") == "paused" for view in views)
+        await _until(paused_everywhere, 5, "paused, as every worker shows")
+        status, body = await _post(cluster, others[1], "/admin/api/batches/adm/cancel", {"devices": names[:5]})
+        assert (status, body.get("canceled")) == (200, 5), body  # each worker canceled the ones it holds
+        status, body = await _post(cluster, others[1], "/admin/api/batches/adm/resume")
+        assert status == 200 and body["rollout"]["state"] == "active", body
+        write_catalog(cluster.catalog.parent, "- {name: adm, package: no-such-package}\n")
+        result = await asyncio.to_thread(cluster.otactl_at, others[1], "reload")
+        assert result.returncode != 0 and "no-such-package" in result.stdout + result.stderr
+        await asyncio.sleep(1.5)  # every worker's reading of the fleet is newer than the cancel
+        reports = [await cluster.admin("/admin/api/batches/adm?limit=50", worker=k) for k in range(1, 4)]
+        states = [sorted((row["device"], row["state"]) for row in report["devices"]) for report in reports]
+        assert states[0] == states[1] == states[2]  # the refused reload changed nothing anywhere
+        assert sum(state == "canceled" for _, state in states[0]) == 5
+        assert reports[0]["batch"]["rollout"]["state"] == "active"
+    finally:
+        for client in clients:
+            await client.__aexit__(None, None, None)
