@@ -26,6 +26,7 @@ import asyncpg
 from otacore.catalog.loading import LoadedCatalog, prepare_catalog
 from otacore.config.settings import Settings
 from otacore.errors import Refused
+from otacore.fleet.id_blocks import IdBlocks
 from otacore.fleet.rollout import LocalFigures
 from otacore.fleet.state import FleetState
 from otacore.protocol.credentials import DeviceId
@@ -71,9 +72,7 @@ class FleetShare:
         self._listener: asyncpg.Connection | None = None
         self._shared_due = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._push_ids: list[range] = []
-        self._push_next = 0
-        self._push_limit = 0
+        self.push_ids = IdBlocks("push ids")
         self._refilling = False
 
     # -- the journal ----------------------------------------------------------------------------
@@ -82,14 +81,11 @@ class FleetShare:
         try:
             state = FleetState()
             await backend.load_shared(state)
-            state.id_limit = 0  # job ids come from blocks reserved in PostgreSQL (below)
+            state.job_ids = IdBlocks("job ids")  # from blocks reserved in PostgreSQL
             journal = Journal(backend, state, time.time)
             for _ in range(2):
-                first = await backend.reserve("job_ids", ID_BLOCK)
-                state.id_blocks.append(range(first, first + ID_BLOCK))
-            for _ in range(2):
-                first = await backend.reserve("push_ids", ID_BLOCK)
-                self._push_ids.append(range(first, first + ID_BLOCK))
+                await self._reserve(backend, "job_ids", state.job_ids)
+                await self._reserve(backend, "push_ids", self.push_ids)
             store = await PgStore.open(self.dsn)
             self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=6)
         except BaseException:
@@ -321,14 +317,12 @@ class FleetShare:
 
     # -- ids -----------------------------------------------------------------------------------
     def _next_push_id(self) -> int:
-        if self._push_next >= self._push_limit:
-            if not self._push_ids:
-                raise RuntimeError("no push ids reserved: PostgreSQL has not answered")
-            block = self._push_ids.pop(0)
-            self._push_next, self._push_limit = block.start, block.stop
-        push_id = self._push_next
-        self._push_next += 1
-        return (push_id - 1) % (2**31 - 1) + 1  # 1..2^31-1, as firmware keeps it
+        return (self.push_ids.take() - 1) % (2**31 - 1) + 1  # 1..2^31-1, as firmware keeps it
+
+    @staticmethod
+    async def _reserve(backend: PostgresBackend, sequence: str, ids: IdBlocks) -> None:
+        first = await backend.reserve(sequence, ID_BLOCK)
+        ids.add(range(first, first + ID_BLOCK))
 
     async def _ids_loop(self) -> None:
         """Keep a spare block of job ids and of push ids reserved."""
@@ -339,12 +333,11 @@ class FleetShare:
                 continue
             try:
                 backend: Any = engine.journal.backend
-                if not engine.state.id_blocks:
-                    first = await backend.reserve("job_ids", ID_BLOCK)
-                    engine.state.id_blocks.append(range(first, first + ID_BLOCK))
-                if not self._push_ids:
-                    first = await backend.reserve("push_ids", ID_BLOCK)
-                    self._push_ids.append(range(first, first + ID_BLOCK))
+                job_ids = engine.state.job_ids
+                if job_ids is not None and not job_ids.blocks:
+                    await self._reserve(backend, "job_ids", job_ids)
+                if not self.push_ids.blocks:
+                    await self._reserve(backend, "push_ids", self.push_ids)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001

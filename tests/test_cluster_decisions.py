@@ -14,6 +14,7 @@ from cluster_worker.membership import share
 from otacore.catalog.loading import prepare_catalog
 from otacore.decisions import admin, batches, follow, reports, ticks
 from otacore.errors import Refused
+from otacore.fleet.id_blocks import IdBlocks
 from otacore.fleet.batches import BatchState
 from otacore.fleet.jobs import JobState
 from support.harness import write_catalog
@@ -136,15 +137,14 @@ def test_a_partition_that_leaves_takes_its_devices_and_every_index_with_it(tmp_p
 
 def test_job_ids_come_from_reserved_blocks_in_order(tmp_path: Path) -> None:
     world = World(tmp_path, UP)
-    world.state.id_limit = 0
-    world.state.id_blocks = [range(100, 102), range(500, 600)]
-    for name in ("a-1", "a-2", "a-3"):
-        world.report(name, "1.0.0")
+    world.state.job_ids = IdBlocks("job ids")
+    world.state.job_ids.add(range(100, 102))
+    world.state.job_ids.add(range(500, 501))
+    for name in ("a-1", "a-2", "a-3"):  # (not World.report: its invariants count ids from 1)
+        reports.report_version(world.live, dev(name), MODULE, "1.0.0", deliver=True)
     assert [world.job(name).id for name in ("a-1", "a-2", "a-3")] == [100, 101, 500]
-    world.state.id_blocks = []
-    world.state.next_job_id = world.state.id_limit  # this block spent too
     with pytest.raises(RuntimeError, match="no job ids reserved"):
-        world.report("a-4", "1.0.0")
+        reports.report_version(world.live, dev("a-4"), MODULE, "1.0.0", deliver=True)
 
 
 async def test_a_worker_that_does_not_coordinate_refuses_batch_decisions(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from otacore.protocol.credentials import DeviceId
 from otacore.fleet.batches import BatchState, check_batch_move
+from otacore.fleet.id_blocks import IdBlocks
 from otacore.fleet.jobs import FINAL_STATES, OPEN_STATES, Job, JobState, NewJob, check_move
 
 # Job states that are promises: the device was told (notified), or told us something it
@@ -81,10 +82,9 @@ class FleetState:
         self.package_status: dict[str, tuple[str, str]] = {}  # package -> (status, sha256 earned with)
         self.job_counts: Counter[tuple[str, DeviceId]] = Counter()  # (batch, device) -> jobs it had there
         self.next_job_id = next_job_id
-        # Cluster mode: job ids come in blocks reserved in the shared database (several
-        # workers create jobs); `id_limit` ends the block in use, None: ids never run out.
-        self.id_limit: int | None = None
-        self.id_blocks: list[range] = []
+        # Cluster mode: job ids from blocks reserved in the shared database (several workers
+        # create jobs); None: `next_job_id` counts up.
+        self.job_ids: IdBlocks | None = None
         self.counters: dict[str, int] = {}  # name -> highest value that may have been used
         self.changes = Changes()
         self.promises = 0  # counts promises made; the engine commits before they leave
@@ -163,20 +163,11 @@ class FleetState:
         return job
 
     def _new_job_id(self) -> int:
-        if self.id_limit is not None and self.next_job_id >= self.id_limit:
-            if not self.id_blocks:
-                raise RuntimeError("no job ids reserved: the shared database has not answered")
-            block = self.id_blocks.pop(0)
-            self.next_job_id, self.id_limit = block.start, block.stop
+        if self.job_ids is not None:
+            return self.job_ids.take()
         job_id = self.next_job_id
         self.next_job_id += 1
         return job_id
-
-    def ids_left(self) -> int:
-        """Job ids reserved and not used (cluster mode); a large number without a limit."""
-        if self.id_limit is None:
-            return 1 << 62
-        return self.id_limit - self.next_job_id + sum(len(block) for block in self.id_blocks)
 
     def move(self, job: Job, to: JobState, reason: str, now: float, **fields: Any) -> Job:
         """Move `job` to `to` (or update it in place), checked against the table of legal moves;
@@ -335,7 +326,7 @@ class FleetState:
 
     def load_job(self, job: Job) -> None:
         self._index(job)
-        if self.id_limit is None:
+        if self.job_ids is None:
             self.next_job_id = max(self.next_job_id, job.id + 1)
 
     # -- cluster mode: devices come and go with their partition, batches are shared ------
