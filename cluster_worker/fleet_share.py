@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from otacore.catalog.loading import LoadedCatalog, prepare_catalog
+from otacore.catalog.model import Catalog
 from otacore.config.settings import Settings
+from fileserver.broker_auth import CLIENT_ID_HELD_SECONDS
 from otacore.errors import Refused
 from otacore.fleet.id_blocks import IdBlocks
 from otacore.fleet.rollout import LocalFigures
@@ -47,6 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ota.cluster")
 
+CLAIM_CACHE_SECONDS = 60.0  # a client id's owner confirmed this recently needs no round trip
+RELEASE_SECONDS = 30.0  # at most this long to commit a released partition's changes
 ID_BLOCK = 10_000  # job or push ids reserved at a time; a worker keeps one spare block
 SHARED_POLL_SECONDS = 5.0  # the shared rows are read again this often even without a notification
 CATALOG_WAIT_LOG_SECONDS = 10.0
@@ -69,11 +73,12 @@ class FleetShare:
         self.rate: GrantedRate | None = None
         self.reading: fleet_sync.FleetReading | None = None
         self.catalog_version = 0  # the id of the ota_catalog row this worker applies
+        self._published = ""  # sha256 of the catalog text this worker last published or applied
         self._listener: asyncpg.Connection | None = None
         self._shared_due = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.push_ids = IdBlocks("push ids")
-        self._refilling = False
+        self._claims: dict[str, tuple[DeviceId, float]] = {}  # client id -> owner, when this worker last saw it
 
     # -- the journal ----------------------------------------------------------------------------
     async def open_journal(self) -> tuple[PgStore, Journal]:
@@ -101,13 +106,11 @@ class FleetShare:
         live.decides_batches = False  # until this worker is the coordinator
         self.rate = live.rollout.rate = GrantedRate(self.pool)
         live.push_ids = self._next_push_id
-        partitions = self.settings.cluster_partitions
-        live.holds = lambda device: self.membership is not None and partition_of(device, partitions) in \
-            self.membership.held
+        live.holds = self.holds
         self.reading = fleet_sync.FleetReading(self.pool)
         engine.fleet_reading = self.reading.fresh
         engine.before_tick = self._before_tick
-        engine.reloaded = self._publish_catalog
+        engine.on_reload(self._publish_catalog)
         self.membership = await Membership.open(self.pool, engine.journal, url, self.settings.cluster_partitions,
                                                 take=self._take, release=self._release,
                                                 coordinate=self._become_coordinator, fatal=self._fatal)
@@ -154,21 +157,21 @@ class FleetShare:
             version = await fleet_sync.latest_catalog(conn)
         if version is None:
             return await self.engine.reload()  # published by _publish_catalog
-        self.catalog_version = version.id
-        path = fleet_sync.catalog_file_for(version, self.settings.catalog_path)
-        self.engine.reloaded = None  # the version is the cluster's already
-        try:
-            return await self.engine.reload(path)
-        finally:
-            self.engine.reloaded = self._publish_catalog
+        self.catalog_version, self._published = version.id, version.sha256
+        return await self.engine.reload(fleet_sync.catalog_file_for(version, self.settings.catalog_path))
 
-    async def _publish_catalog(self, loaded: LoadedCatalog) -> None:
-        """The coordinator applied a catalog and committed what it decided: the others take it."""
-        assert self.pool is not None
-        text = await asyncio.to_thread(loaded.catalog.path.read_text, encoding="utf-8")
-        async with self.pool.acquire() as conn:
-            self.catalog_version = await fleet_sync.publish_catalog(conn, text, loaded.catalog.path)
-        log.info("cluster: catalog version %d published", self.catalog_version)
+    def _publish_catalog(self, catalog: Catalog) -> None:
+        """The coordinator applied a catalog: its text goes to the other workers in the same
+        transaction as the batch rows decided with it (a coordinator killed before that commit
+        leaves neither)."""
+        if not self.coordinator or self.engine is None:
+            return
+        text = catalog.path.read_text(encoding="utf-8")
+        if fleet_sync.catalog_sha(text) == self._published:
+            return  # the version the cluster runs already (a coordinator's start)
+        self._published = fleet_sync.catalog_sha(text)
+        self.engine.state.publish_catalog(text, str(catalog.path))
+        log.info("cluster: catalog %s published with the changes it made", catalog.path)
 
     async def _follow_catalog(self, *, wait: bool = False) -> LoadedCatalog | None:
         """Apply the coordinator's latest catalog version if it is newer than this worker's."""
@@ -193,8 +196,8 @@ class FleetShare:
                       "stops rather than serve another version (check its package files and catalog path)")
             self._fatal(reason)
             raise
+        self.catalog_version, self._published = version.id, version.sha256  # (not published again)
         self.engine.follow_catalog(loaded)
-        self.catalog_version = version.id
         log.info("cluster: follows catalog version %d", version.id)
         return loaded
 
@@ -307,10 +310,11 @@ class FleetShare:
         await self.worker.stop_consuming(partition)
         holds = self._holds(partition)
         engine = self.engine
-        while engine.state.pending_for(holds) or engine.journal.busy:
-            await engine.settled()
-            if engine.journal.busy:
-                await asyncio.sleep(0.01)
+        async with asyncio.timeout(RELEASE_SECONDS):  # a journal that cannot write: the stop goes on without
+            while engine.state.pending_for(holds) or engine.journal.busy:
+                await engine.settled()
+                if engine.journal.busy:
+                    await asyncio.sleep(0.01)
         engine.state.drop_devices(holds)
         if self.link is not None:
             self.link.forget(holds)
@@ -346,14 +350,23 @@ class FleetShare:
 
     # -- what other workers are asked --------------------------------------------------------------
     def holder_url(self, device: DeviceId) -> str | None:
-        """The URL of the worker holding the device's partition (None: this one, or nobody now)."""
+        """The URL of the worker holding the device's partition (None: this one). Refused (503)
+        while nobody holds it (it is moving): answered here, the device's state would be made
+        in a worker that does not hold it."""
         membership = self.membership
         if membership is None:
             return None
         partition = partition_of(device, self.settings.cluster_partitions)
         if partition in membership.held:
             return None
-        return membership.holders.get(partition)
+        url = membership.holders.get(partition)
+        if url is None or url == membership.url:
+            raise Refused(503, "this device's partition is moving between workers; try again in a few seconds")
+        return url
+
+    def holds(self, device: DeviceId) -> bool:
+        membership = self.membership
+        return membership is not None and partition_of(device, self.settings.cluster_partitions) in membership.held
 
     def client_holder_url(self, client_id: str) -> str | None:
         """The URL of the worker answering for this client id (None: this one, or nobody now)."""
@@ -362,6 +375,22 @@ class FleetShare:
             return None
         partition = zlib.crc32(client_id.encode()) % self.settings.cluster_partitions
         return None if partition in membership.held else membership.holders.get(partition)
+
+    async def claim_client_id(self, client_id: str, device: DeviceId) -> bool:
+        """The broker's login check, with client ids owned fleet-wide (one round trip per login;
+        a login of the device that this worker saw own it within a minute costs none)."""
+        now = time.monotonic()
+        cached = self._claims.get(client_id)
+        if cached is not None and cached[0] == device and now - cached[1] < CLAIM_CACHE_SECONDS:
+            return True
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            claimed = await fleet_sync.claim_client_id(conn, client_id, device, CLIENT_ID_HELD_SECONDS)
+        if claimed:
+            self._claims[client_id] = (device, now)
+            if len(self._claims) > 100_000:
+                self._claims.pop(next(iter(self._claims)))
+        return claimed
 
     def other_worker_urls(self) -> list[str]:
         membership = self.membership

@@ -7,6 +7,7 @@
   applies the very same catalog, whatever its own copy of the file says;
 - the whole fleet's latest job per device in the batches a fleet-wide rule reads (waves,
   abort, verification), for the coordinator's tick;
+- who owns each client id (the broker's login check);
 - a reading of the whole fleet for views (status, devices, /metrics), a second old at most,
   made only while someone looks.
 """
@@ -24,11 +25,15 @@ from pathlib import Path
 import asyncpg
 
 from otacore.fleet.jobs import Job
+from otacore.protocol.credentials import DeviceId
 from otacore.fleet.state import BatchRow, FleetState
 from otacore.storage.postgres_backend import load_partitions, load_shared
 from otacore.storage.store import _JOB_COLUMNS, _job
 
+from .membership import NOW
+
 log = logging.getLogger("ota.cluster")
+
 
 SHARED_CHANNEL = "ota_shared"  # the coordinator committed shared rows
 CATALOG_CHANNEL = "ota_catalog"  # the coordinator applied a catalog version
@@ -68,16 +73,6 @@ async def latest_catalog(conn: asyncpg.Connection) -> CatalogVersion | None:
     return CatalogVersion(row["id"], row["sha256"], row["text"], row["path"]) if row is not None else None
 
 
-async def publish_catalog(conn: asyncpg.Connection, text: str, path: Path) -> int:
-    """The coordinator applied this catalog (and committed what it decided): the others take it."""
-    async with conn.transaction():
-        version = await conn.fetchval("INSERT INTO ota_catalog (sha256, text, path) VALUES ($1, $2, $3) RETURNING id",
-                                      catalog_sha(text), text, str(path))
-        await conn.execute("DELETE FROM ota_catalog WHERE id < $1 - 100", version)  # a little history
-        await conn.execute(f"NOTIFY {CATALOG_CHANNEL}")
-    return int(version)
-
-
 def catalog_file_for(version: CatalogVersion, own: Path) -> Path:
     """Where to read the version from: this worker's own catalog file when it holds the same
     text; else a copy of the version's text beside it (so relative paths in it, like
@@ -93,6 +88,19 @@ def catalog_file_for(version: CatalogVersion, own: Path) -> Path:
         tmp.write_text(version.text, encoding="utf-8")
         tmp.replace(copy)
     return copy
+
+
+async def claim_client_id(conn: asyncpg.Connection, client_id: str, device: DeviceId, held_seconds: float) -> bool:
+    """May `device` log in with `client_id`? The first device to use a client id owns it for as
+    long as it keeps using it and `held_seconds` after (fileserver/broker_auth.py ClientIds,
+    kept here so that no worker forgets it when a partition moves)."""
+    claimed = await conn.fetchval(
+        f"INSERT INTO ota_client_ids AS held VALUES ($1, $2, $3, {NOW}) ON CONFLICT (client_id) DO UPDATE SET "
+        "product_key = excluded.product_key, device_name = excluded.device_name, used_at = excluded.used_at "
+        "WHERE (held.product_key = excluded.product_key AND held.device_name = excluded.device_name) "
+        "OR held.used_at < excluded.used_at - $4 RETURNING 1", client_id, device.product_key, device.device_name,
+        held_seconds)
+    return claimed is not None
 
 
 @dataclass

@@ -62,6 +62,11 @@ def basic_user_device(request: web.Request) -> DeviceId | None:
     return DeviceId(product, name) if name and product else None
 
 
+def _moving() -> web.Response:
+    return web.json_response({"code": 503, "message": "the worker serving this is moving; try again in a few "
+                                                      "seconds"}, status=503, headers={"Retry-After": "2"})
+
+
 class Forwarding:
     def __init__(self, share: "FleetShare", engine: "OtaEngine") -> None:
         self._share = share
@@ -82,11 +87,16 @@ class Forwarding:
     @web.middleware
     async def middleware(self, request: web.Request,
                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        if FORWARDED in request.headers:
-            return await handler(request)
         path = request.path
+        device_call = path in DEVICE_API or path.startswith("/files/")
+        if FORWARDED in request.headers:
+            if device_call:  # passed here as the device's holder: still so? (its partition may have moved)
+                device = basic_user_device(request) if path in DEVICE_API else self._url_device(request)
+                if device is not None and not self._share.holds(device):
+                    return _moving()
+            return await handler(request)
         try:
-            if path in DEVICE_API or path.startswith("/files/"):
+            if device_call:
                 device = basic_user_device(request) if path in DEVICE_API else self._url_device(request)
                 target = self._share.holder_url(device) if device is not None else None
             elif path.startswith(AUTH_PREFIX):
@@ -151,8 +161,7 @@ class Forwarding:
             self.unreachable += 1
             log.info("cluster: worker %s did not answer %s (%r); its partitions move within seconds", target,
                      request.path, exc)
-            return web.json_response({"code": 503, "message": "the worker serving this is moving; try again in a "
-                                                              "few seconds"}, status=503, headers={"Retry-After": "2"})
+            return _moving()
 
     async def _everywhere(self, request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:

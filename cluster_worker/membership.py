@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS ota_workers (
 CREATE TABLE IF NOT EXISTS ota_rate_grants (
     batch TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, n INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS ota_rate_grants_by_batch ON ota_rate_grants (batch, at);
+CREATE TABLE IF NOT EXISTS ota_client_ids (
+    client_id TEXT PRIMARY KEY, product_key TEXT NOT NULL, device_name TEXT NOT NULL,
+    used_at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS ota_catalog (
     id BIGSERIAL PRIMARY KEY, sha256 TEXT NOT NULL, text TEXT NOT NULL, path TEXT NOT NULL,
     at DOUBLE PRECISION NOT NULL DEFAULT {NOW});
@@ -94,6 +97,9 @@ class Membership:
         self._changed = asyncio.Event()
         self._rows: dict[str, list[int]] = {}  # live worker id -> the partitions its row lists
         self._urls: list[str] = []
+        self._healthy_since: float | None = None  # since when rounds succeed without a break
+        self._first_round = True
+        self.lost: str | None = None  # why this worker's locks are no longer its own
 
     @classmethod
     async def open(cls, pool: asyncpg.Pool, *args: Any, **kwargs: Any) -> "Membership":
@@ -126,6 +132,8 @@ class Membership:
                 what = "the coordinator's lock" if key == COORDINATOR_LOCK else f"partition {key}"
                 reason = (f"{what} went to another worker while this one's connection to PostgreSQL was broken; "
                           "stopping without writing (start it again: it rejoins with a fresh share)")
+                self.lost = reason
+                self.journal.abandon(reason)  # nothing more is written: what it holds may be stale
                 self._fatal(reason)
                 raise LostLock(reason)
         if keys:
@@ -161,11 +169,23 @@ class Membership:
     async def round(self) -> None:
         """One round: heartbeat, then release or take to reach this worker's share, then try to
         become the coordinator if there is none."""
-        live = await self._heartbeat()
+        try:
+            await self.journal.maintain(lambda conn: conn.fetchval("SELECT 1"), write=False)  # relocks if it reconnects
+            live = await self._heartbeat()
+        except BaseException:
+            self._healthy_since = None
+            raise
+        now = asyncio.get_running_loop().time()
+        if self._healthy_since is None:
+            self._healthy_since = now
         wanted = share(self.partitions, live, self.id)
         while len(self.held) > wanted and not self._stopping:
             await self.release(max(self.held, key=lambda p: -preference(self.id, p)))
-        if len(self.held) < wanted:
+        # Back from an outage of PostgreSQL, the others' rows look dead until they beat again:
+        # take nothing new before they had the time to (they keep what they held).
+        settled = now - self._healthy_since >= DEAD_AFTER + ROUND_SECONDS or self._first_round
+        self._first_round = False
+        if len(self.held) < wanted and settled:
             claimed = {p for url_p in self._claimed_by_others(live) for p in url_p}
             free = sorted((p for p in range(self.partitions) if p not in self.held and p not in claimed),
                           key=lambda p: -preference(self.id, p))
@@ -226,11 +246,17 @@ class Membership:
         return [self.url, *sorted({url for url in self._urls if url != self.url})]
 
     async def stop(self) -> None:
-        """Release every partition (the others take them at once), then the coordinator's lock."""
+        """Release every partition (the others take them at once), then the coordinator's lock;
+        after a lost lock, or with the journal unable to write, nothing is released (its
+        commits would never come): the connection's end frees the locks."""
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self.lost is not None or self.journal.abandoned is not None or self.journal.trouble() is not None:
+            log.warning("cluster: stopping without releasing partitions cleanly (%s); the other workers take them "
+                        "once this one's connection is gone", self.lost or self.journal.trouble())
+            return
         for partition in sorted(self.held):
             try:
                 await self.release(partition)

@@ -116,6 +116,7 @@ class WorkerRuntime(ServerRuntime):
                         "(/broker-auth/...); set it, and put it in RabbitMQ's auth_http URLs (docs/cluster.md)")
         self.auth.add_routes(app)
         if self.share is not None:
+            self.auth.shared_claim = self.share.claim_client_id
             self.forwarding = Forwarding(self.share, self.engine)
             app.middlewares.append(self.forwarding.middleware)
 

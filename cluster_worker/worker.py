@@ -241,12 +241,23 @@ class ClusterWorker:
             self.ignored += 1
             await self._ack(message)
             return
+        if partition_of(ota_topic.device, self._settings.cluster_partitions) not in self.consuming:
+            # Delivered just before this worker let the partition go: its new holder decides it.
+            await self._requeue(message)
+            return
         device = ota_topic.device
         self._seen(device)
         answer = self._messages.receive(device, ota_topic.kind, topic_of(key), message.body)
         if answer is not True:
             await _committed(answer)
         await self._ack(message)
+
+    @staticmethod
+    async def _requeue(message: DeliveredMessage) -> None:
+        try:
+            await message.channel.basic_reject(message.delivery.delivery_tag, requeue=True)
+        except Exception as exc:  # the channel went: RabbitMQ delivers it again anyway
+            log.info("cluster: requeue lost (%r); the message comes again", exc)
 
     @staticmethod
     async def _ack(message: DeliveredMessage) -> None:

@@ -30,7 +30,7 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -64,11 +64,15 @@ class ClientIds:
         held = self._owners.get(client_id)
         if held is not None and held[0] != device and now - held[1] < self._ttl:
             return False
-        self._owners[client_id] = (device, now)
+        self.take(client_id, device)
+        return True
+
+    def take(self, client_id: str, device: DeviceId) -> None:
+        """`device` owns `client_id` (the shared database said so)."""
+        self._owners[client_id] = (device, self._clock())
         self._owners.move_to_end(client_id)
         if len(self._owners) > MAX_CLIENT_IDS:
             self._owners.popitem(last=False)
-        return True
 
     def owner(self, client_id: str) -> DeviceId | None:
         held = self._owners.get(client_id)
@@ -83,6 +87,9 @@ class BrokerAuth:
         self._vhost = vhost
         self._token = token
         self.client_ids = ClientIds(CLIENT_ID_HELD_SECONDS)
+        # Several workers: who owns a client id is kept in the shared database (a partition
+        # moving must not forget it); (client id, device) -> may it log in with it.
+        self.shared_claim: Callable[[str, DeviceId], Awaitable[bool]] | None = None
         self._logged_in = logged_in  # (device, client id): present now
         self._subscribed = subscribed  # (device, client id, filter): its session has a queue now
         self.answers: dict[tuple[str, str], int] = {}  # (check, allow|deny) -> count, for /metrics
@@ -109,7 +116,10 @@ class BrokerAuth:
                 except (ValueError, web.HTTPException):
                     fields = {}
             plain = {k: v for k, v in fields.items() if isinstance(v, str) and len(v) <= MAX_FIELD}
-            allowed = len(plain) == len(fields) and decide(plain)
+            if check == "user" and self.shared_claim is not None:
+                allowed = len(plain) == len(fields) and await self._user_everywhere(plain)
+            else:
+                allowed = len(plain) == len(fields) and decide(plain)
             outcome = (check, "allow" if allowed else "deny")
             self.answers[outcome] = self.answers.get(outcome, 0) + 1
             return web.Response(text=outcome[1])  # a fresh one each time: a response is sent once
@@ -151,18 +161,45 @@ class BrokerAuth:
         return device if product is not None and product.has_device(device.device_name) and name_fits(device) \
             else None
 
-    def user(self, fields: dict[str, str]) -> bool:
+    def _login(self, fields: dict[str, str]) -> DeviceId | None:
+        """The device an MQTT login proves to be, or None (said in the log)."""
         client_id = fields.get("client_id")
         if client_id is None:
-            return False  # an AMQP login: devices speak MQTT
+            return None  # an AMQP login: devices speak MQTT
         device = self._engine.mqtt_login(client_id, fields.get("username"), fields.get("password"))
         if device is None or not name_fits(device):
             log.info("login refused: %r as %r (wrong secret, unknown device, or a name with '.' or ':')",
                      client_id, fields.get("username"))
+            return None
+        return device
+
+    def user(self, fields: dict[str, str]) -> bool:
+        device = self._login(fields)
+        client_id = fields.get("client_id")
+        if device is None or client_id is None:
             return False
         if not self.client_ids.claim(client_id, device):
             log.info("login refused: %s on client id %r, which belongs to another device", device, client_id)
             return False
+        self._logged_in(device, client_id)
+        return True
+
+    async def _user_everywhere(self, fields: dict[str, str]) -> bool:
+        """`user` with the client id's owner kept in the shared database (several workers)."""
+        assert self.shared_claim is not None
+        client_id = fields.get("client_id")
+        device = self._login(fields)
+        if client_id is None or device is None:
+            return False
+        try:
+            claimed = await self.shared_claim(client_id, device)
+        except Exception as exc:  # noqa: BLE001  (the database away: no login it cannot check)
+            log.warning("login refused: cannot check client id %r in the shared database (%r)", client_id, exc)
+            return False
+        if not claimed:
+            log.info("login refused: %s on client id %r, which belongs to another device", device, client_id)
+            return False
+        self.client_ids.take(client_id, device)  # this worker's copy, for the topic checks
         self._logged_in(device, client_id)
         return True
 

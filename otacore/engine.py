@@ -96,9 +96,6 @@ class OtaEngine:
         # rate grants), and the reading of the whole fleet views show (None: this process's).
         self.before_tick: Callable[[], Awaitable[None]] | None = None
         self.fleet_reading: Callable[[], Awaitable[FleetState]] | None = None
-        # Awaited after each reload is applied and committed (a cluster's coordinator
-        # publishes the version there).
-        self.reloaded: Callable[[LoadedCatalog], Awaitable[None]] | None = None
         self._tick_now = asyncio.Event()
 
     # -- running -----------------------------------------------------------------------
@@ -231,8 +228,6 @@ class OtaEngine:
                 listener(loaded.catalog)
             await self._admin_settled()
             self._forget_removed_batches(loaded.catalog)
-            if self.reloaded is not None:
-                await self.reloaded(loaded)
             return loaded
 
     def _forget_removed_batches(self, catalog: Catalog) -> None:
@@ -450,7 +445,8 @@ class OtaEngine:
         await asyncio.sleep(min(60.0, every_seconds))
         while True:
             try:
-                await self.prune(days)
+                if self.live.decides_batches:  # in a cluster, the coordinator prunes for everyone
+                    await self.prune(days)
             except Exception:  # the disk may be full, the database moved: the next round retries
                 log.exception("retention failed; it tries again in an hour")
             await asyncio.sleep(every_seconds)

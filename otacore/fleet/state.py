@@ -49,10 +49,13 @@ class Changes:
     targets: list[tuple[str, str, str]] = field(default_factory=list)
     packages: set[str] = field(default_factory=set)
     counters: set[str] = field(default_factory=set)
+    # Cluster mode: the catalog text (and path) the coordinator applied, published to the other
+    # workers in the same transaction as the batch rows it decided with it.
+    catalog: tuple[str, str] | None = None
 
     def __bool__(self) -> bool:
         return bool(self.jobs or self.events or self.versions or self.batches or self.targets or self.packages
-                    or self.counters)
+                    or self.counters or self.catalog)
 
     def merge_older(self, older: "Changes") -> None:
         """Put back changes whose commit failed, before the ones made since."""
@@ -63,6 +66,8 @@ class Changes:
         self.targets[:0] = older.targets
         self.packages |= older.packages
         self.counters |= older.counters
+        if self.catalog is None:
+            self.catalog = older.catalog
 
 
 class FleetState:
@@ -302,6 +307,11 @@ class FleetState:
         self._set_batch_state(row, state)
         row.reason, row.ended_at = reason, now
         self.changes.batches.add(name)
+        self.promises += 1
+
+    def publish_catalog(self, text: str, path: str) -> None:
+        """Cluster mode: this catalog is the one the batch rows changed since were decided with."""
+        self.changes.catalog = (text, path)
         self.promises += 1
 
     def add_targets(self, batch: str, product_key: str, names: list[str]) -> None:

@@ -239,6 +239,13 @@ class PostgresBackend:
                     await conn.executemany(statement, [_text_safe(row) for row in records[table]])
             # Delivered at COMMIT to the workers listening (cluster_worker/fleet_sync.py): shared
             # rows changed; a job reached a final state (the coordinator's rules look again).
+            for sha256, text, path in records.get("catalog", []):
+                # The catalog version the batch rows of this transaction were decided with
+                # (ota_catalog: made by the cluster workers, cluster_worker/membership.py).
+                version = await conn.fetchval("INSERT INTO ota_catalog (sha256, text, path) VALUES ($1, $2, $3) "
+                                              "RETURNING id", sha256, text, path)
+                await conn.execute("DELETE FROM ota_catalog WHERE id < $1 - 100", version)  # a little history
+                await conn.execute("NOTIFY ota_catalog")
             if records["batches"] or records["packages"] or records["targets"]:
                 await conn.execute("NOTIFY ota_shared")
             if any(event[3] in _FINAL_VALUES for event in records["events"]):

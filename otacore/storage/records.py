@@ -3,6 +3,7 @@ events, as plain tuples per table, taken from memory in the event loop (so a wri
 never reads state that decisions are changing). Shared by every journal backend."""
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -36,4 +37,7 @@ def records(state: FleetState, changes: Changes, now: float, partitions: int = 1
         "packages": [(package_id, state.package_status[package_id][0], now, state.package_status[package_id][1])
                      for package_id in changes.packages],
         "counters": [(name, state.counters[name]) for name in sorted(changes.counters)],
+        # (sha256, text, path): written by a backend that shares catalogs (PostgreSQL, cluster mode)
+        "catalog": [(hashlib.sha256(changes.catalog[0].encode()).hexdigest(), *changes.catalog)]
+        if changes.catalog else [],
     }
