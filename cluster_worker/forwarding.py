@@ -45,7 +45,10 @@ TO_COORDINATOR = re.compile(r"^/admin/api/(reload|prune|batches/[^/]+/(pause|res
 TO_EVERY_WORKER = re.compile(r"^/admin/api/batches/[^/]+/(retry|cancel)$")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
-TIMEOUT = aiohttp.ClientTimeout(total=None, connect=2, sock_read=60)
+# sock_connect, not connect: `connect` also counts the wait for a pooled connection, which a
+# burst of downloads makes long without anything being wrong.
+TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=2, sock_read=60)
+MAX_CONNECTIONS = 2000  # to all the other workers together (aiohttp's default, 100, queues a fleet's downloads)
 
 
 def basic_user_device(request: web.Request) -> DeviceId | None:
@@ -81,7 +84,8 @@ class Forwarding:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False)
+            self._session = aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False,
+                                                  connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS))
         return self._session
 
     @web.middleware
