@@ -48,6 +48,9 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 # sock_connect, not connect: `connect` also counts the wait for a pooled connection, which a
 # burst of downloads makes long without anything being wrong.
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=2, sock_read=60)
+# Under the workers' own HTTP keep-alive (15 s, otaserver/runtime.py): this side lets an idle
+# connection go first, so a request seldom meets one the other side has just closed.
+KEEPALIVE = 10.0
 MAX_CONNECTIONS = 2000  # to all the other workers together (aiohttp's default, 100, queues a fleet's downloads)
 
 
@@ -85,7 +88,8 @@ class Forwarding:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=TIMEOUT, auto_decompress=False,
-                                                  connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS))
+                                                  connector=aiohttp.TCPConnector(
+                                                      limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE))
         return self._session
 
     @web.middleware
@@ -113,6 +117,7 @@ class Forwarding:
             else:
                 target = None
         except Refused as exc:
+            log.info("cluster: %s answered %d: %s", path, exc.status, exc.message)
             return web.json_response({"code": exc.status, "message": exc.message}, status=exc.status,
                                      headers={"Retry-After": "2"})
         if target is None:
@@ -147,25 +152,42 @@ class Forwarding:
         headers[FORWARDED] = "1"
         body = await self._body(request)
         self.forwarded += 1
-        try:
-            async with self._client().request(request.method, target + request.raw_path, headers=headers,
-                                              data=body or None, allow_redirects=False) as answer:
-                response = web.StreamResponse(status=answer.status, reason=answer.reason)
-                for key, value in answer.headers.items():
-                    if key.lower() not in HOP_BY_HOP:
-                        response.headers.add(key, value)
-                if answer.content_length is not None:
-                    response.content_length = answer.content_length
-                await response.prepare(request)
-                async for chunk in answer.content.iter_chunked(256 * 1024):
-                    await response.write(chunk)
-                await response.write_eof()
-                return response
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            self.unreachable += 1
-            log.info("cluster: worker %s did not answer %s (%r); its partitions move within seconds", target,
-                     request.path, exc)
-            return _moving()
+        response: web.StreamResponse | None = None
+        for attempt in (1, 2):
+            try:
+                async with self._client().request(request.method, target + request.raw_path, headers=headers,
+                                                  data=body or None, allow_redirects=False) as answer:
+                    response = web.StreamResponse(status=answer.status, reason=answer.reason)
+                    for key, value in answer.headers.items():
+                        if key.lower() not in HOP_BY_HOP:
+                            response.headers.add(key, value)
+                    if answer.content_length is not None:
+                        response.content_length = answer.content_length
+                    await response.prepare(request)
+                    async for chunk in answer.content.iter_chunked(256 * 1024):
+                        await response.write(chunk)
+                    await response.write_eof()
+                    return response
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                # A pooled connection the other worker closed as this one reused it (its
+                # keep-alive ran out): once more, on a new connection. Every request passed
+                # on may be asked twice (device API, downloads, auth checks, admin actions
+                # that end in the same state).
+                if response is not None and response.prepared:
+                    raise  # its answer had begun: the client sees the connection end
+                if attempt == 2:
+                    return self._unreachable(request, target, exc)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                if response is not None and response.prepared:
+                    raise
+                return self._unreachable(request, target, exc)
+        raise AssertionError("unreachable")
+
+    def _unreachable(self, request: web.Request, target: str, exc: BaseException) -> web.Response:
+        self.unreachable += 1
+        log.info("cluster: worker %s did not answer %s (%r); its partitions move within seconds", target,
+                 request.path, exc)
+        return _moving()
 
     async def _everywhere(self, request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
@@ -192,6 +214,7 @@ class Forwarding:
                     if key in data:
                         summed[key] = summed.get(key, 0) + int(data[key])  # type: ignore[call-overload]
         except Refused as exc:
+            log.info("cluster: %s answered %d: %s", path, exc.status, exc.message)
             return web.json_response({"code": exc.status, "message": f"done on some workers only: {exc.message}"},
                                      status=exc.status)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:

@@ -35,6 +35,7 @@ LOCK_SPACE = 0x07A0  # the first key of every advisory lock the workers take
 COORDINATOR_LOCK = -1  # the second key of the coordinator's; a partition's is its number
 ROUND_SECONDS = 0.5
 DEAD_AFTER = 3.0  # seconds without a heartbeat: the worker is gone, its partitions are free
+ROUTE_AFTER = 30.0  # requests still go to a worker seen this recently (a slow heartbeat is not a death)
 FORGET_AFTER = 3600.0  # a dead worker's row is deleted after this
 
 NOW = "extract(epoch from clock_timestamp())"  # PostgreSQL's clock: the workers' shared one
@@ -170,8 +171,10 @@ class Membership:
         """One round: heartbeat, then release or take to reach this worker's share, then try to
         become the coordinator if there is none."""
         try:
-            await self.journal.maintain(lambda conn: conn.fetchval("SELECT 1"), write=False)  # relocks if it reconnects
+            # The heartbeat first, on its own connection: a busy journal must not make this
+            # worker look dead. Then the journal's connection, which relocks if it reconnected.
             live = await self._heartbeat()
+            await self.journal.maintain(lambda conn: conn.fetchval("SELECT 1"), write=False)
         except BaseException:
             self._healthy_since = None
             raise
@@ -230,11 +233,15 @@ class Membership:
                 f"VALUES ($1, $2, {NOW}, {NOW}, $3, $4) ON CONFLICT (id) DO UPDATE SET seen_at = {NOW}, "
                 "partitions = excluded.partitions, coordinator = excluded.coordinator",
                 self.id, self.url, sorted(self.held), self.coordinator)
-            rows = await conn.fetch(f"SELECT id, url, partitions, coordinator FROM ota_workers WHERE seen_at > {NOW} - $1 "
-                                    "ORDER BY id", DEAD_AFTER)
+            # Rows seen within ROUTE_AFTER: where requests go (the holder's lock is the truth: a
+            # dead one's requests fail fast); within DEAD_AFTER: who shares the partitions.
+            rows = await conn.fetch(f"SELECT id, url, partitions, coordinator, seen_at > {NOW} - $1 AS live "
+                                    f"FROM ota_workers WHERE seen_at > {NOW} - $2 ORDER BY seen_at", DEAD_AFTER,
+                                    ROUTE_AFTER)
             await conn.execute(f"DELETE FROM ota_workers WHERE seen_at < {NOW} - $1", FORGET_AFTER)
+        self.holders = {p: row["url"] for row in rows for p in row["partitions"]}  # the latest row wins
+        rows = sorted((row for row in rows if row["live"]), key=lambda row: row["id"])
         self._rows = {row["id"]: row["partitions"] for row in rows}
-        self.holders = {p: row["url"] for row in rows for p in row["partitions"]}
         coordinators = [row["url"] for row in rows if row["coordinator"]]
         self.coordinator_url = self.url if self.coordinator else (coordinators[0] if coordinators else None)
         self.live_workers = [row["id"] for row in rows]
