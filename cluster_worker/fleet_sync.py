@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -39,7 +38,6 @@ SHARED_CHANNEL = "ota_shared"  # the coordinator committed shared rows
 CATALOG_CHANNEL = "ota_catalog"  # the coordinator applied a catalog version
 FINAL_CHANNEL = "ota_final"  # a worker committed a job's final state (the coordinator looks again)
 VIEW_MAX_AGE = 1.0  # seconds a reading of the whole fleet serves views
-VIEW_IDLE = 10.0  # no view asked for this long: stop reading
 
 
 @dataclass
@@ -135,19 +133,16 @@ async def read_figures(conn: asyncpg.Connection, batches: list[str]) -> SharedFi
 
 
 class FleetReading:
-    """The whole fleet as PostgreSQL holds it, for views; read again when older than
-    VIEW_MAX_AGE and someone asked within VIEW_IDLE."""
+    """The whole fleet as PostgreSQL holds it, for views: read when a view asks and the last
+    reading is older than VIEW_MAX_AGE (nobody looking costs nothing)."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self.state: FleetState | None = None
         self._read_at = 0.0
-        self._asked_at = 0.0
-        self._reading: asyncio.Task[None] | None = None
 
     async def fresh(self) -> FleetState:
         """A reading at most VIEW_MAX_AGE old (waits for one)."""
-        self._asked_at = time.monotonic()
         if self.state is None or time.monotonic() - self._read_at > VIEW_MAX_AGE:
             await self._read()
         assert self.state is not None
@@ -156,14 +151,6 @@ class FleetReading:
     def stale(self) -> None:
         """Something was committed that views show (a notification said so): read again."""
         self._read_at = 0.0
-
-    def latest(self) -> FleetState | None:
-        """The last reading, without waiting (a new one is started when it is old)."""
-        self._asked_at = time.monotonic()
-        if time.monotonic() - self._read_at > VIEW_MAX_AGE and (self._reading is None or self._reading.done()):
-            self._reading = asyncio.ensure_future(self._read())
-            self._reading.add_done_callback(lambda task: task.cancelled() or task.exception())
-        return self.state
 
     async def _read(self) -> None:
         state = FleetState()

@@ -183,7 +183,7 @@ class Membership:
             self._healthy_since = now
         wanted = share(self.partitions, live, self.id)
         while len(self.held) > wanted and not self._stopping:
-            await self.release(max(self.held, key=lambda p: -preference(self.id, p)))
+            await self.release(min(self.held, key=lambda p: preference(self.id, p)))  # the least wanted
         # Back from an outage of PostgreSQL, the others' rows look dead until they beat again:
         # take nothing new before they had the time to (they keep what they held).
         settled = now - self._healthy_since >= DEAD_AFTER + ROUND_SECONDS or self._first_round

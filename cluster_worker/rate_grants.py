@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Callable
 
 import asyncpg
 
@@ -31,7 +32,7 @@ WINDOW = 60.0 + LEASE + 1.0  # seconds of grants a new one is counted against
 class GrantedRate:
     """A RateBudget whose starts PostgreSQL grants; `refill` before ticks, spending is local."""
 
-    def __init__(self, pool: asyncpg.Pool, clock=time.monotonic) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, pool: asyncpg.Pool, clock: Callable[[], float] = time.monotonic) -> None:
         self._pool = pool
         self._clock = clock
         self._tokens: dict[str, tuple[int, float]] = {}  # batch -> (starts left, lapse time)
