@@ -4,9 +4,9 @@ step "0" when a download begins. The server takes all three and the device upgra
 `mqtt_server` (tests/conftest.py): a pushed, dynamic upgrade batch over MQTT blocks."""
 from __future__ import annotations
 
-import hashlib
 
-from support.c_link_sdk import FIRST_REQUEST, NEXT_REQUEST, STARTED
+from support import c_link_sdk
+from support.c_link_sdk import STARTED
 from support.harness import Device, OtaServer
 
 from otacore.protocol.codec import decode_block_reply
@@ -20,18 +20,7 @@ async def test_the_c_link_sdk_upgrades_over_mqtt_blocks(mqtt_server: OtaServer) 
         assert push["streamId"] == 1 and push["signMethod"] == "Md5"
         await device.publish("/ota/device/progress/a1Test/c-sdk-1", STARTED)
         await mqtt_server.wait_state("c-sdk-1", "in_progress")
-        image, request, number = b"", FIRST_REQUEST, 1
-        while True:
-            await device.publish("/sys/a1Test/c-sdk-1/thing/file/download", request)
-            header, block = decode_block_reply(await device.receive("download_reply"))
-            assert header["code"] == 200, header
-            assert block is not None and header["data"]["bOffset"] == len(image)
-            image += block
-            if len(image) >= header["data"]["fileLength"]:
-                break
-            number += 1
-            request = NEXT_REQUEST.format(id=number, stream=push["streamId"], offset=len(image)).encode()
-        assert hashlib.md5(image).hexdigest() == push["sign"]  # the SDK's own whole-file check
+        image = await c_link_sdk.download(device, push)
         await device.progress(100)
         await mqtt_server.wait_state("c-sdk-1", "installed")
         await device.inform("1.1.0")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import os
 import subprocess
@@ -20,7 +19,6 @@ import pytest
 from devicekit.simulator import DeviceConfig, run_fleet
 from support import c_link_sdk
 from support.cluster import CannotInstall, Cluster, ResilientDevice, cluster_down, cluster_up
-from otacore.protocol.codec import decode_block_reply
 from support.harness import PK, PRODUCT_SECRET, Device, OtaServer, device_secret, write_catalog
 from support.processes import linkkit_python
 
@@ -227,19 +225,7 @@ async def test_c_link_sdk_sequence_through_the_cluster_and_the_limit_without_sub
         await device.publish(f"/ota/device/progress/{PK}/c-sdk-1", c_link_sdk.STARTED)
         # The SDK's first request names stream 1 (the first job of a fresh server); here the
         # pushed one, with every byte of the SDK's format kept.
-        image, number = b"", 1
-        request = c_link_sdk.first_request(push["streamId"])
-        while True:
-            await device.publish(f"/sys/{PK}/c-sdk-1/thing/file/download", request)
-            header, block = decode_block_reply(await device.receive("download_reply", timeout=10))
-            assert header["code"] == 200, header
-            assert block is not None and header["data"]["bOffset"] == len(image)
-            image += block
-            if len(image) >= header["data"]["fileLength"]:
-                break
-            number += 1
-            request = c_link_sdk.NEXT_REQUEST.format(id=number, stream=push["streamId"], offset=len(image)).encode()
-        assert hashlib.md5(image).hexdigest() == push["sign"]
+        await c_link_sdk.download(device, push, timeout=10)
         await device.progress(100)
         await device.inform("1.1.0")
     await _one_job_each(cluster, "c-sdk", ["c-sdk-1"])

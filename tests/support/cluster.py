@@ -141,14 +141,21 @@ class Cluster:
                 return await response.json()
 
     async def metrics(self) -> dict[str, float]:
-        """GET /metrics through nginx: unlabelled series by name."""
+        """Every worker's /metrics, unlabelled series by name, summed over the workers as
+        Prometheus's sum() would: each worker counts only what it did itself (its pushes, its
+        connects), so one worker's page says nothing of the others'."""
+        totals: dict[str, float] = {}
         async with aiohttp.ClientSession() as session:
-            async with session.get(self.http_url + "/metrics",
-                                   headers={"Authorization": f"Bearer {self.admin_token}"}) as response:
-                text = await response.text()
-        return {name: float(value) for name, _, value in
-                (line.partition(" ") for line in text.splitlines() if line and not line.startswith("#"))
-                if "{" not in name}
+            for url in self.worker_urls:
+                async with session.get(url + "/metrics",
+                                       headers={"Authorization": f"Bearer {self.admin_token}"}) as response:
+                    assert response.status == 200, (url, response.status)
+                    text = await response.text()
+                for line in text.splitlines():
+                    name, _, value = line.partition(" ")
+                    if line and not line.startswith("#") and "{" not in name:
+                        totals[name] = totals.get(name, 0.0) + float(value)
+        return totals
 
     async def reload(self) -> None:
         result = await asyncio.to_thread(self.otactl, "reload")
