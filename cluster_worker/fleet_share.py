@@ -29,7 +29,6 @@ from otacore.config.settings import Settings
 from fileserver.broker_auth import CLIENT_ID_HELD_SECONDS
 from otacore.errors import Refused
 from otacore.fleet.id_blocks import IdBlocks
-from otacore.fleet.rollout import LocalFigures
 from otacore.fleet.state import FleetState
 from otacore.protocol.credentials import DeviceId
 from otacore.protocol.routing_keys import partition_of
@@ -78,6 +77,8 @@ class FleetShare:
         self._shared_due = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.push_ids = IdBlocks("push ids")
+        self.job_ids = IdBlocks("job ids")  # the journal's FleetState takes its ids from these
+        self.journal: Journal | None = None  # opened here (open_journal), then handed to the engine
         self._claims: dict[str, tuple[DeviceId, float]] = {}  # client id -> owner, when this worker last saw it
 
     # -- the journal ----------------------------------------------------------------------------
@@ -86,32 +87,29 @@ class FleetShare:
         try:
             state = FleetState()
             await backend.load_shared(state)
-            state.job_ids = IdBlocks("job ids")  # from blocks reserved in PostgreSQL
+            state.job_ids = self.job_ids  # from blocks reserved in PostgreSQL
             journal = Journal(backend, state, time.time)
             for _ in range(2):
-                await self._reserve(backend, "job_ids", state.job_ids)
+                await self._reserve(backend, "job_ids", self.job_ids)
                 await self._reserve(backend, "push_ids", self.push_ids)
             store = await PgStore.open(self.dsn)
             self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=6)
         except BaseException:
             await backend.close()
             raise
+        self.journal = journal
         return store, journal
 
     # -- start: join, then the catalog -----------------------------------------------------------
     async def first_catalog(self, engine: "OtaEngine", url: str) -> LoadedCatalog:
         assert self.pool is not None
         self.engine = engine
-        live = engine.live
-        live.decides_batches = False  # until this worker is the coordinator
-        self.rate = live.rollout.rate = GrantedRate(self.pool)
-        live.push_ids = self._next_push_id
-        live.holds = self.holds
+        self.rate = GrantedRate(self.pool)
         self.reading = fleet_sync.FleetReading(self.pool)
-        engine.fleet_reading = self.reading.fresh
-        engine.before_tick = self._before_tick
+        engine.share_fleet(rate=self.rate, push_ids=self._next_push_id, holds=self.holds,
+                           reading=self.reading.fresh, before_tick=self._before_tick)
         engine.on_reload(self._publish_catalog)
-        self.membership = await Membership.open(self.pool, engine.journal, url, self.settings.cluster_partitions,
+        self.membership = await Membership.open(self.pool, self.journal, url, self.settings.cluster_partitions,
                                                 take=self._take, release=self._release,
                                                 coordinate=self._become_coordinator, fatal=self._fatal)
         await self._listen()
@@ -170,7 +168,7 @@ class FleetShare:
         if fleet_sync.catalog_sha(text) == self._published:
             return  # the version the cluster runs already (a coordinator's start)
         self._published = fleet_sync.catalog_sha(text)
-        self.engine.state.publish_catalog(text, str(catalog.path))
+        self.engine.publish_catalog(text, str(catalog.path))
         log.info("cluster: catalog %s published with the changes it made", catalog.path)
 
     async def _follow_catalog(self, *, wait: bool = False) -> LoadedCatalog | None:
@@ -264,24 +262,19 @@ class FleetShare:
 
     def _lead(self) -> None:
         assert self.engine is not None
-        self.engine.live.decides_batches = True
-        self.engine.live.rollout.figures = fleet_sync.SharedFigures()
-        self.engine.live.rollout.settle_seconds = WAVE_SETTLE_SECONDS
+        self.engine.lead(fleet_sync.SharedFigures(), WAVE_SETTLE_SECONDS)
 
     async def _before_tick(self) -> None:
         """Before each rollout tick: the coordinator reads the fleet-wide figures its rules
         need; every worker asks for the starts its rate-limited batches need."""
         engine = self.engine
         assert engine is not None and self.pool is not None and self.rate is not None
-        live = engine.live
-        if self.coordinator and live.catalog is not None:
-            wanted = [name for name in sorted(live.running) if (batch := live.catalog.batches.get(name)) is not None
-                      and (batch.policy.waves or batch.policy.abort is not None or batch.type == "verify")]
+        if self.coordinator:
             async with self.pool.acquire() as conn:
-                live.rollout.figures = await fleet_sync.read_figures(conn, wanted)
-        elif not isinstance(live.rollout.figures, LocalFigures):
-            live.rollout.figures = LocalFigures(live.state)
-        await self.rate.refill(live)
+                engine.use_figures(await fleet_sync.read_figures(conn, engine.fleet_figures_wanted()))
+        else:
+            engine.use_figures(None)
+        await self.rate.refill(engine.starts_wanted())
 
     # -- partitions ----------------------------------------------------------------------------
     def _holds(self, partition: int) -> Callable[[DeviceId], bool]:
@@ -293,16 +286,9 @@ class FleetShare:
         loaded = FleetState()
         async with self.pool.acquire() as conn:
             await load_partitions(conn, loaded, {partition})
-        state = self.engine.state
-        devices = {device for device, _ in loaded.versions} | {job.device for job in loaded.jobs.values()}
-        # In one step, no await: nothing decides for these devices before all of it is in.
-        for (device, module), (version, at) in loaded.versions.items():
-            state.load_version(device, module, version, at)
-        for job in sorted(loaded.jobs.values(), key=lambda job: job.id):
-            state.load_job(job)
         if self.link is not None:
-            self.link.presume(devices)
-        self.engine.take_devices(devices)
+            self.link.presume(loaded.devices())
+        self.engine.take_devices(loaded)
         await self.worker.consume(partition)
 
     async def _release(self, partition: int) -> None:
@@ -311,11 +297,8 @@ class FleetShare:
         holds = self._holds(partition)
         engine = self.engine
         async with asyncio.timeout(RELEASE_SECONDS):  # a journal that cannot write: the stop goes on without
-            while engine.state.pending_for(holds) or engine.journal.busy:
-                await engine.settled()
-                if engine.journal.busy:
-                    await asyncio.sleep(0.01)
-        engine.state.drop_devices(holds)
+            await engine.settle_devices(holds)
+        engine.drop_devices(holds)
         if self.link is not None:
             self.link.forget(holds)
 
@@ -332,14 +315,12 @@ class FleetShare:
         """Keep a spare block of job ids and of push ids reserved."""
         while True:
             await asyncio.sleep(0.2)
-            engine = self.engine
-            if engine is None:
+            if self.journal is None:
                 continue
             try:
-                backend: Any = engine.journal.backend
-                job_ids = engine.state.job_ids
-                if job_ids is not None and not job_ids.blocks:
-                    await self._reserve(backend, "job_ids", job_ids)
+                backend: Any = self.journal.backend
+                if not self.job_ids.blocks:
+                    await self._reserve(backend, "job_ids", self.job_ids)
                 if not self.push_ids.blocks:
                     await self._reserve(backend, "push_ids", self.push_ids)
             except asyncio.CancelledError:

@@ -142,10 +142,9 @@ class Forwarding:
 
     def _url_device(self, request: web.Request) -> DeviceId | None:
         try:
-            device, _ = self._engine.downloads.check_url(request.raw_path.split("?", 1)[0], dict(request.query))
+            return self._engine.url_device(request.raw_path.split("?", 1)[0], dict(request.query))
         except Exception:  # noqa: BLE001  (forged or expired: answered here, as refused)
             return None
-        return device
 
     async def _pass(self, request: web.Request, target: str) -> web.StreamResponse:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
@@ -214,7 +213,7 @@ class Forwarding:
                     if key in data:
                         summed[key] = summed.get(key, 0) + int(data[key])  # type: ignore[call-overload]
         except Refused as exc:
-            log.info("cluster: %s answered %d: %s", path, exc.status, exc.message)
+            log.info("cluster: %s answered %d: %s", request.path, exc.status, exc.message)
             return web.json_response({"code": exc.status, "message": f"done on some workers only: {exc.message}"},
                                      status=exc.status)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:

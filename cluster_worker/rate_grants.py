@@ -18,8 +18,6 @@ from collections.abc import Callable
 import asyncpg
 
 from otacore.catalog.model import Batch
-from otacore.decisions.live import LiveFleet
-from otacore.fleet.jobs import JobState
 
 from .membership import LOCK_SPACE, NOW
 
@@ -46,23 +44,12 @@ class GrantedRate:
         tokens, lapses = self._tokens.get(batch.name, (0, 0.0))
         self._tokens[batch.name] = (max(0, tokens - 1), lapses)
 
-    async def refill(self, live: LiveFleet) -> None:
-        """Ask for the starts this worker's queued jobs need, batch by batch."""
-        catalog = live.catalog
-        if catalog is None:
-            return
-        for name in sorted(live.running):
-            batch = catalog.batches.get(name)
-            rate = batch.policy.rate_per_minute if batch is not None else None
-            if batch is None or rate is None or live.rollout.blocked(batch, live.clock()) is not None:
-                continue
-            queued = [job for job in live.state.open_in_batch.get(name, {}).values() if job.state == JobState.QUEUED
-                      and (not batch.push or live.online(job.device))]
-            if not batch.push:
-                queued = queued or [None]  # devices ask: keep a start at hand for the next one
-            wanted = min(len(queued), rate)
-            if wanted > self.left(batch, 0):
-                await self._ask(batch, rate, wanted)
+    async def refill(self, wanted: list[tuple[Batch, int]]) -> None:
+        """Ask for the starts this worker's queued jobs want (OtaEngine.starts_wanted), batch by batch."""
+        for batch, count in wanted:
+            rate = batch.policy.rate_per_minute
+            if rate is not None and count > self.left(batch, 0):
+                await self._ask(batch, rate, count)
 
     async def _ask(self, batch: Batch, rate: int, wanted: int) -> None:
         asked_at = self._clock()

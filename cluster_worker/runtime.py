@@ -79,8 +79,9 @@ class WorkerRuntime(ServerRuntime):
             errors = "; ".join(data.get("errors") or []) or data.get("message", "")
             raise Refused(answer.status, f"the coordinator refused the reload: {errors}")
         await asyncio.sleep(0.5)  # its version reaches this worker by notification
-        assert engine.live.catalog is not None and engine.live.files is not None
-        return LoadedCatalog(engine.live.catalog, engine.live.files)
+        loaded = engine.loaded_catalog
+        assert loaded is not None
+        return loaded
 
     def device_link(self) -> DeviceLink:
         return self.link

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from otacore.catalog.loading import LoadedCatalog, prepare_catalog
-from otacore.catalog.model import Catalog, Package
+from otacore.catalog.model import Batch, Catalog, Package
 from otacore.catalog.reload_rules import reload_issues
 from otacore.config.settings import Settings
 from otacore.decisions import admin, assignment, batches, follow, reports, ticks
@@ -28,6 +28,7 @@ from otacore.downloads.package_files import DownloadFile
 from otacore.downloads.serving import Downloads
 from otacore.errors import ConfigError, Refused
 from otacore.fleet.jobs import Job
+from otacore.fleet.rollout import LocalFigures, RateBudget, RolloutFigures
 from otacore.fleet.state import FleetState
 from otacore.messaging import DeviceLink
 from otacore.protocol.codec import BlockRequest
@@ -123,6 +124,12 @@ class OtaEngine:
     @property
     def running(self) -> set[str]:
         return self.live.running
+
+    @property
+    def loaded_catalog(self) -> LoadedCatalog | None:
+        """The live catalog with its package files (None before the first load)."""
+        live = self.live
+        return LoadedCatalog(live.catalog, live.files) if live.catalog is not None and live.files is not None else None
 
     def on_reload(self, listener: Callable[[Catalog], None]) -> None:
         """Call `listener(catalog)` after each successful reload, before its commit."""
@@ -241,7 +248,40 @@ class OtaEngine:
             log.info("%d finished jobs of %d removed batches left memory (their history stays in the database)",
                      forgotten, len(removed))
 
-    # -- cluster mode: what a worker that does not decide batches follows ---------------
+    # -- cluster mode: a fleet shared with other workers (cluster_worker/fleet_share.py) ---
+    def share_fleet(self, *, rate: RateBudget, push_ids: Callable[[], int], holds: Callable[[DeviceId], bool],
+                    reading: Callable[[], Awaitable[FleetState]],
+                    before_tick: Callable[[], Awaitable[None]]) -> None:
+        """This engine holds part of a fleet other workers share: starts counted against
+        `rate`, push ids from `push_ids`, decisions only for the devices `holds` names, views
+        from `reading`, `before_tick` awaited before each rollout tick. It follows the
+        coordinator's batch decisions until `lead`."""
+        self.live.decides_batches = False
+        self.live.rollout.rate = rate
+        self.live.push_ids = push_ids
+        self.live.holds = holds
+        self.fleet_reading = reading
+        self.before_tick = before_tick
+
+    def lead(self, figures: RolloutFigures, settle_seconds: float) -> None:
+        """This worker became the coordinator: it decides batches over the fleet-wide `figures`,
+        judging a wave `settle_seconds` after it opens (the others' jobs land a moment later)."""
+        self.live.decides_batches = True
+        self.live.rollout.figures = figures
+        self.live.rollout.settle_seconds = settle_seconds
+
+    def use_figures(self, figures: RolloutFigures | None) -> None:
+        """The figures fleet-wide rules read from now on (None: this process's own jobs)."""
+        self.live.rollout.figures = LocalFigures(self.state) if figures is None else figures
+
+    def fleet_figures_wanted(self) -> list[str]:
+        """The running batches whose rules read fleet-wide figures (waves, abort, verification)."""
+        return ticks.batches_reading_figures(self.live)
+
+    def starts_wanted(self) -> list[tuple[Batch, int]]:
+        """The starts each rate-limited batch could use on this process now (decisions/ticks.py)."""
+        return ticks.starts_wanted(self.live)
+
     def follow_catalog(self, loaded: LoadedCatalog) -> None:
         """Take the catalog version the coordinator applied (decisions/follow.py)."""
         self.post(follow.follow_catalog(self.live, loaded.catalog, loaded.files))
@@ -253,9 +293,30 @@ class OtaEngine:
         """Take the shared rows the coordinator committed, and act for this worker's devices."""
         self.post(follow.follow_rows(self.live, rows, package_status, targets))
 
-    def take_devices(self, devices: set[DeviceId]) -> None:
-        """These devices' partition came to this worker, their state loaded: what they are owed."""
-        self.post(follow.take_devices(self.live, devices))
+    def publish_catalog(self, text: str, path: str) -> None:
+        """The coordinator's applied catalog, written with the next commit (the rows it decided)."""
+        self.state.publish_catalog(text, path)
+
+    def take_devices(self, loaded: FleetState) -> None:
+        """A partition came to this worker: take its devices' versions and jobs as `loaded`
+        from the journal, then give them what they are owed. One step, no await: nothing
+        decides for these devices before all of it is in."""
+        for (device, module), (version, at) in loaded.versions.items():
+            self.state.load_version(device, module, version, at)
+        for job in sorted(loaded.jobs.values(), key=lambda job: job.id):
+            self.state.load_job(job)
+        self.post(follow.take_devices(self.live, loaded.devices()))
+
+    async def settle_devices(self, holds: Callable[[DeviceId], bool]) -> None:
+        """Return once nothing for the devices `holds` names waits to be written."""
+        while self.state.pending_for(holds) or self.journal.busy:
+            await self.settled()
+            if self.journal.busy:
+                await asyncio.sleep(0.01)
+
+    def drop_devices(self, holds: Callable[[DeviceId], bool]) -> None:
+        """Forget the devices `holds` names: their partition went to another worker."""
+        self.state.drop_devices(holds)
 
     async def views_state(self) -> FleetState:
         """The fleet as views show it: this process's memory, or a cluster's reading of all."""
@@ -302,6 +363,10 @@ class OtaEngine:
         return self.link.is_online(device)
 
     # -- downloads ---------------------------------------------------------------------------
+    def url_device(self, raw_path: str, query: dict[str, str]) -> DeviceId:
+        """The device a signed URL was issued to; UrlRejected when it is forged or expired."""
+        return self.downloads.check_url(raw_path, query)[0]
+
     def authorize_download(self, raw_path: str, query: dict[str, str], key: str) -> tuple[DownloadFile, Transfer]:
         """The file a signed URL may fetch now, and the transfer to report; UrlRejected when the
         URL is forged or expired, Refused when its job may not fetch that file now."""

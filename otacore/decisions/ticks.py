@@ -37,6 +37,35 @@ def rollout_tick(live: LiveFleet, now: float | None = None) -> list[Send]:
     return live.take_out()
 
 
+def batches_reading_figures(live: LiveFleet) -> list[str]:
+    """The running batches whose rules read the whole fleet's jobs: waves, `abort`, and
+    verifications (what a cluster's coordinator reads from the database before a tick)."""
+    catalog = live.catalog
+    if catalog is None:
+        return []
+    return [name for name in sorted(live.running) if (batch := catalog.batches.get(name)) is not None
+            and (batch.policy.waves or batch.policy.abort is not None or batch.type == "verify")]
+
+
+def starts_wanted(live: LiveFleet) -> list[tuple[Batch, int]]:
+    """The starts each running, rate-limited and unblocked batch could use now: one per queued
+    job (an online device's, when the batch pushes), at most its rate. A batch devices ask for
+    keeps one start at hand for the next ask. What a shared rate budget asks grants for."""
+    catalog = live.catalog
+    if catalog is None:
+        return []
+    wanted = []
+    for name in sorted(live.running):
+        batch = catalog.batches.get(name)
+        rate = batch.policy.rate_per_minute if batch is not None else None
+        if batch is None or rate is None or live.rollout.blocked(batch, live.clock()) is not None:
+            continue
+        queued = sum(1 for job in live.state.open_in_batch.get(name, {}).values()
+                     if job.state == Q and (not batch.push or live.online(job.device)))
+        wanted.append((batch, min(queued if batch.push else max(queued, 1), rate)))
+    return wanted
+
+
 def _tick_batch(live: LiveFleet, batch: Batch, now: float) -> None:
     rollout, state = live.rollout, live.state
     if live.decides_batches and rollout.advance_waves(batch, now):

@@ -84,6 +84,16 @@ def wave_met(policy: RolloutPolicy, figures: WaveFigures, index: int) -> bool:
     return 100 * figures.succeeded >= wanted * figures.jobs
 
 
+class RolloutFigures(Protocol):
+    """A batch's jobs as a fleet-wide rule (waves, abort, verification) reads them: this
+    process's own (LocalFigures), or the whole fleet's from the shared database
+    (cluster_worker/fleet_sync.py SharedFigures)."""
+
+    def latest_in_batch(self, batch: str) -> Iterable[Job]: ...
+
+    def counts(self, batch: str) -> dict[str, int]: ...
+
+
 class LocalFigures:
     """A batch's jobs as this process holds them: the whole fleet, for one process."""
 
@@ -129,7 +139,7 @@ class Rollout:
 
     def __init__(self, state: FleetState, rate: RateBudget | None = None) -> None:
         self.state = state
-        self.figures: LocalFigures | Any = LocalFigures(state)
+        self.figures: RolloutFigures = LocalFigures(state)
         self.rate: RateBudget = rate or SlidingWindow()
         # Seconds after a batch starts or a wave opens before its waves are judged: 0 in one
         # process (the jobs a start or an opening gives exist at once); a cluster's coordinator

@@ -340,6 +340,10 @@ class FleetState:
             self.next_job_id = max(self.next_job_id, job.id + 1)
 
     # -- cluster mode: devices come and go with their partition, batches are shared ------
+    def devices(self) -> set[DeviceId]:
+        """Every device with a reported version or a job here."""
+        return {device for device, _ in self.versions} | {job.device for job in self.jobs.values()}
+
     def pending_for(self, holds: Callable[[DeviceId], bool]) -> bool:
         """Are changes of these devices not yet taken by the journal?"""
         changes = self.changes
