@@ -10,7 +10,6 @@ import random
 import time
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
