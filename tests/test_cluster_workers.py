@@ -5,6 +5,7 @@ started again. Marked `cluster`: `./scripts/test` runs it after the default suit
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import time
@@ -293,6 +294,8 @@ async def test_client_ids_and_device_calls_stay_with_their_worker_when_partition
     refused even by the worker that took the client id's partition from a killed one. A
     device call that claims to have been passed on by a worker is answered only by the
     device's holder (nginx strips the claim; a worker that does not hold the device says so)."""
+    write_catalog(cluster.catalog.parent, "- {name: ids, package: fw-1.1.0, mode: dynamic, devices: [d-12]}\n")
+    await cluster.reload()
     owner_secret, thief_secret = device_secret("d-10"), device_secret("d-11")
     client_id, owner_password = signed_login(owner_secret, "d-10", PK, None, client_id="shared-cid")
     _, thief_password = signed_login(thief_secret, "d-11", PK, None, client_id="shared-cid")
@@ -324,16 +327,16 @@ async def test_client_ids_and_device_calls_stay_with_their_worker_when_partition
         holder = await db.fetchval(f"SELECT url FROM ota_workers WHERE $1 = ANY(partitions) AND {live}",
                                    partition_of(device, partitions))
         elsewhere = next(url for url in cluster.worker_urls if url not in (holder, holder_url))
-        auth = aiohttp.BasicAuth(f"d-12&{PK}", device_secret("d-12"))
+        auth = "Basic " + base64.b64encode(f"d-12&{PK}:{device_secret('d-12')}".encode()).decode()
         query = f"?productKey={PK}&deviceKey=d-12&version=1.0.0"
         async with aiohttp.ClientSession() as session:
-            async with session.get(f"{elsewhere}/base-api/api/v1/get_ota_info{query}", auth=auth,
-                                   headers={"X-Ota-Forwarded": "1"}) as response:
+            async with session.get(f"{elsewhere}/base-api/api/v1/get_ota_info{query}",
+                                   headers={"Authorization": auth, "X-Ota-Forwarded": "1"}) as response:
                 assert response.status == 503, await response.text()
-            async with session.get(f"{cluster.http_url}/base-api/api/v1/get_ota_info{query}", auth=auth,
-                                   headers={"X-Ota-Forwarded": "1"}) as response:
+            async with session.get(f"{cluster.http_url}/base-api/api/v1/get_ota_info{query}",
+                                   headers={"Authorization": auth, "X-Ota-Forwarded": "1"}) as response:
                 assert response.status == 200, await response.text()  # nginx drops the claim: passed to the holder
-        rows = await db.fetch("SELECT id FROM jobs WHERE device_name = 'd-12' AND batch = 'adm'")
+        rows = await db.fetch("SELECT id FROM jobs WHERE device_name = 'd-12' AND batch = 'ids'")
         assert len(rows) == 1, rows
     finally:
         cluster.start_worker(victim)

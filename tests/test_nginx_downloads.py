@@ -39,9 +39,7 @@ SIZE = 160_000  # fw-1.1.0.bin of the test catalog
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_port(socket.SOCK_DGRAM)
 
 
 @dataclass

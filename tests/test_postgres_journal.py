@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import itertools
 import re
-import socket
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from devicekit.loopback import free_port
 
 from otacore.fleet.batches import BatchState
 from otacore.fleet.jobs import JobState, NewJob
@@ -102,12 +102,6 @@ async def test_sqlite_schema_4_gains_part(tmp_path: Path) -> None:
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Postgres:
     def __init__(self, data: Path, port: int, dsn: str) -> None:
         self.data, self.port, self.dsn = data, port, dsn
@@ -137,7 +131,7 @@ class Postgres:
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
     pytest.importorskip("asyncpg")
     data = tmp_path_factory.mktemp("postgres") / "data"
-    port = _free_port()
+    port = free_port()
     result = subprocess.run([str(SCRIPT), "up", str(data), str(port)], capture_output=True, text=True, timeout=600)
     if result.returncode == 3:
         pytest.skip(f"no PostgreSQL here: {result.stderr.strip()}")

@@ -2,6 +2,9 @@
 server the simulated devices talk to, run as its own process (it is not imported)."""
 from __future__ import annotations
 
+import itertools
+import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,10 +16,38 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the server's working directory
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _port_slice() -> range:
+    """The ports this process hands out: below the kernel's ephemeral range (a port in it can be
+    taken by any client's outgoing connection between the pick and the server's bind), and,
+    when pytest-xdist runs several test processes side by side, this process's own share."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as ports:
+            ephemeral = int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    low = 10000 if ephemeral > 12000 else 1024
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    share = (ephemeral - low) // max(workers, 1)
+    return range(low + index * share, low + (index + 1) * share)
+
+
+_PORTS = _port_slice()
+_next_port = itertools.count(random.randrange(len(_PORTS)))  # where this process starts in its share
+
+
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    """A 127.0.0.1 port nothing is bound to (TCP, or UDP with SOCK_DGRAM), never one this
+    process handed out lately: the caller binds it a moment later."""
+    for _ in range(len(_PORTS)):
+        port = _PORTS[next(_next_port) % len(_PORTS)]
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise OSError(f"no free 127.0.0.1 port in {_PORTS.start}-{_PORTS.stop - 1}")
 
 
 def write_broker_yaml(root: Path, mqtt_port: int, http_port: int, max_file_mb: int | None = None,
