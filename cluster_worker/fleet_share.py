@@ -64,7 +64,8 @@ class FleetShare:
         self.settings = settings
         self.dsn = settings.cluster_postgres
         self._fatal = fatal
-        self.pool: asyncpg.Pool | None = None
+        self.pool: asyncpg.Pool | None = None  # login checks, views, rate grants, catalog reads
+        self.beat_pool: asyncpg.Pool | None = None  # the heartbeat's own connection (membership.py)
         self.membership: Membership | None = None
         self.engine: OtaEngine | None = None
         self.worker: ClusterWorker | None = None
@@ -94,6 +95,7 @@ class FleetShare:
                 await self._reserve(backend, "push_ids", self.push_ids)
             store = await PgStore.open(self.dsn)
             self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=6)
+            self.beat_pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=1)
         except BaseException:
             await backend.close()
             raise
@@ -109,7 +111,8 @@ class FleetShare:
         engine.share_fleet(rate=self.rate, push_ids=self._next_push_id, holds=self.holds,
                            reading=self.reading.fresh, before_tick=self._before_tick)
         engine.on_reload(self._publish_catalog)
-        self.membership = await Membership.open(self.pool, self.journal, url, self.settings.cluster_partitions,
+        assert self.beat_pool is not None
+        self.membership = await Membership.open(self.beat_pool, self.journal, url, self.settings.cluster_partitions,
                                                 take=self._take, release=self._release,
                                                 coordinate=self._become_coordinator, fatal=self._fatal)
         await self._listen()
@@ -139,8 +142,9 @@ class FleetShare:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._listener is not None:
             await self._listener.close()
-        if self.pool is not None:
-            await self.pool.close()
+        for pool in (self.pool, self.beat_pool):
+            if pool is not None:
+                await pool.close()
 
     @property
     def coordinator(self) -> bool:

@@ -46,8 +46,10 @@ TO_EVERY_WORKER = re.compile(r"^/admin/api/batches/[^/]+/(retry|cancel)$")
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "host", "content-length"}
 # sock_connect, not connect: `connect` also counts the wait for a pooled connection, which a
-# burst of downloads makes long without anything being wrong.
-TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=2, sock_read=60)
+# burst of downloads makes long without anything being wrong. 10 s: a dead worker on this
+# host refuses at once, one on a dead host stops heartbeating and its partitions move in
+# seconds; a live one whose backlog is full answers after the kernel's SYN retries (1 s, 3 s).
+TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
 # Under the workers' own HTTP keep-alive (15 s, otaserver/runtime.py): this side lets an idle
 # connection go first, so a request seldom meets one the other side has just closed.
 KEEPALIVE = 10.0
@@ -162,10 +164,15 @@ class Forwarding:
                             response.headers.add(key, value)
                     if answer.content_length is not None:
                         response.content_length = answer.content_length
-                    await response.prepare(request)
-                    async for chunk in answer.content.iter_chunked(256 * 1024):
-                        await response.write(chunk)
-                    await response.write_eof()
+                    try:
+                        await response.prepare(request)
+                        async for chunk in answer.content.iter_chunked(256 * 1024):
+                            await response.write(chunk)
+                        await response.write_eof()
+                    except ConnectionResetError:
+                        if request.transport is None or request.transport.is_closing():
+                            return response  # the client left: aiohttp drops the rest quietly
+                        raise
                     return response
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 # A pooled connection the other worker closed as this one reused it (its

@@ -76,7 +76,10 @@ def share(partitions: int, live: list[str], worker_id: str) -> int:
 
 
 class Membership:
-    """Open with `await Membership.open(...)`; `start()` runs the rounds; `stop()` releases all."""
+    """Open with `await Membership.open(...)`; `start()` runs the rounds; `stop()` releases all.
+    `pool` is the heartbeat's own (one connection): shared with a worker's login checks and
+    views, a burst of logins queued the heartbeat past DEAD_AFTER and ROUTE_AFTER, and every
+    call for the devices of a live worker was answered 503."""
 
     def __init__(self, pool: asyncpg.Pool, journal: Journal, url: str, partitions: int,
                  take: Callable[[int], Awaitable[None]], release: Callable[[int], Awaitable[None]],
@@ -94,6 +97,8 @@ class Membership:
         self.live_workers: list[str] = []
         self.moves = 0  # partitions taken or released, for /metrics
         self._task: asyncio.Task[None] | None = None
+        self._beat_task: asyncio.Task[None] | None = None
+        self._last_beat = 0.0  # loop time of the last heartbeat written
         self._stopping = False
         self._changed = asyncio.Event()
         self._rows: dict[str, list[int]] = {}  # live worker id -> the partitions its row lists
@@ -143,7 +148,24 @@ class Membership:
 
     # -- rounds --------------------------------------------------------------------------------
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="ota-membership")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="ota-membership")
+        self._beat_task = loop.create_task(self._beat(), name="ota-heartbeat")
+
+    async def _beat(self) -> None:
+        """The heartbeat between rounds too: a round waits for the journal (locks, a partition's
+        load or release), which a busy fleet makes slow; this worker must not look dead meanwhile."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            await asyncio.sleep(ROUND_SECONDS)
+            if loop.time() - self._last_beat < ROUND_SECONDS:
+                continue
+            try:
+                await self._heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001  (the round reports PostgreSQL's trouble)
+                log.debug("cluster: heartbeat failed (%r)", exc)
 
     def nudge(self) -> None:
         """Run a round now (a worker joined or left)."""
@@ -239,6 +261,7 @@ class Membership:
                                     f"FROM ota_workers WHERE seen_at > {NOW} - $2 ORDER BY seen_at", DEAD_AFTER,
                                     ROUTE_AFTER)
             await conn.execute(f"DELETE FROM ota_workers WHERE seen_at < {NOW} - $1", FORGET_AFTER)
+        self._last_beat = asyncio.get_running_loop().time()
         self.holders = {p: row["url"] for row in rows for p in row["partitions"]}  # the latest row wins
         rows = sorted((row for row in rows if row["live"]), key=lambda row: row["id"])
         self._rows = {row["id"]: row["partitions"] for row in rows}
@@ -257,9 +280,10 @@ class Membership:
         after a lost lock, or with the journal unable to write, nothing is released (its
         commits would never come): the connection's end frees the locks."""
         self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [task for task in (self._task, self._beat_task) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.lost is not None or self.journal.abandoned is not None or self.journal.trouble() is not None:
             log.warning("cluster: stopping without releasing partitions cleanly (%s); the other workers take them "
                         "once this one's connection is gone", self.lost or self.journal.trouble())
