@@ -349,6 +349,11 @@ class FleetShare:
             raise Refused(503, "this device's partition is moving between workers; try again in a few seconds")
         return url
 
+    async def refresh_routes(self) -> None:
+        """Read the workers' rows now (a worker named by the routes did not answer)."""
+        if self.membership is not None:
+            await self.membership.refresh()
+
     def holds(self, device: DeviceId) -> bool:
         membership = self.membership
         return membership is not None and partition_of(device, self.settings.cluster_partitions) in membership.held

@@ -105,26 +105,39 @@ class Forwarding:
                 if device is not None and not self._share.holds(device):
                     return _moving()
             return await handler(request)
+        route: Callable[[], str | None]  # where the request goes now (None: here)
+        if device_call:
+            device = basic_user_device(request) if path in DEVICE_API else self._url_device(request)
+            route = (lambda: self._share.holder_url(device)) if device is not None else (lambda: None)
+        elif path.startswith(AUTH_PREFIX):
+            client_id = await self._client_id(request)
+            route = (lambda: self._share.client_holder_url(client_id)) if client_id else (lambda: None)
+        elif request.method == "POST" and TO_COORDINATOR.match(path):
+            route = self._share.coordinator_url
+        elif request.method == "POST" and TO_EVERY_WORKER.match(path):
+            return await self._everywhere(request, handler)
+        else:
+            return await handler(request)
         try:
-            if device_call:
-                device = basic_user_device(request) if path in DEVICE_API else self._url_device(request)
-                target = self._share.holder_url(device) if device is not None else None
-            elif path.startswith(AUTH_PREFIX):
-                client_id = await self._client_id(request)
-                target = self._share.client_holder_url(client_id) if client_id else None
-            elif request.method == "POST" and TO_COORDINATOR.match(path):
-                target = self._share.coordinator_url()
-            elif request.method == "POST" and TO_EVERY_WORKER.match(path):
-                return await self._everywhere(request, handler)
-            else:
-                target = None
+            target = route()
+            if target is None:
+                return await handler(request)
+            answer = await self._pass(request, target)
+            if answer is None:
+                # The worker named did not answer: it may be gone and its partitions taken
+                # already, which this worker's routes (read every half second) may not show
+                # yet. Read them now and try once more where they point.
+                await self._share.refresh_routes()
+                again = route()
+                if again is None:
+                    return await handler(request)
+                if again != target:
+                    answer = await self._pass(request, again)
         except Refused as exc:
             log.info("cluster: %s answered %d: %s", path, exc.status, exc.message)
             return web.json_response({"code": exc.status, "message": exc.message}, status=exc.status,
                                      headers={"Retry-After": "2"})
-        if target is None:
-            return await handler(request)
-        return await self._pass(request, target)
+        return _moving() if answer is None else answer
 
     async def _client_id(self, request: web.Request) -> str | None:
         fields: dict[str, object] = dict(request.query)
@@ -148,7 +161,8 @@ class Forwarding:
         except Exception:  # noqa: BLE001  (forged or expired: answered here, as refused)
             return None
 
-    async def _pass(self, request: web.Request, target: str) -> web.StreamResponse:
+    async def _pass(self, request: web.Request, target: str) -> web.StreamResponse | None:
+        """The target's answer passed back; None if it did not answer at all (nothing was sent)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers[FORWARDED] = "1"
         body = await self._body(request)
@@ -189,11 +203,10 @@ class Forwarding:
                 return self._unreachable(request, target, exc)
         raise AssertionError("unreachable")
 
-    def _unreachable(self, request: web.Request, target: str, exc: BaseException) -> web.Response:
+    def _unreachable(self, request: web.Request, target: str, exc: BaseException) -> None:
         self.unreachable += 1
         log.info("cluster: worker %s did not answer %s (%r); its partitions move within seconds", target,
                  request.path, exc)
-        return _moving()
 
     async def _everywhere(self, request: web.Request,
                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:

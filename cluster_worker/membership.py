@@ -34,6 +34,7 @@ log = logging.getLogger("ota.cluster")
 LOCK_SPACE = 0x07A0  # the first key of every advisory lock the workers take
 COORDINATOR_LOCK = -1  # the second key of the coordinator's; a partition's is its number
 ROUND_SECONDS = 0.5
+REFRESH_SECONDS = 0.1  # rows read this recently are fresh enough for a request that asks again
 DEAD_AFTER = 3.0  # seconds without a heartbeat: the worker is gone, its partitions are free
 ROUTE_AFTER = 30.0  # requests still go to a worker seen this recently (a slow heartbeat is not a death)
 FORGET_AFTER = 3600.0  # a dead worker's row is deleted after this
@@ -99,6 +100,7 @@ class Membership:
         self._task: asyncio.Task[None] | None = None
         self._beat_task: asyncio.Task[None] | None = None
         self._last_beat = 0.0  # loop time of the last heartbeat written
+        self._refreshing: asyncio.Future[list[str]] | None = None
         self._stopping = False
         self._changed = asyncio.Event()
         self._rows: dict[str, list[int]] = {}  # live worker id -> the partitions its row lists
@@ -270,6 +272,18 @@ class Membership:
         self.live_workers = [row["id"] for row in rows]
         self._urls = [row["url"] for row in rows]
         return self.live_workers
+
+    async def refresh(self) -> None:
+        """Beat and read the rows now rather than at the next half second (routes, coordinator).
+        Callers at the same moment share one read; one within REFRESH_SECONDS of the last is enough."""
+        if asyncio.get_running_loop().time() - self._last_beat < REFRESH_SECONDS:
+            return
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._heartbeat())
+        try:
+            await asyncio.shield(self._refreshing)
+        except Exception as exc:  # noqa: BLE001  (the routes stay as they were; the round reports PostgreSQL's trouble)
+            log.debug("cluster: reading the workers' rows failed (%r)", exc)
 
     def worker_urls(self) -> list[str]:
         """Every live worker's HTTP URL (this one's first)."""
