@@ -228,16 +228,20 @@ def which(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin:/usr/local/sbin")
 
 
+# Wait for another apt-get (a test run's installs, unattended-upgrades) instead of failing.
+APT_WAIT = ("-o", "DPkg::Lock::Timeout=600")
+
+
 def ensure_tools() -> Tools:
     """mosquitto, nginx and wrk; apt-get install the missing ones (apt-get update if that fails).
     RUNLEVEL=1 keeps the packages' init scripts from starting system services."""
     missing = [name for name in ("mosquitto", "nginx", "wrk") if which(name) is None]
     if missing:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "RUNLEVEL": "1"}
-        install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+        install = ["apt-get", *APT_WAIT, "install", "-y", "--no-install-recommends", *missing]
         print(f"# installing {' '.join(missing)} with apt-get", file=sys.stderr)
         if subprocess.run(install, env=env, stdout=subprocess.DEVNULL).returncode != 0:
-            subprocess.run(["apt-get", "update"], env=env, stdout=subprocess.DEVNULL, check=True)
+            subprocess.run(["apt-get", *APT_WAIT, "update"], env=env, stdout=subprocess.DEVNULL, check=True)
             subprocess.run(install, env=env, stdout=subprocess.DEVNULL, check=True)
     tools = Tools(*(which(name) or "" for name in ("mosquitto", "nginx", "wrk")))
     for name, path in (("mosquitto", tools.mosquitto), ("nginx", tools.nginx), ("wrk", tools.wrk)):
