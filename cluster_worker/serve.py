@@ -6,6 +6,7 @@ import logging
 import sys
 
 from broker_plugin.server import one_line, take_signals
+from otacore import log_hygiene
 from otacore.config.settings import Settings
 
 from .runtime import WorkerRuntime
@@ -15,6 +16,10 @@ log = logging.getLogger("ota.server")
 
 
 async def serve_worker(settings: Settings) -> int:
+    # What devices put in the log, bounded and inert, as the embedded server's composition
+    # root does before its broker starts (broker_plugin/assembly.py).
+    log_hygiene.install(settings.log_field_max)
+    log_hygiene.limit_floods()
     runtime = WorkerRuntime(settings)
     stop, ready = take_signals(runtime)
     try:

@@ -98,6 +98,8 @@ def limit_floods() -> None:
         "ota.mqtt": ("bad ", "client ", "%s from %s dropped"),
         "ota.engine": ("version report from", "progress "),
         "ota.broker": ("SUBSCRIBE refused", "retained message"),
+        # a request per device passed to a worker that just died, refused while a partition moves
+        "ota.cluster": ("cluster: worker ", "cluster: %s answered"),
         "aiohttp.server": ("Error handling request",),
         "amqtt.mqtt.protocol.handler": ("BrokerProtocolHandler Unhandled exception", "Received PUB", "PUBACK waiter",
                                         "PUBREC waiter", "PUBCOMP waiter", "Unhandled exception"),

@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import aiomqtt
 import pytest
 
+from devicekit.signing import signed_login
 from devicekit.simulator import DeviceConfig, run_fleet
 from support import c_link_sdk
 from support.cluster import CannotInstall, Cluster, ResilientDevice, cluster_down, cluster_up
@@ -205,7 +207,30 @@ async def test_hostile_clients_against_the_cluster_change_nothing(cluster: Clust
     assert report, errors[-2000:]
     assert len(victim.pushes) == 1, victim.pushes  # no forged push reached it
     await _one_job_each(cluster, "siege", ["victim-1"])
+    await _forge_a_log_line(cluster, "forger-1")
     os.kill(cluster.worker_pid, 0)  # the worker is still there
+
+
+async def _forge_a_log_line(cluster: Cluster, name: str) -> None:
+    """A failure report whose `desc` holds a newline and a terminal escape is logged by the
+    worker on one line, escaped, as by the embedded server."""
+    client_id, password = signed_login(device_secret(name), name, PK, None)
+    async with aiomqtt.Client("127.0.0.1", cluster.mqtt_ports[0], identifier=client_id,
+                              username=f"{name}&{PK}", password=password, timeout=10) as client:
+        await client.subscribe(f"/ota/device/upgrade/{PK}/{name}", qos=1)
+        await client.publish(f"/ota/device/inform/{PK}/{name}", json.dumps({"id": "1", "params": {"version": "1.0.0"}}),
+                             qos=1)
+        async with asyncio.timeout(30):
+            await anext(aiter(client.messages))
+        forged = {"id": "2", "params": {"step": "-2", "desc": "disk\nFAKE 00:00 INFO ota: all is well\x1b[2J"}}
+        await client.publish(f"/ota/device/progress/{PK}/{name}", json.dumps(forged), qos=1)
+    def logs() -> str:  # the device's holder logs it: whichever worker that is
+        return "".join(path.read_text(errors="replace") for path in cluster.dir.glob("worker*.log"))
+    async with asyncio.timeout(30):
+        while "FAKE 00:00" not in logs():
+            await asyncio.sleep(0.2)
+    lines = logs().splitlines()
+    assert not [line for line in lines if line.startswith("FAKE") or "\x1b" in line], "a device wrote the log"
 
 
 async def test_c_link_sdk_sequence_through_the_cluster_and_the_limit_without_subscriptions(

@@ -28,9 +28,12 @@ from support.harness import PK, device_secret, job_of, write_catalog
 pytestmark = pytest.mark.cluster
 
 WAVED = [f"w-{i:03d}" for i in range(240)]  # waves 10% then all, 100 starts a minute, 5% fail
-ABORTED = [f"a-{i:03d}" for i in range(60)]  # every other one fails; halts at 40% of 10 finished
+ABORTED = [f"a-{i:03d}" for i in range(60)]  # seven in eight fail; halts at 40% of 10 finished
 RATE = 100  # under the 240 devices that want to start in the first minute: the rest wait
-FAILING = {name for i, name in enumerate(WAVED) if i % 20 == 7} | set(ABORTED[1::2])
+# Devices alternate between the two nodes (even index, odd index), and one node's devices
+# tend to report first: the failing ones are spread over both, or the 30 that start in
+# the first minute can be mostly the succeeding ones (21 of 30 once) and never reach 40%.
+FAILING = {name for i, name in enumerate(WAVED) if i % 20 == 7} | {name for i, name in enumerate(ABORTED) if i % 8}
 
 
 @pytest.fixture(scope="module")
