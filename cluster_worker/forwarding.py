@@ -150,10 +150,18 @@ class Forwarding:
         value = fields.get("client_id", fields.get("variable_map.client_id"))
         return value if isinstance(value, str) and value else None
 
-    async def _body(self, request: web.Request) -> bytes:
-        """The body, within the header deadline (a client trickling it holds nothing long)."""
-        async with asyncio.timeout(self._engine.settings.header_timeout_seconds):
-            return await request.read()
+    async def _body(self, request: web.Request) -> bytes | web.Response:
+        """The body, within the header deadline (a client trickling it holds nothing long), or
+        the 408 that answers it (as fileserver/app.py does; not aiohttp's 504)."""
+        seconds = self._engine.settings.header_timeout_seconds
+        try:
+            async with asyncio.timeout(seconds):
+                return await request.read()
+        except TimeoutError:
+            response = web.json_response({"code": 408, "message": f"request body not received within {seconds:g} s "
+                                                                  "(limits.header_timeout_seconds)"}, status=408)
+            response.force_close()  # the rest of the body may never come
+            return response
 
     def _url_device(self, request: web.Request) -> DeviceId | None:
         try:
@@ -166,6 +174,8 @@ class Forwarding:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers[FORWARDED] = "1"
         body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
         self.forwarded += 1
         response: web.StreamResponse | None = None
         for attempt in (1, 2):
@@ -215,6 +225,8 @@ class Forwarding:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         headers[FORWARDED] = "1"
         body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
 
         async def ask(url: str) -> dict[str, object]:
             async with self._client().post(url + request.raw_path, headers=headers, data=body or None) as answer:

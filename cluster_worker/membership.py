@@ -35,7 +35,9 @@ LOCK_SPACE = 0x07A0  # the first key of every advisory lock the workers take
 COORDINATOR_LOCK = -1  # the second key of the coordinator's; a partition's is its number
 ROUND_SECONDS = 0.5
 REFRESH_SECONDS = 0.1  # rows read this recently are fresh enough for a request that asks again
+REFRESH_WAIT = 1.0  # a request waits at most this long for that read (PostgreSQL may hang)
 DEAD_AFTER = 3.0  # seconds without a heartbeat: the worker is gone, its partitions are free
+BEAT_TIMEOUT = 2.0  # a heartbeat not done by then is dropped with its connection (the next connects anew)
 ROUTE_AFTER = 30.0  # requests still go to a worker seen this recently (a slow heartbeat is not a death)
 FORGET_AFTER = 3600.0  # a dead worker's row is deleted after this
 
@@ -100,7 +102,7 @@ class Membership:
         self._task: asyncio.Task[None] | None = None
         self._beat_task: asyncio.Task[None] | None = None
         self._last_beat = 0.0  # loop time of the last heartbeat written
-        self._refreshing: asyncio.Future[list[str]] | None = None
+        self._refreshing: asyncio.Future[None] | None = None
         self._stopping = False
         self._changed = asyncio.Event()
         self._rows: dict[str, list[int]] = {}  # live worker id -> the partitions its row lists
@@ -221,7 +223,10 @@ class Membership:
                     break
                 if await self._lock(partition):
                     await self._hold(partition)
-        if not self.coordinator and not self._stopping and await self._lock(COORDINATOR_LOCK):
+        # Not while a live row says another coordinates, as for partitions: its lock is free for a
+        # moment when its journal's connection breaks, and taking it then stops that worker.
+        if not self.coordinator and self.coordinator_url is None and not self._stopping \
+                and await self._lock(COORDINATOR_LOCK):
             self.coordinator = True
             log.info("cluster: this worker (%s) is the coordinator", self.id)
             await self._heartbeat()
@@ -250,19 +255,25 @@ class Membership:
         return [list(parts) for worker, parts in self._rows.items() if worker != self.id and worker in live]
 
     async def _heartbeat(self) -> list[str]:
-        """Write this worker's row; read the live ones (their partitions, the coordinator)."""
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                f"INSERT INTO ota_workers (id, url, started_at, seen_at, partitions, coordinator) "
-                f"VALUES ($1, $2, {NOW}, {NOW}, $3, $4) ON CONFLICT (id) DO UPDATE SET seen_at = {NOW}, "
-                "partitions = excluded.partitions, coordinator = excluded.coordinator",
-                self.id, self.url, sorted(self.held), self.coordinator)
-            # Rows seen within ROUTE_AFTER: where requests go (the holder's lock is the truth: a
-            # dead one's requests fail fast); within DEAD_AFTER: who shares the partitions.
-            rows = await conn.fetch(f"SELECT id, url, partitions, coordinator, seen_at > {NOW} - $1 AS live "
-                                    f"FROM ota_workers WHERE seen_at > {NOW} - $2 ORDER BY seen_at", DEAD_AFTER,
-                                    ROUTE_AFTER)
-            await conn.execute(f"DELETE FROM ota_workers WHERE seen_at < {NOW} - $1", FORGET_AFTER)
+        """Write this worker's row; read the live ones (their partitions, the coordinator).
+        Within BEAT_TIMEOUT: a connection PostgreSQL stopped answering on (half-open, a stuck
+        backend) would otherwise hold every round, and this worker's routes, for good."""
+        async with asyncio.timeout(BEAT_TIMEOUT), self.pool.acquire() as conn:
+            try:
+                await conn.execute(
+                    f"INSERT INTO ota_workers (id, url, started_at, seen_at, partitions, coordinator) "
+                    f"VALUES ($1, $2, {NOW}, {NOW}, $3, $4) ON CONFLICT (id) DO UPDATE SET seen_at = {NOW}, "
+                    "partitions = excluded.partitions, coordinator = excluded.coordinator",
+                    self.id, self.url, sorted(self.held), self.coordinator)
+                # Rows seen within ROUTE_AFTER: where requests go (the holder's lock is the truth: a
+                # dead one's requests fail fast); within DEAD_AFTER: who shares the partitions.
+                rows = await conn.fetch(f"SELECT id, url, partitions, coordinator, seen_at > {NOW} - $1 AS live "
+                                        f"FROM ota_workers WHERE seen_at > {NOW} - $2 ORDER BY seen_at", DEAD_AFTER,
+                                        ROUTE_AFTER)
+                await conn.execute(f"DELETE FROM ota_workers WHERE seen_at < {NOW} - $1", FORGET_AFTER)
+            except asyncio.CancelledError:
+                conn.terminate()  # a statement cut short: the pool connects anew for the next beat
+                raise
         self._last_beat = asyncio.get_running_loop().time()
         self.holders = {p: row["url"] for row in rows for p in row["partitions"]}  # the latest row wins
         rows = sorted((row for row in rows if row["live"]), key=lambda row: row["id"])
@@ -279,9 +290,15 @@ class Membership:
         if asyncio.get_running_loop().time() - self._last_beat < REFRESH_SECONDS:
             return
         if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.ensure_future(self._heartbeat())
+            self._refreshing = asyncio.ensure_future(self._quiet_heartbeat())
+        try:  # a PostgreSQL that does not answer must not hold the request (nor the next ones)
+            await asyncio.wait_for(asyncio.shield(self._refreshing), REFRESH_WAIT)
+        except TimeoutError:
+            log.debug("cluster: reading the workers' rows took over %g s; routes as they were", REFRESH_WAIT)
+
+    async def _quiet_heartbeat(self) -> None:
         try:
-            await asyncio.shield(self._refreshing)
+            await self._heartbeat()
         except Exception as exc:  # noqa: BLE001  (the routes stay as they were; the round reports PostgreSQL's trouble)
             log.debug("cluster: reading the workers' rows failed (%r)", exc)
 
@@ -294,7 +311,7 @@ class Membership:
         after a lost lock, or with the journal unable to write, nothing is released (its
         commits would never come): the connection's end frees the locks."""
         self._stopping = True
-        tasks = [task for task in (self._task, self._beat_task) if task is not None]
+        tasks = [task for task in (self._task, self._beat_task, self._refreshing) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

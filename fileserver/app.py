@@ -502,7 +502,10 @@ async def write_ota_info(request: web.Request) -> web.Response:
         return _error(400, str(exc))
     if (mismatch := _same_device(device, body.get("productKey"), body.get("deviceKey"))) is not None:
         return mismatch
-    await request.app[ENGINE].on_progress(device, report.module, report.step, report.desc)
+    try:
+        await request.app[ENGINE].on_progress(device, report.module, report.step, report.desc)
+    except Refused as exc:
+        return _error(exc.status, exc.message, headers={"Retry-After": "2"})
     return web.json_response({"code": 0, "message": ""})
 
 

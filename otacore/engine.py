@@ -389,6 +389,10 @@ class OtaEngine:
         await self.settled()
 
     async def on_progress(self, device: DeviceId, module: str, step: int, desc: str) -> None:
+        """A progress report over HTTP. Refused (503) for a device this process no longer holds:
+        its partition moved while the request's body came in, and the new holder must decide it."""
+        if not self.live.holds(device):
+            raise Refused(503, "this device's partition is moving between workers; try again in a few seconds")
         self.decide_progress(device, module, step, desc)
         await self.settled()
 

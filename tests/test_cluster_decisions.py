@@ -17,7 +17,7 @@ from otacore.errors import Refused
 from otacore.fleet.id_blocks import IdBlocks
 from otacore.fleet.batches import BatchState
 from otacore.fleet.jobs import JobState
-from support.harness import write_catalog
+from support.harness import OtaServer, write_catalog
 from support.world import BASE, MODULE, World, dev
 
 UP = "- {name: up, package: fw-1.1.0, mode: dynamic, push: true}\n"
@@ -204,3 +204,18 @@ def test_a_verification_over_two_workers_gates_the_upgrade_on_both(tmp_path: Pat
     assert coordinator.job("c9").batch == "up2"
     sends = _share(coordinator, follower)
     assert follower.job("f9").batch == "up2" and [send.device for send in sends] == [dev("f9")]
+
+
+async def test_a_progress_report_for_a_device_whose_partition_left_is_refused_not_dropped(tmp_path: Path) -> None:
+    """An HTTP progress report whose body came in while the device's partition moved: the old
+    holder answered 200 and dropped it (no job in its memory any more); now 503, to ask again."""
+    server = OtaServer(tmp_path)
+    write_catalog(tmp_path, UP)
+    await server.start()
+    try:
+        server.engine.live.holds = lambda device: False
+        with pytest.raises(Refused, match="moving") as refused:
+            await server.engine.on_progress(dev("c1"), MODULE, -1, "flash failed")
+        assert refused.value.status == 503
+    finally:
+        await server.stop()

@@ -410,3 +410,92 @@ async def test_otactl_reads_postgres_like_sqlite(postgres: Postgres, tmp_path: P
     assert plans[0] == plans[1]
     assert cli.cmd_backup(on_pg, None) == 1  # type: ignore[arg-type]
     assert "pg_dump" in capsys.readouterr().err
+
+
+# -- membership (cluster_worker/membership.py) on a real PostgreSQL ------------------------
+async def _nothing(*_: Any) -> None:
+    return None
+
+
+@pytest.mark.cluster
+async def test_a_heartbeat_postgresql_holds_up_holds_neither_requests_nor_later_rounds(postgres: Postgres) -> None:
+    """The heartbeat's connection stuck (here: its table locked by another session): a request
+    that re-reads the routes waits at most REFRESH_WAIT, the beat gives up after BEAT_TIMEOUT
+    and drops its connection, and once PostgreSQL answers again the next beat is written."""
+    import asyncpg
+
+    from cluster_worker import membership
+    dsn = await postgres.fresh()
+    journal, _backend = await _pg_journal(dsn)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    blocker = await asyncpg.connect(dsn)
+    try:
+        member = await membership.Membership.open(pool, journal, "http://127.0.0.1:9", 1, take=_nothing,
+                                                  release=_nothing, coordinate=_nothing, fatal=lambda _: None)
+        loop = asyncio.get_running_loop()
+        hold = blocker.transaction()
+        await hold.start()
+        await blocker.execute("LOCK TABLE ota_workers IN ACCESS EXCLUSIVE MODE")
+        await asyncio.sleep(membership.REFRESH_SECONDS)
+        started = loop.time()
+        await member.refresh()
+        assert loop.time() - started < membership.REFRESH_WAIT + 0.5
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await member._heartbeat()
+        assert loop.time() - started < 2 * membership.BEAT_TIMEOUT + 0.5  # the refresh's beat held the pool first
+        await hold.rollback()
+        before = await blocker.fetchval("SELECT seen_at FROM ota_workers WHERE id = $1", member.id)
+        await asyncio.wait_for(member._heartbeat(), membership.BEAT_TIMEOUT)
+        assert await blocker.fetchval("SELECT seen_at FROM ota_workers WHERE id = $1", member.id) > before
+    finally:
+        await blocker.close()
+        await pool.close()
+        await journal.close()
+
+
+@pytest.mark.cluster
+async def test_the_coordinators_lock_stays_its_own_through_a_broken_journal_connection(postgres: Postgres) -> None:
+    """The coordinator's lock is free from the moment its journal's connection breaks until the
+    connection is made again; another worker that took it then made the coordinator stop. Only
+    a coordinator whose row is no longer live is replaced."""
+    import asyncpg
+
+    from cluster_worker import membership
+    dsn = await postgres.fresh()
+    opened: list[tuple[Journal, Any]] = []
+    fatal: list[str] = []
+    members = []
+    try:
+        for port in (1, 2):
+            journal, _backend = await _pg_journal(dsn)
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+            opened.append((journal, pool))
+            members.append(await membership.Membership.open(
+                pool, journal, f"http://127.0.0.1:{port}", 1, take=_nothing, release=_nothing,
+                coordinate=_nothing, fatal=fatal.append))
+        first, second = members
+        await first.round()
+        await second.round()
+        assert first.coordinator and not second.coordinator
+        pid = await first.journal.maintain(lambda conn: conn.fetchval("SELECT pg_backend_pid()"), write=False)
+        admin = await asyncpg.connect(dsn)
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        await asyncio.sleep(0.2)
+        await second.round()  # the lock is free now; the first's row is live
+        assert not second.coordinator
+        for _ in range(5):  # the first reconnects (a round may meet the broken connection first)
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await first.round()
+                break
+        assert first.coordinator and not fatal, fatal
+        assert await first.journal.maintain(lambda conn: conn.fetchval("SELECT pg_backend_pid()"), write=False) != pid
+    finally:
+        for member in members:
+            member._stopping = True
+        for journal, pool in opened:
+            await pool.close()
+            await journal.close()

@@ -26,9 +26,11 @@ def _port_slice() -> range:
     except (OSError, ValueError, IndexError):
         ephemeral = 32768
     low = 10000 if ephemeral > 12000 else 1024
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
-    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    share = (ephemeral - low) // max(workers, 1)
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1), 1)
+    # A crashed test process's replacement is numbered on (gw3 of 3): it takes the slice of
+    # the one it replaces, not ports in (or past) the ephemeral range.
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0) % workers
+    share = (ephemeral - low) // workers
     return range(low + index * share, low + (index + 1) * share)
 
 
