@@ -37,7 +37,11 @@ ROUND_SECONDS = 0.5
 REFRESH_SECONDS = 0.1  # rows read this recently are fresh enough for a request that asks again
 REFRESH_WAIT = 1.0  # a request waits at most this long for that read (PostgreSQL may hang)
 DEAD_AFTER = 3.0  # seconds without a heartbeat: the worker is gone, its partitions are free
-BEAT_TIMEOUT = 2.0  # a heartbeat not done by then is dropped with its connection (the next connects anew)
+# A heartbeat not done by then is dropped with its connection (the next connects anew): a
+# backend that stopped answering. Well above a slow one: at 2 s, 10,000 devices on two cores
+# cut beats that were merely slow, each next one reconnected and was cut too, the worker's row
+# aged past ROUTE_AFTER and its devices' downloads were answered "moving" (394 failed).
+BEAT_TIMEOUT = 10.0
 ROUTE_AFTER = 30.0  # requests still go to a worker seen this recently (a slow heartbeat is not a death)
 FORGET_AFTER = 3600.0  # a dead worker's row is deleted after this
 
@@ -233,14 +237,18 @@ class Membership:
             await self._coordinate()
 
     async def _hold(self, partition: int) -> None:
+        # In this worker's row before its devices are given anything: a device pushed at the
+        # take downloads at once, through whichever worker nginx picks, which must route it here
+        # (until the row says so, the others send it to the last holder, or answer "moving").
+        self.held.add(partition)
         try:
+            await self._quiet_heartbeat()  # a beat that fails does not stop the take: the next lists it
             await self._take(partition)
         except BaseException:
+            self.held.discard(partition)
             await self._unlock(partition)
             raise
-        self.held.add(partition)
         self.moves += 1
-        await self._heartbeat()
         log.info("cluster: took partition %d (now %d: %s)", partition, len(self.held), sorted(self.held))
 
     async def release(self, partition: int) -> None:

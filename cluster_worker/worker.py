@@ -166,7 +166,15 @@ class ClusterWorker:
         """Start taking partition `number`'s messages (now, or at the next connect)."""
         self.consuming.add(number)
         if self._partition_channel is not None and number not in self._consumers:
-            await self._consume(number)
+            try:
+                await self._consume(number)
+            except Exception as exc:  # noqa: BLE001
+                # The take goes on (its lock held, its devices loaded) and the next connect
+                # consumes it with the others. Failing the take instead gave up its lock but left it
+                # in `consuming`: at the next connect this worker took a partition another held.
+                log.warning("cluster: cannot consume partition %d (%r); connecting again", number, exc)
+                if self.connection is not None:
+                    await self._close(self.connection)
 
     async def stop_consuming(self, number: int) -> None:
         """Take no more of partition `number`'s messages. Those delivered before have been

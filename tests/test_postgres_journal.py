@@ -418,13 +418,15 @@ async def _nothing(*_: Any) -> None:
 
 
 @pytest.mark.cluster
-async def test_a_heartbeat_postgresql_holds_up_holds_neither_requests_nor_later_rounds(postgres: Postgres) -> None:
+async def test_a_heartbeat_postgresql_holds_up_holds_neither_requests_nor_later_rounds(
+        postgres: Postgres, monkeypatch: pytest.MonkeyPatch) -> None:
     """The heartbeat's connection stuck (here: its table locked by another session): a request
     that re-reads the routes waits at most REFRESH_WAIT, the beat gives up after BEAT_TIMEOUT
     and drops its connection, and once PostgreSQL answers again the next beat is written."""
     import asyncpg
 
     from cluster_worker import membership
+    monkeypatch.setattr(membership, "BEAT_TIMEOUT", 2.0)  # the test's patience, not the rule's
     dsn = await postgres.fresh()
     journal, _backend = await _pg_journal(dsn)
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)

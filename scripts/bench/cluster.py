@@ -824,7 +824,7 @@ def bench_lock(path: Path | None) -> Iterator[None]:
     waited, started = 0, time.monotonic()
     while True:
         busy = []
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # IndexError: empty (a flock(1) user's file)
             if Path(f"/proc/{int(path.read_text().split()[0])}").exists():
                 busy.append(f"{path} held")
         if others_running():
