@@ -35,10 +35,11 @@ from devicekit.signing import SIGN_METHODS, derive_device_secret, now_ms, signed
 
 HTTP_READ_PIECE = 8192
 HTTP_RETRIES = 5  # a download whose connection fails resumes, like device SDKs do
-# An MQTT connect or acknowledgement not answered within this is given up and the connect
-# tried again (device SDKs reconnect with a backoff). With the whole device's timeout here, a
-# connect a loaded broker never answered held its slot of the connect gate for 30 minutes, and
-# 200 of them stopped every later connect of a 10,000-device fleet.
+# A CONNECT or SUBSCRIBE not answered within this is given up and the connect tried again
+# (device SDKs reconnect with a backoff). With the whole device's timeout there, a connect a
+# loaded broker never answered held its slot of the connect gate for 30 minutes, and 200 of
+# them stopped every later connect of a 10,000-device fleet. Publishes keep the device's
+# timeout: a PUBACK a loaded broker sends late is not a lost connection.
 MQTT_WAIT = 30.0
 MQTT_CONNECTS = 5
 
@@ -198,7 +199,7 @@ class MqttLink:
         client_id, username, password = mqtt_credentials(self.cfg)
         client = aiomqtt.Client(
             self.cfg.mqtt_host, self.cfg.mqtt_port, identifier=client_id,
-            username=username, password=password, timeout=min(self.cfg.timeout, MQTT_WAIT),
+            username=username, password=password, timeout=self.cfg.timeout,
             # paho leaves Nagle on: block request/reply round trips would stall on
             # delayed ACKs (~40 ms each) and we would measure TCP, not the server.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
@@ -209,14 +210,15 @@ class MqttLink:
         # The gate bounds simultaneous connects (the handshake is the broker's hot spot).
         async with self.gate or contextlib.nullcontext():
             try:
-                await client.__aenter__()
+                async with asyncio.timeout(MQTT_WAIT):
+                    await client.__aenter__()
             except aiomqtt.MqttCodeError as exc:  # refused: an answer, not tried again
                 raise DeviceFailure(None, f"MQTT connect: {exc}") from None
-            except aiomqtt.MqttError as exc:
-                raise _NoAnswer(None, f"MQTT connect: {exc}") from None
+            except (aiomqtt.MqttError, TimeoutError) as exc:
+                raise _NoAnswer(None, f"MQTT connect: {str(exc) or f'no CONNACK within {MQTT_WAIT:g} s'}") from None
             self._client = client
             try:
-                codes = await client.subscribe([(t, 1) for t in self.topics.values()])
+                codes = await client.subscribe([(t, 1) for t in self.topics.values()], timeout=MQTT_WAIT)
             except aiomqtt.MqttError as exc:
                 raise _NoAnswer(None, f"MQTT subscribe: {exc}") from None
         refused = [c for c in codes if int(getattr(c, "value", c)) >= 0x80]
