@@ -27,7 +27,7 @@ from otacore.catalog.loading import LoadedCatalog, prepare_catalog
 from otacore.catalog.model import Catalog
 from otacore.config.settings import Settings
 from fileserver.broker_auth import CLIENT_ID_HELD_SECONDS
-from otacore.errors import Refused
+from otacore.errors import Refused, partition_moving
 from otacore.fleet.id_blocks import IdBlocks
 from otacore.fleet.state import FleetState
 from otacore.protocol.credentials import DeviceId
@@ -346,7 +346,7 @@ class FleetShare:
             return None
         url = membership.holders.get(partition)
         if url is None or url == membership.url:
-            raise Refused(503, "this device's partition is moving between workers; try again in a few seconds")
+            raise partition_moving()
         return url
 
     async def refresh_routes(self) -> None:

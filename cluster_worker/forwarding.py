@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from fileserver.app import body_too_slow, read_body_in_time
 from otacore.errors import Refused
 from otacore.protocol.credentials import DeviceId
 
@@ -150,18 +151,13 @@ class Forwarding:
         value = fields.get("client_id", fields.get("variable_map.client_id"))
         return value if isinstance(value, str) and value else None
 
-    async def _body(self, request: web.Request) -> bytes | web.Response:
-        """The body, within the header deadline (a client trickling it holds nothing long), or
-        the 408 that answers it (as fileserver/app.py does; not aiohttp's 504)."""
-        seconds = self._engine.settings.header_timeout_seconds
+    @staticmethod
+    async def _body(request: web.Request) -> bytes | web.Response:
+        """The body, within the header deadline, or the 408 the worker itself would answer."""
         try:
-            async with asyncio.timeout(seconds):
-                return await request.read()
+            return await read_body_in_time(request)
         except TimeoutError:
-            response = web.json_response({"code": 408, "message": f"request body not received within {seconds:g} s "
-                                                                  "(limits.header_timeout_seconds)"}, status=408)
-            response.force_close()  # the rest of the body may never come
-            return response
+            return body_too_slow(request)
 
     def _url_device(self, request: web.Request) -> DeviceId | None:
         try:

@@ -492,12 +492,12 @@ async def write_ota_info(request: web.Request) -> web.Response:
     if isinstance(device, web.Response):
         return device
     try:
-        body = decode_json(await _read_body(request))
+        body = decode_json(await read_body_in_time(request))
         report = parse_progress({"params": body})  # the body is the `params` of a progress report
     except web.HTTPRequestEntityTooLarge:
         return _error(400, f"body over {MAX_DEVICE_BODY} bytes")
     except TimeoutError:
-        return _body_too_slow(request)
+        return body_too_slow(request)
     except PayloadError as exc:
         return _error(400, str(exc))
     if (mismatch := _same_device(device, body.get("productKey"), body.get("deviceKey"))) is not None:
@@ -509,7 +509,7 @@ async def write_ota_info(request: web.Request) -> web.Response:
     return web.json_response({"code": 0, "message": ""})
 
 
-async def _read_body(request: web.Request) -> bytes:
+async def read_body_in_time(request: web.Request) -> bytes:
     """The body, within limits.header_timeout_seconds: a client trickling its body would
     otherwise hold a handler and its connection for as long as it likes (the header
     deadline covers only the time before the request)."""
@@ -517,7 +517,7 @@ async def _read_body(request: web.Request) -> bytes:
         return await request.read()
 
 
-def _body_too_slow(request: web.Request) -> web.Response:
+def body_too_slow(request: web.Request) -> web.Response:
     seconds = request.app[ENGINE].settings.header_timeout_seconds
     response = _error(408, f"request body not received within {seconds:g} s (limits.header_timeout_seconds)")
     response.force_close()  # the rest of the body may never come
@@ -613,10 +613,10 @@ async def admin_job(request: web.Request) -> web.Response:
 async def _device_names(request: web.Request, required: bool) -> list[str] | None | web.Response:
     """`{"devices": [...]}` from an admin request body (absent or empty body: None)."""
     try:
-        raw = await _read_body(request)
+        raw = await read_body_in_time(request)
         body = decode_json(raw) if raw else {}
     except TimeoutError:
-        return _body_too_slow(request)
+        return body_too_slow(request)
     except PayloadError as exc:
         return _error(400, str(exc))
     devices = body.get("devices")

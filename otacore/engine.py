@@ -26,7 +26,7 @@ from otacore.decisions import admin, assignment, batches, follow, reports, ticks
 from otacore.decisions.live import LiveFleet, Send
 from otacore.downloads.package_files import DownloadFile
 from otacore.downloads.serving import Downloads
-from otacore.errors import ConfigError, Refused
+from otacore.errors import ConfigError, Refused, partition_moving
 from otacore.fleet.jobs import Job
 from otacore.fleet.rollout import LocalFigures, RateBudget, RolloutFigures
 from otacore.fleet.state import FleetState
@@ -392,7 +392,7 @@ class OtaEngine:
         """A progress report over HTTP. Refused (503) for a device this process no longer holds:
         its partition moved while the request's body came in, and the new holder must decide it."""
         if not self.live.holds(device):
-            raise Refused(503, "this device's partition is moving between workers; try again in a few seconds")
+            raise partition_moving()
         self.decide_progress(device, module, step, desc)
         await self.settled()
 

@@ -38,3 +38,8 @@ class Refused(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+
+
+def partition_moving() -> Refused:
+    """A device call no worker may answer now: the device's partition is between workers."""
+    return Refused(503, "this device's partition is moving between workers; try again in a few seconds")

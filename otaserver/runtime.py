@@ -15,6 +15,7 @@ deleted data_dir/admin-token back.
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import logging
 import os
@@ -49,7 +50,7 @@ log = logging.getLogger("ota.server")
 WATCH_SECONDS = 1.0
 
 
-class ServerRuntime:
+class ServerRuntime(abc.ABC):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store: Store | None = None
@@ -76,8 +77,9 @@ class ServerRuntime:
         self.tls_failures: Counter[tuple[str, str]] = Counter()  # (endpoint, reason): failed TLS handshakes
 
     # -- what the MQTT side says -------------------------------------------------------------
+    @abc.abstractmethod
     def device_link(self) -> DeviceLink:
-        raise NotImplementedError
+        """How the engine reaches devices: the embedded broker's sessions, or the cluster's AMQP link."""
 
     def broker_figures(self, messages: DeviceMessages) -> BrokerFigures:
         return BrokerFigures(messages=messages.received, tls_failures=self.tls_failures)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from aiohttp import web
 
 from cluster_worker.forwarding import Forwarding
+from fileserver.app import ENGINE
 
 
 async def test_a_body_trickled_to_a_worker_that_passes_it_on_is_answered_408() -> None:
@@ -17,6 +18,7 @@ async def test_a_body_trickled_to_a_worker_that_passes_it_on_is_answered_408() -
     engine = SimpleNamespace(settings=SimpleNamespace(header_timeout_seconds=1))
     forwarding = Forwarding(share, engine)  # type: ignore[arg-type]
     app = web.Application(middlewares=[forwarding.middleware])
+    app[ENGINE] = engine  # type: ignore[misc]  (what the body deadline reads)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
